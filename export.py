@@ -338,22 +338,11 @@ def import_coremltools():
     return coremltools
 
 
-def drop_aliases(program):
-    """Remove aten.alias nodes (a no-op view, e.g. the slice g[..., :E] of a gate with exactly E
-    columns at the first MMoE), for which coremltools 9 has no converter."""
-    for node in list(program.graph.nodes):
-        if node.target is torch.ops.aten.alias.default:
-            node.replace_all_uses_with(node.args[0])
-            program.graph.erase_node(node)
-    program.graph_module.recompile()
-
-
 def export_coreml(app, img_size, path, fp16, meta, descriptions):
     """torch.export -> Core ML ML program (iOS 17+), fp16 weights and compute unless fp16=False."""
     ct = import_coremltools()
     H, W = img_size
     program = torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
-    drop_aliases(program)
     mlmodel = ct.convert(
         program, convert_to='mlprogram', minimum_deployment_target=ct.target.iOS17,
         compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,

@@ -223,9 +223,10 @@ class MMoE(nn.Module):
             if self.gate_mode == 'image':
                 logits = logits.mean(dim=1, keepdim=True)  # (B, 1, E[+1]): one mixture per image
             g = logits.softmax(dim=-1).to(z.dtype).expand(B, N, -1)
-            f = torch.einsum('bne,bned->bnd', g[..., :self.E], z)  # read the experts
-            if not self.first:
-                f = f + g[..., self.E:] * memory[t]  # read the memory as the (E+1)-th expert
+            if self.first:
+                f = torch.einsum('bne,bned->bnd', g, z)  # read the experts
+            else:  # read the experts and the memory as the (E+1)-th expert
+                f = torch.einsum('bne,bned->bnd', g[..., :self.E], z) + g[..., self.E:] * memory[t]
                 if self.memory_write == 'add':
                     f = f + memory[t]
             new_memory[t], weights[t] = f, g.detach()
