@@ -21,7 +21,7 @@ import scipy.ndimage
 import torch
 from PIL import Image
 
-from taskexpert import TASKS
+from taskexpert import TASKS, thin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,51 +165,6 @@ def decode_normals(rgb):
     norm = np.linalg.norm(n, axis=-1, keepdims=True)
     valid = (norm > 0.5) & (norm < 1.5)
     return np.where(valid, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
-
-
-def _thin_tables():
-    """Deletion look-up tables of Guo & Hall's two-subiteration thinning (CACM 1989, algorithm A1),
-    the algorithm the reference (skimage.morphology.thin) runs. A 3x3 neighbourhood is coded as
-    sum_i x_i 2^(i-1), x1..x8 = E, NE, N, NW, W, SW, S, SE (counter-clockwise)."""
-    tables = np.zeros((2, 256), bool)
-    for code in range(256):
-        x = [None] + [(code >> i) & 1 for i in range(8)] + [code & 1]  # x[1..8], x[9] = x[1]
-        # G1: exactly one 8-connected run of foreground around p (crossing number X_H = 1)
-        xh = sum(1 for i in range(1, 5) if not x[2 * i - 1] and (x[2 * i] or x[2 * i + 1]))
-        # G2: p is neither the end of a line (min = 1) nor an interior point (min = 4)
-        n1 = sum(x[2 * k - 1] | x[2 * k] for k in range(1, 5))
-        n2 = sum(x[2 * k] | x[2 * k + 1] for k in range(1, 5))
-        g12 = xh == 1 and 2 <= min(n1, n2) <= 3
-        # G3 / G3': the first subiteration peels east / north-east-corner points, the second the
-        # opposite (west / south-west-corner) points
-        tables[0, code] = g12 and not ((x[2] or x[3] or not x[8]) and x[1])
-        tables[1, code] = g12 and not ((x[6] or x[7] or not x[4]) and x[5])
-    return tables
-
-
-_THIN_TABLES = _thin_tables()
-# (row, col) offsets of x1..x8 (image rows grow downwards, so "north" is row - 1)
-_NEIGHBOURS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
-
-
-def thin(mask):
-    """Thin a boolean mask (h, w) to one-pixel-wide 8-connected lines (Guo-Hall A1), vectorised:
-    each subiteration codes every pixel's 3x3 neighbourhood at once and deletes by table look-up,
-    until nothing changes. skimage is not a dependency, so this is our own implementation."""
-    m = np.pad(mask.astype(bool), 1)
-    h, w = mask.shape
-    while True:
-        changed = False
-        for table in _THIN_TABLES:
-            code = np.zeros((h, w), np.int64)
-            for bit, (dr, dc) in enumerate(_NEIGHBOURS):
-                code |= m[1 + dr:1 + dr + h, 1 + dc:1 + dc + w].astype(np.int64) << bit
-            delete = m[1:-1, 1:-1] & table[code]
-            if delete.any():
-                m[1:-1, 1:-1] &= ~delete
-                changed = True
-        if not changed:
-            return m[1:-1, 1:-1]
 
 
 _LAPLACE = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)

@@ -17,9 +17,12 @@ import math
 import os
 
 import numpy as np
+import scipy.ndimage as ndi
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import maximum_flow
 
 # Output channels of each task's head, per dataset (the synthetic scenes use the NYUD layout).
 TASKS = {
@@ -370,3 +373,501 @@ def load_pretrained(model, path):
         if v.shape != own[k].shape:
             raise ValueError(f'{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}')
     vit.load_state_dict(clean, strict=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Losses and metrics (DESIGN.md section 5). Every definition follows the evaluation code that the
+# NYUD-v2 / PASCAL-Context multi-task literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter, and
+# SEISM / Piotr Dollar's edges toolbox for boundaries), so our numbers can sit next to the papers'.
+# Where that code was silent or unusable as is, the choice is said in a comment.
+# -------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = 255  # void / padding label in semseg, human_parts, sal and edge targets
+
+# Loss weight of each task (contract; = NYUD 1/1/10/50, PASCAL 1/2/5/10/50 as in ATRC / InvPT).
+LOSS_WEIGHTS = {'semseg': 1.0, 'human_parts': 2.0, 'sal': 5.0, 'normals': 10.0, 'depth': 1.0, 'edge': 50.0}
+
+# task -> (key of its main metric in meter.score(), higher is better)
+MAIN_METRIC = {
+    'semseg': ('mIoU', True), 'human_parts': ('mIoU', True), 'sal': ('maxF', True),
+    'normals': ('mean', False), 'depth': ('rmse', False), 'edge': ('odsF', True),
+}
+
+# Boundary matching tolerance, as a fraction of the image diagonal (SEISM settings of the literature).
+EDGE_MAX_DIST = {'nyud': 0.011, 'synthetic': 0.011, 'pascal': 0.0075}
+
+
+def _depth_valid(target):
+    """Valid depth pixels: 0 marks missing depth and padding; 255 is the reference's pad value."""
+    return (target > 0) & (target != IGNORE_INDEX)
+
+
+def _normals_valid(target):
+    """Valid normal pixels (B, 1, H, W): the all-zero vector marks missing normals and padding."""
+    return (target != 0).any(dim=1, keepdim=True)
+
+
+def _balanced_bce(logit, target, pos_weight=None):
+    """Binary cross-entropy with a weight w on positives and 1 - w on negatives, mean over the valid
+    (non-255) pixels, as the reference BalancedBinaryCrossEntropyLoss (HED-style). pos_weight None:
+    w = fraction of negatives among the valid pixels of the batch (saliency); else fixed (edge 0.95).
+    logit, target (B, 1, H, W). The reference's BCE(pos_weight=w/(1-w)) / (1/(1-w)) is this formula."""
+    valid = target != IGNORE_INDEX
+    y = (target == 1).float()
+    n = valid.sum()
+    if pos_weight is None:
+        w = ((1 - y) * valid).sum() / n.clamp(min=1)  # no positive -> w = 1 -> negatives weigh 0
+    else:
+        w = torch.as_tensor(pos_weight, dtype=torch.float32, device=logit.device)
+    # softplus(-x) = -log sigmoid(x), softplus(x) = -log(1 - sigmoid(x)), both stable
+    loss = w * y * F.softplus(-logit) + (1 - w) * (1 - y) * F.softplus(logit)
+    return (loss * valid).sum() / n.clamp(min=1)
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of the per-task losses of DESIGN.md section 5; computed in fp32 even under autocast.
+    `total, per_task = loss_fn(outputs, batch)`; outputs / batch hold task -> (B, C, H, W) tensors.
+    A batch with no valid pixel for a task adds a zero (still differentiable) loss, never NaN."""
+
+    def __init__(self, tasks, weights=None, edge_pos_weight=0.95):
+        super().__init__()
+        self.tasks = list(tasks)
+        unknown = [t for t in self.tasks if t not in LOSS_WEIGHTS]
+        if unknown:
+            raise ValueError(f'MultiTaskLoss: unknown task(s) {unknown}; known: {sorted(LOSS_WEIGHTS)}')
+        self.weights = {t: float((weights or {}).get(t, LOSS_WEIGHTS[t])) for t in self.tasks}
+        self.edge_pos_weight = edge_pos_weight
+
+    def task_loss(self, task, pred, target):
+        pred = pred.float()
+        if task in ('semseg', 'human_parts'):
+            # CE summed over valid pixels / their count (reference CrossEntropyLoss: sum / max(n, 1))
+            target = target.long()
+            n = (target != IGNORE_INDEX).sum()
+            return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction='sum') / n.clamp(min=1)
+        if task == 'sal':
+            return _balanced_bce(pred, target)
+        if task == 'edge':
+            return _balanced_bce(pred, target, self.edge_pos_weight)
+        if task == 'normals':
+            # reference L1Loss(normalize=True): |unit(pred) - gt| summed over the 3 components, averaged
+            # over valid pixels (its masked_select takes 3 values per pixel but divides by pixels)
+            valid = _normals_valid(target)
+            err = (F.normalize(pred, p=2, dim=1) - target).abs() * valid
+            return err.sum() / valid.sum().clamp(min=1)
+        if task == 'depth':
+            valid = _depth_valid(target)
+            return ((pred - target).abs() * valid).sum() / valid.sum().clamp(min=1)
+        raise ValueError(f'MultiTaskLoss: no loss for task {task!r}')
+
+    def forward(self, outputs, batch):
+        per_task = {t: self.task_loss(t, outputs[t], batch[t]) for t in self.tasks}
+        total = sum(self.weights[t] * per_task[t] for t in self.tasks)
+        return total, per_task
+
+
+# ---- dense metrics: each meter accumulates sums over the whole split, read once by score() -------
+
+def _batched(pred, target):
+    """Accept one image (C, h, w) or a batch (B, C, h, w); returns the prediction as (B, C, h, w) and
+    the target as (B, C', h, w), on the CPU, detached."""
+    pred = pred.detach()
+    if pred.dim() == 3:
+        pred = pred[None]
+    return pred.cpu(), target.detach().cpu().reshape(pred.shape[0], -1, *pred.shape[-2:])
+
+
+class SegMeter:
+    """Semantic segmentation / human parts: one confusion matrix over the split (255 ignored).
+    IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU = mean over ALL classes, as the reference
+    SemsegMeter / HumanPartsMeter: a class absent from both GT and prediction scores 0 there (it never
+    happens on the full NYUD / PASCAL val splits, but lowers mIoU on small subsets)."""
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (gt, pred)
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        label = pred.argmax(dim=1).flatten()
+        target = target.flatten().long()
+        valid = target != IGNORE_INDEX
+        if (target[valid] >= self.num_classes).any() or (target[valid] < 0).any():
+            raise ValueError(f'SegMeter: target labels must be in [0, {self.num_classes}) or {IGNORE_INDEX}')
+        idx = target[valid] * self.num_classes + label[valid]
+        self.conf += torch.bincount(idx, minlength=self.num_classes ** 2).reshape(self.conf.shape)
+
+    def score(self):
+        conf = self.conf.double()
+        tp = conf.diag()
+        iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1e-8)
+        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item()}
+
+
+class DepthMeter:
+    """Depth over the valid pixels of the split: rmse = sqrt(sum sq err / n valid), log_rmse, abs_rel.
+    As the reference DepthMeter, predictions <= 0 are set to 1e-9 (needed by the log; it also enters
+    rmse and abs_rel, negligibly)."""
+
+    def __init__(self):
+        self.sq = self.log_sq = self.abs_rel = 0.0
+        self.n = 0
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        target = target.reshape(pred.shape).double()
+        valid = _depth_valid(target)
+        p, g = pred.double().clamp(min=1e-9)[valid], target[valid]
+        self.sq += ((p - g) ** 2).sum().item()
+        self.log_sq += ((p.log() - g.log()) ** 2).sum().item()
+        self.abs_rel += ((p - g).abs() / g).sum().item()
+        self.n += int(valid.sum())
+
+    def score(self):
+        n = max(self.n, 1)
+        return {'rmse': (self.sq / n) ** 0.5, 'log_rmse': (self.log_sq / n) ** 0.5, 'abs_rel': self.abs_rel / n}
+
+
+class NormalsMeter:
+    """Angular error (degrees) between the unit-normalised prediction and GT over valid pixels: mean,
+    rmse, median, and % of pixels under 11.25 / 22.5 / 30 deg (reference eval_normals). All but the
+    median are exact sums; the median comes from a histogram of 0.01-deg bins (O(1) memory over the
+    split, exact to +-0.005 deg; np.median of the reference needs every error)."""
+
+    BIN = 0.01  # degrees
+    THRESHOLDS = (11.25, 22.5, 30.0)
+
+    def __init__(self):
+        self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
+        self.sum = self.sum_sq = 0.0
+        self.below = [0] * len(self.THRESHOLDS)
+        self.n = 0
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        target = target.reshape(pred.shape).double()
+        valid = _normals_valid(target)[:, 0]
+        p, g = F.normalize(pred.double(), dim=1), F.normalize(target, dim=1)
+        # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
+        err = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))[valid]
+        self.hist += torch.bincount((err / self.BIN).long().clamp(max=len(self.hist) - 1), minlength=len(self.hist))
+        self.sum += err.sum().item()
+        self.sum_sq += (err ** 2).sum().item()
+        self.below = [b + int((err < t).sum()) for b, t in zip(self.below, self.THRESHOLDS)]
+        self.n += err.numel()
+
+    def score(self):
+        n = max(self.n, 1)
+        cum = torch.cumsum(self.hist, 0)
+        # np.median: mean of the values of rank (n-1)//2 and n//2 (0-based); each read at its bin centre
+        ranks = torch.tensor([(self.n - 1) // 2, self.n // 2])
+        median = ((torch.searchsorted(cum, ranks, right=True).double() + 0.5) * self.BIN).mean().item()
+        out = {'mean': self.sum / n, 'rmse': (self.sum_sq / n) ** 0.5, 'median': median}
+        out.update({f'{t:g}': 100 * b / n for t, b in zip(self.THRESHOLDS, self.below)})
+        return out
+
+
+class SaliencyMeter:
+    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, with TP / predicted /
+    actual positives per threshold summed over the split (not per image), as the reference
+    SaliencyMeter. Replicated quirk, for comparable numbers: the reference receives probabilities
+    and applies a sigmoid AGAIN before thresholding, so the score is sigmoid(sigmoid(logit)), in
+    [0.5, 0.731]: thresholds <= 0.5 mark everything salient, >= 0.75 nothing, and only 0.55, 0.60,
+    0.65, 0.70 (probability >= 0.20, 0.41, 0.62, 0.85) discriminate."""
+
+    def __init__(self, beta_sq=0.3):
+        self.beta_sq = beta_sq
+        self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference
+        self.tp = torch.zeros(len(self.thresholds), dtype=torch.float64)
+        self.pred_pos = torch.zeros_like(self.tp)
+        self.gt_pos = torch.zeros_like(self.tp)
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        target = target.reshape(pred.shape)
+        valid = target != IGNORE_INDEX
+        score = torch.sigmoid(torch.sigmoid(pred.float()))[valid]  # the double sigmoid, see above
+        gt = (target[valid] == 1)
+        above = score[:, None] >= self.thresholds  # (N, thresholds)
+        self.tp += (above & gt[:, None]).sum(0)
+        self.pred_pos += above.sum(0)
+        self.gt_pos += gt.sum()
+
+    def score(self):
+        prec, rec = self.tp / self.pred_pos, self.tp / self.gt_pos
+        f = (1 + self.beta_sq) * prec * rec / (self.beta_sq * prec + rec)
+        return {'maxF': 100 * torch.nan_to_num(f, nan=0.0).max().item()}
+
+
+# ---- boundary detection: ODS / OIS F-measure as SEISM computes it (no MATLAB) ---------------------
+# Pipeline per image (SEISM on the reference's saved predictions): edge NMS of the probability map
+# (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds binarise
+# (>= t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT boundary
+# pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total predicted
+# and matched / total GT pixels. ODS: counts summed over the split per threshold, best F. OIS: each
+# image at its own best threshold, counts summed, F. Unlike the reference we keep float probabilities
+# (it saves 8-bit PNGs before NMS and thresholding: a < 1/255 shift of each threshold). Cost on one
+# CPU core: ~0.6-1.4 s per 425x560 image (6-15 min for the 654 NYUD val images), mostly the exact
+# matchings; the Python port of correspondPixels (pyEdgeEval) takes 20-60 s per image.
+
+# 0.001, 0.01, 0.02, ..., 0.99, 0.999: 101 thresholds (DESIGN.md section 5)
+EDGE_THRESHOLDS = np.concatenate([[0.001], np.arange(1, 100) / 100, [0.999]])
+
+
+def _conv_tri(img, r):
+    """Dollar's convTri for an integer radius r: separable triangle filter [1 .. r+1 .. 1] / (r+1)^2
+    ([1 2 1] / 4 for r = 1) with 'symmetric' borders (scipy's 'reflect')."""
+    f = np.concatenate([np.arange(1, r + 2), np.arange(r, 0, -1)]) / (r + 1) ** 2
+    return ndi.correlate1d(ndi.correlate1d(img, f, axis=0, mode='reflect'), f, axis=1, mode='reflect')
+
+
+def _edge_nms(E, r=1, s=5, m=1.01):
+    """Non-maximum suppression of an edge probability map E (H, W), as the evaluation scripts of CNN
+    edge detectors (HED / RCF, SEISM's nms_process, pyEdgeEval) do it with Dollar's toolbox: smooth
+    E with convTri(E, 1), take the orientation of edgesDetect (second derivatives of convTri(E, 4)),
+    then edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
+    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s)."""
+    E = _conv_tri(E, 1)
+    h, w = E.shape
+    Oy, Ox = np.gradient(_conv_tri(E, 4))  # np.gradient = MATLAB gradient(2): central, one-sided at borders
+    Oxx = np.gradient(Ox, axis=1)
+    Oyy, Oxy = np.gradient(Oy)
+    O = np.mod(np.arctan(Oyy * np.sign(-Oxy) / (Oxx + 1e-5)), np.pi)
+    cos, sin = np.cos(O), np.sin(O)
+    ys, xs = np.mgrid[0:h, 0:w]
+    keep = E != 0
+    for d in [d for d in range(-r, r + 1) if d]:
+        x = np.clip(xs + d * cos, 0, w - 1.001)
+        y = np.clip(ys + d * sin, 0, h - 1.001)
+        x0, y0 = x.astype(np.int64), y.astype(np.int64)
+        dx, dy = x - x0, y - y0
+        e0 = (E[y0, x0] * (1 - dx) * (1 - dy) + E[y0, x0 + 1] * dx * (1 - dy)
+              + E[y0 + 1, x0] * (1 - dx) * dy + E[y0 + 1, x0 + 1] * dx * dy)
+        keep &= E * m >= e0
+    out = np.where(keep, E, 0.0)
+    s = min(s, w // 2, h // 2)
+    ramp = np.arange(s) / s
+    out[:, :s] *= ramp
+    out[:, w - s:] *= ramp[::-1]
+    out[:s] *= ramp[:, None]
+    out[h - s:] *= ramp[::-1, None]
+    return out
+
+
+# Thinning of MATLAB's bwmorph(BW, 'thin', Inf): the Guo-Hall parallel algorithm as given by Lam, Lee
+# & Suen (TPAMI 1992, p. 879), two sub-iterations repeated until nothing changes. Neighbours x1..x8
+# of a pixel start east and turn counter-clockwise; bit k-1 of a code holds x_k.
+_NEIGHBOURS = [(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
+
+
+def _thin_luts():
+    """Deletable-pixel lookup tables (256 codes) for the two sub-iterations."""
+    code = np.arange(256)
+    x = [None] + [(code >> k) & 1 for k in range(8)]  # x[1..8]
+    x.append(x[1])  # x9 = x1
+    crossings = sum((1 - x[2 * i - 1]) & (x[2 * i] | x[2 * i + 1]) for i in range(1, 5))  # X_H
+    n1 = sum(x[2 * k - 1] | x[2 * k] for k in range(1, 5))
+    n2 = sum(x[2 * k] | x[2 * k + 1] for k in range(1, 5))
+    n = np.minimum(n1, n2)
+    g12 = (crossings == 1) & (n >= 2) & (n <= 3)  # G1 and G2
+    g3 = ((x[2] | x[3] | (1 - x[8])) & x[1]) == 0
+    g3b = ((x[6] | x[7] | (1 - x[4])) & x[5]) == 0
+    return g12 & g3, g12 & g3b
+
+
+_THIN_LUTS = _thin_luts()
+
+
+def thin(mask):
+    """bwmorph(mask, 'thin', Inf) of a bool image (H, W). Works on the flat indices of 'on' pixels of
+    a zero-padded copy: one full pass per sub-iteration, then only the neighbours of deleted pixels
+    (the other pixels see the same neighbourhood, hence keep their verdict)."""
+    h, w = mask.shape
+    img = np.zeros((h + 2, w + 2), np.uint8)
+    img[1:-1, 1:-1] = mask
+    img = img.ravel()
+    offsets = np.array([dr * (w + 2) + dc for dr, dc in _NEIGHBOURS])
+    check = [np.flatnonzero(img)] * 2  # pixels to evaluate with sub-iteration 0 / 1
+    slot = np.zeros(len(img), np.int64)  # scratch to drop repeated neighbours
+    quiet, it = 0, 0
+    while quiet < 2:  # two sub-iterations in a row without deletion: converged
+        pix = check[it % 2]
+        pix = pix[img[pix] == 1]
+        code = np.zeros(len(pix), np.uint8)
+        for k, off in enumerate(offsets):
+            code |= img[pix + off] << k
+        dead = pix[_THIN_LUTS[it % 2][code]]
+        check[it % 2] = pix[:0]
+        if len(dead):
+            img[dead] = 0
+            near = (dead[:, None] + offsets).ravel()
+            slot[near] = np.arange(len(near))
+            near = near[(slot[near] == np.arange(len(near))) & (img[near] == 1)]  # each 'on' pixel once
+            check = [np.concatenate([c, near]) for c in check]
+            quiet = 0
+        else:
+            quiet += 1
+        it += 1
+    return img.reshape(h + 2, w + 2)[1:-1, 1:-1].astype(bool)
+
+
+def _maximum_matching(p, g, mate_p, mate_g):
+    """Grow a matching of the bipartite graph with edges (p[i], g[i]) (sorted by p) to maximum
+    cardinality, in place; returns its size. The missing augmenting paths are found at once as a
+    max flow (Dinic, in C) on the residual network of the current matching: source -> free p -> g
+    along unmatched edges, matched g -> its p, free g -> sink."""
+    size = int((mate_p >= 0).sum())
+    new_p = np.r_[True, p[1:] != p[:-1]] if len(p) else np.zeros(0, bool)
+    ids = p[new_p]  # predicted pixels that have a pair; node 1 + i is ids[i]
+    node = np.cumsum(new_p) - 1  # (pairs,) compact id of p
+    free_p = np.flatnonzero(mate_p[ids] < 0)
+    free_g = (mate_g < 0) & (np.bincount(g, minlength=len(mate_g)) > 0)
+    if len(free_p) == 0 or not free_g.any():  # one side saturated: no augmenting path can exist
+        return size
+    n, n_g = len(ids), len(mate_g)
+    sink = 1 + n + n_g
+    compact = np.full(len(mate_p), -1)
+    compact[ids] = np.arange(n)
+    unmatched = mate_p[p] != g
+    # CSR rows in node order: source, predicted pixels (their unmatched pairs), GT pixels (one edge
+    # each: to their match, or to the sink when free), sink
+    fan_out = np.concatenate([[len(free_p)], np.bincount(node[unmatched], minlength=n), np.ones(n_g, np.int64), [0]])
+    gt_next = np.where(mate_g >= 0, 1 + compact[mate_g], sink)
+    indices = np.concatenate([1 + free_p, 1 + n + g[unmatched], gt_next])
+    indptr = np.concatenate([[0], np.cumsum(fan_out)])
+    graph = csr_array((np.ones(len(indices), np.int32), indices, indptr), shape=(sink + 1, sink + 1))
+    result = maximum_flow(graph, 0, sink, method='dinic')
+    if result.flow_value == 0:
+        return size
+    flow = result.flow.tocoo()
+    fr, to = flow.row[flow.data > 0], flow.col[flow.data > 0]
+    undo = (fr > n) & (fr < sink) & (to >= 1) & (to <= n)  # matched g -> p carrying flow: unmatched
+    mate_p[ids[to[undo] - 1]], mate_g[fr[undo] - 1 - n] = -1, -1
+    new = (fr >= 1) & (fr <= n) & (to > n) & (to < sink)  # p -> g carrying flow: matched
+    mate_p[ids[fr[new] - 1]], mate_g[to[new] - 1 - n] = to[new] - 1 - n, ids[fr[new] - 1]
+    return size + int(result.flow_value)
+
+
+def _edge_counts(prob, target, max_dist):
+    """One image: prob (H, W) edge probability, target (H, W) in {0, 1, 255} -> int64 counts
+    (thresholds, 4): matched predicted, predicted, matched GT, GT boundary pixels.
+
+    Matching: BSDS's correspondPixels is a min-cost assignment whose outlier cost (100 x radius)
+    aims at a maximum-cardinality matching of the pixel pairs within the radius; we compute that
+    maximum exactly. (correspondPixels gives unmatched pixels only a few random outlier slots, so it
+    can miss it: on our synthetic checks against its pyEdgeEval port it found 0-0.5 % fewer matches,
+    and its F was ~0.1 point lower.) One-to-one, so matched predicted = matched GT. GT boundary =
+    thinned (target == 1): our targets already are edge maps; 255 pixels count neither as GT nor as
+    prediction."""
+    h, w = prob.shape
+    valid = target != IGNORE_INDEX
+    nms = _edge_nms(prob) * valid
+    gr, gc = np.nonzero(thin((target == 1) & valid))
+    pr, pc = np.nonzero(nms >= EDGE_THRESHOLDS[0])  # every binarised-and-thinned map is a subset
+    value = nms[pr, pc]
+    counts = np.zeros((len(EDGE_THRESHOLDS), 4), np.int64)
+    counts[:, 3] = len(gr)
+
+    # all (predicted, GT) pairs within the radius, once per image, sorted by predicted then GT pixel;
+    # each threshold keeps the pairs of its surviving predicted pixels
+    radius = max_dist * np.hypot(h, w)
+    R = int(radius)
+    index = np.full((h + 2 * R, w + 2 * R), -1)  # predicted-pixel id, padded by R
+    index[pr + R, pc + R] = np.arange(len(pr))
+    p, g = [], []
+    for dr in range(-R, R + 1):
+        for dc in range(-R, R + 1):
+            if dr * dr + dc * dc <= radius * radius:
+                ids = index[gr + dr + R, gc + dc + R]  # predicted pixel at this offset from each GT pixel
+                hit = np.flatnonzero(ids >= 0)
+                p.append(ids[hit]), g.append(hit)
+    p, g = np.concatenate(p), np.concatenate(g)
+    order = np.lexsort((g, p))
+    p, g = p[order], g[order]
+
+    # thresholds from high to low: the maximum matching of one threshold warm-starts the next. Its
+    # restriction to the surviving pixels can only be improved by augmenting paths that start at a
+    # newly kept predicted pixel or end at a GT pixel whose match was thinned away (else the path
+    # would have augmented the previous maximum matching): without either, it is still maximum.
+    has_pair = np.bincount(p, minlength=len(pr)) > 0
+    mate_p, mate_g = np.full(len(pr), -1), np.full(len(gr), -1)
+    kept = np.zeros(len(pr), bool)
+    matched, n_above = 0, -1
+    on = np.zeros((h, w), bool)
+    for k in reversed(range(len(EDGE_THRESHOLDS))):
+        above = value >= EDGE_THRESHOLDS[k]
+        if above.sum() == n_above:  # the binarised maps are nested: same count, same map as k + 1
+            counts[k] = counts[k + 1]
+            continue
+        n_above = above.sum()
+        on[:] = False
+        on[pr[above], pc[above]] = True
+        kept, was_kept = thin(on)[pr, pc], kept
+        lost = (mate_p >= 0) & ~kept
+        mate_g[mate_p[lost]], mate_p[lost] = -1, -1
+        if lost.any() or (kept & ~was_kept & has_pair).any():
+            live = kept[p]
+            matched = _maximum_matching(p[live], g[live], mate_p, mate_g)
+        counts[k, :3] = matched, kept.sum(), matched
+    return counts
+
+
+def _f_measure(counts):
+    """F of (..., 4) counts [matched pred, pred, matched GT, GT]; 0 where precision or recall is
+    undefined or both are 0 (SEISM's conventions)."""
+    counts = np.asarray(counts, np.float64)
+    prec = np.divide(counts[..., 0], counts[..., 1], out=np.zeros(counts.shape[:-1]), where=counts[..., 1] > 0)
+    rec = np.divide(counts[..., 2], counts[..., 3], out=np.zeros(counts.shape[:-1]), where=counts[..., 3] > 0)
+    return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(prec), where=prec + rec > 0)
+
+
+class EdgeMeter:
+    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`). update()
+    scores each image at once, so memory stays O(thresholds); max_dist is relative to the diagonal."""
+
+    def __init__(self, max_dist):
+        self.max_dist = max_dist
+        self.counts = np.zeros((len(EDGE_THRESHOLDS), 4), np.int64)  # summed over images
+        self.ois = np.zeros(4, np.int64)  # each image at its own best threshold, summed
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        prob = torch.sigmoid(pred.double())[:, 0].numpy()
+        target = target.reshape(prob.shape).numpy()
+        for p, t in zip(prob, target):
+            counts = _edge_counts(p, t, self.max_dist)
+            self.counts += counts
+            self.ois += counts[np.argmax(_f_measure(counts))]
+
+    def score(self):
+        f = _f_measure(self.counts)
+        return {'odsF': 100 * float(f.max()), 'oisF': 100 * float(_f_measure(self.ois)),
+                'odsT': float(EDGE_THRESHOLDS[f.argmax()])}  # odsT: the ODS threshold
+
+
+def make_meters(tasks, dataset):
+    """task -> meter for `tasks` (TASKS[dataset]: task -> output channels, which give the classes)."""
+    if dataset not in EDGE_MAX_DIST:
+        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
+    meters = {}
+    for task, channels in tasks.items():
+        if task in ('semseg', 'human_parts'):
+            meters[task] = SegMeter(channels)
+        elif task in ('sal', 'normals', 'depth'):
+            meters[task] = {'sal': SaliencyMeter, 'normals': NormalsMeter, 'depth': DepthMeter}[task]()
+        elif task == 'edge':
+            meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset])
+        else:
+            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(MAIN_METRIC)}')
+    return meters
+
+
+def delta_m(results, baselines):
+    """Multi-task gain Delta_m (%) over single-task baselines (Maninis et al. 2019, as the literature
+    reports it): mean over tasks of (-1)^l_t (M_t - M_single_t) / M_single_t * 100, l_t = 1 when lower
+    is better. results, baselines: task -> main metric value (MAIN_METRIC)."""
+    missing = [t for t in results if t not in baselines]
+    if missing:
+        raise ValueError(f'delta_m: no baseline for task(s) {missing}')
+    gains = [(1 if MAIN_METRIC[t][1] else -1) * (results[t] - baselines[t]) / baselines[t] * 100 for t in results]
+    return sum(gains) / len(gains)
