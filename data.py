@@ -490,7 +490,7 @@ def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0)
 # one ray per pixel is cast with slab tests, vectorised over pixels (one box at a time).
 # -------------------------------------------------------------------------------------------------
 
-GENERATOR_VERSION = 1  # bump when the scenes change, so cached folders are regenerated
+GENERATOR_VERSION = 2  # bump when the scenes change, so cached folders are regenerated
 NYUD_INTRINSICS = (518.8, 519.5, 325.6, 253.7, 640, 480)  # fx, fy, cx, cy at width x height
 
 # look per class: texture kind, base RGB (None = random hue per scene), colour jitter
@@ -621,7 +621,9 @@ def _camera(rng, room, boxes, tries=200):
     """Camera-to-world rotation (3, 3) (columns: right, down, forward, the OpenCV camera axes) and
     position (3,): inside the room, 0.6 m clear of every floor item, looking roughly at the room.
     Returns the boxes too, less any that no candidate position could keep clear of (rare)."""
-    cand = rng.uniform([0.6, 1.0, 0.6], [room[0] - 0.6, min(1.7, room[1] - 0.4), room[2] - 0.6], (tries, 3))
+    # a hand-held camera at chest height, as NYUD's Kinect: a near-constant height is the cue that
+    # fixes the metric scale of a room (with heights from 1 to 1.7 m, depth was ambiguous by +-25 %)
+    cand = rng.uniform([0.6, 1.25, 0.6], [room[0] - 0.6, 1.35, room[2] - 0.6], (tries, 3))
     blocked = np.zeros((tries, len(boxes)), bool)
     for k, b in enumerate(boxes):  # candidate in the box frame, (tries, 3)
         local = (cand - b['centre']) @ _rot_y(b['yaw'])

@@ -7,10 +7,8 @@ import torch
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-from taskexpert import EDGE_THRESHOLDS, MAIN_METRIC, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter, SaliencyMeter, SegMeter, _maximum_matching, thin, delta_m, make_meters
+from taskexpert import TASKS, EDGE_THRESHOLDS, MAIN_METRIC, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter, SaliencyMeter, SegMeter, _maximum_matching, thin, delta_m, make_meters
 
-NYUD = {'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1}
-PASCAL = {'semseg': 21, 'human_parts': 7, 'sal': 1, 'normals': 3, 'edge': 1}
 
 
 def _metrics_batch(tasks, B=2, H=8, W=10, seed=0):
@@ -37,7 +35,7 @@ def _metrics_batch(tasks, B=2, H=8, W=10, seed=0):
 
 # ---- losses ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('tasks', [NYUD, PASCAL])
+@pytest.mark.parametrize('tasks', [TASKS['nyud'], TASKS['pascal']])
 def test_metrics_losses_finite_with_gradients(tasks):
     out, batch = _metrics_batch(tasks)
     total, per_task = MultiTaskLoss(tasks)(out, batch)
@@ -48,10 +46,10 @@ def test_metrics_losses_finite_with_gradients(tasks):
 
 
 def test_metrics_losses_all_ignore_is_zero_not_nan():
-    out, batch = _metrics_batch(PASCAL)
+    out, batch = _metrics_batch(TASKS['pascal'])
     batch = {t: torch.full_like(y, 255.0) if t in ('sal', 'edge') else torch.full_like(y, 255) for t, y in batch.items()}
     batch['normals'] = torch.zeros_like(batch['normals'])
-    total, per_task = MultiTaskLoss(PASCAL)(out, batch)
+    total, per_task = MultiTaskLoss(TASKS['pascal'])(out, batch)
     assert all(v.item() == 0 for v in per_task.values())
     total.backward()  # the graph is kept: zero gradients, not NaN
     assert all(torch.equal(o.grad, torch.zeros_like(o.grad)) for o in out.values())
@@ -60,7 +58,7 @@ def test_metrics_losses_all_ignore_is_zero_not_nan():
 
 
 def test_metrics_l1_losses_zero_for_perfect_predictions():
-    _, batch = _metrics_batch(NYUD)
+    _, batch = _metrics_batch(TASKS['nyud'])
     out = {'normals': 3.0 * batch['normals'], 'depth': batch['depth'].clone()}  # normals are unit-normalised
     out['depth'][..., 0] = 7.0  # invalid (0) depth pixels do not count
     _, per_task = MultiTaskLoss(['normals', 'depth'])(out, batch)
@@ -90,10 +88,10 @@ def test_metrics_losses_hand_values():
 
 
 def test_metrics_loss_weights_defaults_and_overrides():
-    out, batch = _metrics_batch(PASCAL)
-    total, per_task = MultiTaskLoss(PASCAL)(out, batch)
+    out, batch = _metrics_batch(TASKS['pascal'])
+    total, per_task = MultiTaskLoss(TASKS['pascal'])(out, batch)
     expected = {'semseg': 1, 'human_parts': 2, 'sal': 5, 'normals': 10, 'edge': 50}
-    assert total.item() == pytest.approx(sum(expected[t] * per_task[t].item() for t in PASCAL))
+    assert total.item() == pytest.approx(sum(expected[t] * per_task[t].item() for t in TASKS['pascal']))
     total, per_task = MultiTaskLoss(['semseg', 'edge'], weights={'edge': 1.0})(out, batch)
     assert total.item() == pytest.approx(per_task['semseg'].item() + per_task['edge'].item())
     y = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
@@ -105,9 +103,9 @@ def test_metrics_loss_weights_defaults_and_overrides():
 
 
 def test_metrics_losses_fp32_under_autocast():
-    out, batch = _metrics_batch(NYUD)
+    out, batch = _metrics_batch(TASKS['nyud'])
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        total, per_task = MultiTaskLoss(NYUD)({t: o.bfloat16() for t, o in out.items()}, batch)
+        total, per_task = MultiTaskLoss(TASKS['nyud'])({t: o.bfloat16() for t, o in out.items()}, batch)
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in per_task.values())
 
 
@@ -178,9 +176,9 @@ def test_metrics_saliency_maxf_countable():
 
 @pytest.mark.parametrize('task', ['semseg', 'depth', 'normals', 'sal', 'edge'])
 def test_metrics_two_batches_equal_one_batch(task):
-    out, batch = _metrics_batch({task: NYUD.get(task, 1)}, B=2, H=24, W=28, seed=3)
+    out, batch = _metrics_batch({task: TASKS['nyud'].get(task, 1)}, B=2, H=24, W=28, seed=3)
     pred, target = out[task].detach(), batch[task]
-    whole, halves = make_meters({task: NYUD.get(task, 1)}, 'nyud')[task], make_meters({task: NYUD.get(task, 1)}, 'nyud')[task]
+    whole, halves = make_meters({task: TASKS['nyud'].get(task, 1)}, 'nyud')[task], make_meters({task: TASKS['nyud'].get(task, 1)}, 'nyud')[task]
     whole.update(pred, target)
     halves.update(pred[:1], target[:1])
     halves.update(pred[1:], target[1:])
@@ -253,15 +251,15 @@ def test_metrics_maximum_matching_is_exact():
 # ---- meters, main metrics, Delta_m -----------------------------------------------------------------
 
 def test_metrics_make_meters_and_main_metric_keys():
-    meters = make_meters(PASCAL, 'pascal')
+    meters = make_meters(TASKS['pascal'], 'pascal')
     assert meters['edge'].max_dist == 0.0075 and meters['human_parts'].num_classes == 7
-    assert make_meters(NYUD, 'synthetic')['edge'].max_dist == 0.011 and make_meters(NYUD, 'nyud')['semseg'].num_classes == 40
-    out, batch = _metrics_batch(PASCAL, B=1, H=16, W=16)
+    assert make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011 and make_meters(TASKS['nyud'], 'nyud')['semseg'].num_classes == 40
+    out, batch = _metrics_batch(TASKS['pascal'], B=1, H=16, W=16)
     for t, m in meters.items():
         m.update(out[t].detach(), batch[t])
         assert MAIN_METRIC[t][0] in m.score()
     with pytest.raises(ValueError, match='unknown dataset'):
-        make_meters(NYUD, 'cityscapes')
+        make_meters(TASKS['nyud'], 'cityscapes')
     with pytest.raises(ValueError, match='unknown task'):
         make_meters({'semseg': 40, 'flow': 2}, 'nyud')
 

@@ -3,31 +3,31 @@ import torch
 
 from taskexpert import TASKS, TaskExpert, load_pretrained, resample_pos_embed
 
-SIZE = (64, 96)  # 4x6 tokens: small enough for a CPU test, not square
+_MODEL_SIZE = (64, 96)  # 4x6 tokens: small enough for a CPU test, not square
 
 
 def _tiny(tasks, **kw):
     torch.manual_seed(0)
-    return TaskExpert(tasks, backbone='tiny', img_size=SIZE, expert_dim=32, **kw)
+    return TaskExpert(tasks, backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32, **kw)
 
 
 @pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
 def test_model_outputs_named_per_task_at_input_size(dataset):
     model = _tiny(TASKS[dataset]).eval()
     with torch.no_grad():
-        out = model(torch.randn(2, 3, *SIZE))
+        out = model(torch.randn(2, 3, *_MODEL_SIZE))
     assert set(out) == set(TASKS[dataset])
     for task, channels in TASKS[dataset].items():
-        assert out[task].shape == (2, channels, *SIZE)
+        assert out[task].shape == (2, channels, *_MODEL_SIZE)
         assert torch.isfinite(out[task]).all()
 
 
 def test_model_gates_are_distributions_over_experts_and_memory():
     model = _tiny(TASKS['nyud'], num_experts=5).eval()
     with torch.no_grad():
-        model(torch.randn(2, 3, *SIZE))
+        model(torch.randn(2, 3, *_MODEL_SIZE))
     assert len(model.gates) == 4
-    n_tokens = (SIZE[0] // 16) * (SIZE[1] // 16)
+    n_tokens = (_MODEL_SIZE[0] // 16) * (_MODEL_SIZE[1] // 16)
     for i, gates in enumerate(model.gates):
         for task, g in gates.items():
             # the first MMoE has no memory yet: it weighs the 5 experts only; later ones add M_t
@@ -38,7 +38,7 @@ def test_model_gates_are_distributions_over_experts_and_memory():
 
 def test_model_samples_are_independent():
     model = _tiny(TASKS['pascal']).eval()  # eval: BatchNorm uses running stats, no batch coupling
-    x = torch.randn(3, 3, *SIZE)
+    x = torch.randn(3, 3, *_MODEL_SIZE)
     with torch.no_grad():
         a = model(x)
         x[1] += 1.0
@@ -53,7 +53,7 @@ def test_model_samples_are_independent():
 ])
 def test_model_every_option_runs_forward_and_backward(opts):
     model = _tiny(TASKS['nyud'], **opts).train()
-    out = model(torch.randn(2, 3, *SIZE))
+    out = model(torch.randn(2, 3, *_MODEL_SIZE))
     sum(o.float().mean() for o in out.values()).backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -85,7 +85,7 @@ def test_model_loads_timm_checkpoint_and_resamples_pos_embed(tmp_path, suffix):
         save_file(sd, path)
     else:  # hub checkpoints are often wrapped and carry DDP / compile prefixes
         torch.save({'model': {'module._orig_mod.' + k: v for k, v in sd.items()}}, path)
-    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=SIZE, expert_dim=32)
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
     load_pretrained(model, path)
     got = model.backbone.state_dict()
     torch.testing.assert_close(got['blocks.11.mlp.fc2.weight'], sd['blocks.11.mlp.fc2.weight'])
@@ -132,7 +132,7 @@ def test_model_loads_google_npz(tmp_path):
             w[p + f'MlpBlock_3/Dense_{j}/kernel'] = sd[q + f'mlp.fc{j + 1}.weight'].T
             w[p + f'MlpBlock_3/Dense_{j}/bias'] = sd[q + f'mlp.fc{j + 1}.bias']
     np.savez(tmp_path / 'vit.npz', **w)
-    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=SIZE, expert_dim=32)
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
     load_pretrained(model, str(tmp_path / 'vit.npz'))
     for k, v in model.backbone.state_dict().items():
         want = torch.from_numpy(sd[k]) if k != 'pos_embed' else resample_pos_embed(torch.from_numpy(sd[k]), (4, 6))
