@@ -1,0 +1,1240 @@
+"""The test suite (CPU, minutes): model, losses and metrics, data, training, export.
+
+Each part builds its own small fixtures in the real formats; nothing is downloaded."""
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import scipy.io
+import torch
+import torch.nn as nn
+from PIL import Image
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import maximum_bipartite_matching
+
+import data
+import export
+import train
+from taskexpert import (EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter,
+                        SaliencyMeter, SegMeter, TaskExpert, _maximum_matching, delta_m, load_pretrained,
+                        make_meters, resample_pos_embed, thin)
+
+
+# ==================================================================================================
+# Model: ViT backbone, MMoE, heads, checkpoint loading
+# ==================================================================================================
+
+_MODEL_SIZE = (64, 96)  # 4x6 tokens: small enough for a CPU test, not square
+
+
+def _tiny(tasks, **kw):
+    torch.manual_seed(0)
+    return TaskExpert(tasks, backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32, **kw)
+
+
+@pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
+def test_model_outputs_named_per_task_at_input_size(dataset):
+    model = _tiny(TASKS[dataset]).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *_MODEL_SIZE))
+    assert set(out) == set(TASKS[dataset])
+    for task, channels in TASKS[dataset].items():
+        assert out[task].shape == (2, channels, *_MODEL_SIZE)
+        assert torch.isfinite(out[task]).all()
+
+
+def test_model_gates_are_distributions_over_experts_and_memory():
+    model = _tiny(TASKS['nyud'], num_experts=5).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, *_MODEL_SIZE))
+    assert len(model.gates) == 4
+    n_tokens = (_MODEL_SIZE[0] // 16) * (_MODEL_SIZE[1] // 16)
+    for i, gates in enumerate(model.gates):
+        for task, g in gates.items():
+            # the first MMoE has no memory yet: it weighs the 5 experts only; later ones add M_t
+            assert g.shape == (2, n_tokens, 5 if i == 0 else 6)
+            assert (g >= 0).all()
+            torch.testing.assert_close(g.sum(-1), torch.ones(2, n_tokens))
+
+
+def test_model_samples_are_independent():
+    model = _tiny(TASKS['pascal']).eval()  # eval: BatchNorm uses running stats, no batch coupling
+    x = torch.randn(3, 3, *_MODEL_SIZE)
+    with torch.no_grad():
+        a = model(x)
+        x[1] += 1.0
+        b = model(x)
+    for task in a:
+        assert torch.equal(a[task][0], b[task][0]) and torch.equal(a[task][2], b[task][2])
+        assert not torch.allclose(a[task][1], b[task][1])
+
+
+@pytest.mark.parametrize('opts', [
+    dict(gate='image'), dict(memory_write='add'), dict(num_experts=2), dict(taps=(2, 12)), dict(drop_path=0.1),
+])
+def test_model_every_option_runs_forward_and_backward(opts):
+    model = _tiny(TASKS['nyud'], **opts).train()
+    out = model(torch.randn(2, 3, *_MODEL_SIZE))
+    sum(o.float().mean() for o in out.values()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f'{name} got no gradient'
+
+
+def test_model_other_input_size_and_bf16_autocast():
+    model = _tiny(TASKS['nyud']).eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 80, 48))  # not the training size: pos-embed resampled for the call
+    assert out['semseg'].shape == (1, 40, 80, 48) and torch.isfinite(out['depth'].float()).all()
+
+
+def _timm_layout_checkpoint(model, grid=(24, 24)):
+    """A state dict as timm saves vit_tiny_patch16_384: classifier head, 24x24+1 position embedding."""
+    sd = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    sd['pos_embed'] = torch.randn(1, 1 + grid[0] * grid[1], sd['cls_token'].shape[-1])
+    sd['head.weight'], sd['head.bias'] = torch.randn(1000, 192), torch.randn(1000)
+    return sd
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_model_loads_timm_checkpoint_and_resamples_pos_embed(tmp_path, suffix):
+    src = _tiny(TASKS['nyud'])
+    sd = _timm_layout_checkpoint(src)
+    path = str(tmp_path / f'vit{suffix}')
+    if suffix == '.safetensors':
+        from safetensors.torch import save_file
+        save_file(sd, path)
+    else:  # hub checkpoints are often wrapped and carry DDP / compile prefixes
+        torch.save({'model': {'module._orig_mod.' + k: v for k, v in sd.items()}}, path)
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
+    load_pretrained(model, path)
+    got = model.backbone.state_dict()
+    torch.testing.assert_close(got['blocks.11.mlp.fc2.weight'], sd['blocks.11.mlp.fc2.weight'])
+    assert got['pos_embed'].shape == (1, 1 + 4 * 6, 192)
+    torch.testing.assert_close(got['pos_embed'], resample_pos_embed(sd['pos_embed'], (4, 6)))
+    torch.testing.assert_close(got['pos_embed'][:, 0], sd['pos_embed'][:, 0])  # class token slot kept
+
+
+def test_model_checkpoint_with_missing_or_misshapen_key_fails_clearly(tmp_path):
+    model = _tiny(TASKS['nyud'])
+    sd = _timm_layout_checkpoint(model)
+    del sd['blocks.3.attn.qkv.bias']
+    torch.save(sd, tmp_path / 'missing.pth')
+    with pytest.raises(KeyError, match=r'blocks\.3\.attn\.qkv\.bias'):
+        load_pretrained(model, str(tmp_path / 'missing.pth'))
+    sd = _timm_layout_checkpoint(model)
+    sd['blocks.0.mlp.fc1.weight'] = torch.randn(10, 192)
+    torch.save(sd, tmp_path / 'shape.pth')
+    with pytest.raises(ValueError, match=r'blocks\.0\.mlp\.fc1\.weight'):
+        load_pretrained(model, str(tmp_path / 'shape.pth'))
+
+
+def test_model_loads_google_npz(tmp_path):
+    """Google's .npz layout (HWIO conv, per-head q/k/v kernels) gives the same network as timm's."""
+    import numpy as np
+    src = _tiny(TASKS['nyud'])
+    sd = {k: v.numpy() for k, v in _timm_layout_checkpoint(src).items()}
+    C, H = 192, 3
+    w = {'embedding/kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
+         'embedding/bias': sd['patch_embed.proj.bias'], 'cls': sd['cls_token'],
+         'Transformer/posembed_input/pos_embedding': sd['pos_embed'],
+         'Transformer/encoder_norm/scale': sd['norm.weight'], 'Transformer/encoder_norm/bias': sd['norm.bias']}
+    for i in range(12):
+        p, q = f'Transformer/encoderblock_{i}/', f'blocks.{i}.'
+        att = p + 'MultiHeadDotProductAttention_1/'
+        w[p + 'LayerNorm_0/scale'], w[p + 'LayerNorm_0/bias'] = sd[q + 'norm1.weight'], sd[q + 'norm1.bias']
+        w[p + 'LayerNorm_2/scale'], w[p + 'LayerNorm_2/bias'] = sd[q + 'norm2.weight'], sd[q + 'norm2.bias']
+        for j, n in enumerate(('query', 'key', 'value')):
+            w[att + n + '/kernel'] = sd[q + 'attn.qkv.weight'][j * C:(j + 1) * C].T.reshape(C, H, C // H)
+            w[att + n + '/bias'] = sd[q + 'attn.qkv.bias'][j * C:(j + 1) * C].reshape(H, C // H)
+        w[att + 'out/kernel'] = sd[q + 'attn.proj.weight'].T.reshape(H, C // H, C)
+        w[att + 'out/bias'] = sd[q + 'attn.proj.bias']
+        for j in (0, 1):
+            w[p + f'MlpBlock_3/Dense_{j}/kernel'] = sd[q + f'mlp.fc{j + 1}.weight'].T
+            w[p + f'MlpBlock_3/Dense_{j}/bias'] = sd[q + f'mlp.fc{j + 1}.bias']
+    np.savez(tmp_path / 'vit.npz', **w)
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
+    load_pretrained(model, str(tmp_path / 'vit.npz'))
+    for k, v in model.backbone.state_dict().items():
+        want = torch.from_numpy(sd[k]) if k != 'pos_embed' else resample_pos_embed(torch.from_numpy(sd[k]), (4, 6))
+        torch.testing.assert_close(v, want, msg=k)
+
+
+def test_model_rejects_bad_options():
+    with pytest.raises(ValueError, match='divisible by 16'):
+        TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(100, 96))
+    with pytest.raises(ValueError, match='unknown backbone'):
+        TaskExpert(TASKS['nyud'], backbone='huge')
+    with pytest.raises(ValueError, match='taps'):
+        TaskExpert(TASKS['nyud'], backbone='tiny', taps=(3, 13))
+
+
+# ==================================================================================================
+# Losses and metrics
+# ==================================================================================================
+
+def _metrics_batch(tasks, B=2, H=8, W=10, seed=0):
+    """Random outputs and targets in the contract's formats, with some void pixels."""
+    g = torch.Generator().manual_seed(seed)
+    out = {t: torch.randn(B, c, H, W, generator=g, requires_grad=True) for t, c in tasks.items()}
+    batch = {}
+    for t, c in tasks.items():
+        if t in ('semseg', 'human_parts'):
+            y = torch.randint(0, c, (B, H, W), generator=g)
+            y[:, 0] = 255
+        elif t in ('sal', 'edge'):
+            y = (torch.rand(B, 1, H, W, generator=g) > 0.7).float()
+            y[..., 0] = 255
+        elif t == 'normals':
+            y = torch.nn.functional.normalize(torch.randn(B, 3, H, W, generator=g), dim=1)
+            y[..., 0] = 0
+        else:  # depth
+            y = torch.rand(B, 1, H, W, generator=g) * 5
+            y[..., 0] = 0
+        batch[t] = y
+    return out, batch
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('tasks', [TASKS['nyud'], TASKS['pascal']])
+def test_metrics_losses_finite_with_gradients(tasks):
+    out, batch = _metrics_batch(tasks)
+    total, per_task = MultiTaskLoss(tasks)(out, batch)
+    assert set(per_task) == set(tasks)
+    assert torch.isfinite(total) and all(torch.isfinite(v) and v > 0 for v in per_task.values())
+    total.backward()
+    assert all(torch.isfinite(o.grad).all() and o.grad.abs().sum() > 0 for o in out.values())
+
+
+def test_metrics_losses_all_ignore_is_zero_not_nan():
+    out, batch = _metrics_batch(TASKS['pascal'])
+    batch = {t: torch.full_like(y, 255.0) if t in ('sal', 'edge') else torch.full_like(y, 255) for t, y in batch.items()}
+    batch['normals'] = torch.zeros_like(batch['normals'])
+    total, per_task = MultiTaskLoss(TASKS['pascal'])(out, batch)
+    assert all(v.item() == 0 for v in per_task.values())
+    total.backward()  # the graph is kept: zero gradients, not NaN
+    assert all(torch.equal(o.grad, torch.zeros_like(o.grad)) for o in out.values())
+    depth = torch.zeros(1, 1, 4, 4)
+    assert MultiTaskLoss(['depth'])({'depth': torch.randn(1, 1, 4, 4)}, {'depth': depth})[0].item() == 0
+
+
+def test_metrics_l1_losses_zero_for_perfect_predictions():
+    _, batch = _metrics_batch(TASKS['nyud'])
+    out = {'normals': 3.0 * batch['normals'], 'depth': batch['depth'].clone()}  # normals are unit-normalised
+    out['depth'][..., 0] = 7.0  # invalid (0) depth pixels do not count
+    _, per_task = MultiTaskLoss(['normals', 'depth'])(out, batch)
+    assert per_task['normals'].item() < 1e-6 and per_task['depth'].item() == 0
+
+
+def test_metrics_losses_hand_values():
+    # CE: two equal logits -> ln 2 per valid pixel; the void pixel is left out
+    logits = torch.zeros(1, 2, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])
+    loss = MultiTaskLoss(['semseg'])({'semseg': logits}, {'semseg': target})[1]['semseg']
+    assert loss.item() == pytest.approx(math.log(2))
+    # balanced BCE at logit 0 (each term ln 2), target [1, 0, 0, void]: saliency weighs positives by
+    # the fraction of negatives (2/3), edge by 0.95; mean over the 3 valid pixels
+    y = torch.tensor([1.0, 0.0, 0.0, 255.0]).reshape(1, 1, 1, 4)
+    x = torch.zeros(1, 1, 1, 4)
+    _, per_task = MultiTaskLoss(['sal', 'edge'])({'sal': x, 'edge': x}, {'sal': y, 'edge': y})
+    assert per_task['sal'].item() == pytest.approx(math.log(2) * (2 / 3 + 2 * (1 / 3)) / 3)
+    assert per_task['edge'].item() == pytest.approx(math.log(2) * (0.95 + 2 * 0.05) / 3)
+    no_salient = torch.tensor([0.0, 0.0, 255.0]).reshape(1, 1, 1, 3)  # w = 1: negatives weigh 0
+    assert MultiTaskLoss(['sal'])({'sal': torch.randn(1, 1, 1, 3)}, {'sal': no_salient})[0].item() == 0
+    # normals: |unit(pred) - gt| summed over the 3 components, averaged over valid pixels
+    gt = torch.tensor([0.0, 0.0, 1.0]).reshape(1, 3, 1, 1).expand(1, 3, 1, 2).clone()
+    gt[..., 1] = 0  # invalid pixel
+    pred = torch.tensor([1.0, 0.0, 0.0]).reshape(1, 3, 1, 1).expand(1, 3, 1, 2)
+    assert MultiTaskLoss(['normals'])({'normals': pred}, {'normals': gt})[0].item() == pytest.approx(10 * 2.0)
+
+
+def test_metrics_loss_weights_defaults_and_overrides():
+    out, batch = _metrics_batch(TASKS['pascal'])
+    total, per_task = MultiTaskLoss(TASKS['pascal'])(out, batch)
+    expected = {'semseg': 1, 'human_parts': 2, 'sal': 5, 'normals': 10, 'edge': 50}
+    assert total.item() == pytest.approx(sum(expected[t] * per_task[t].item() for t in TASKS['pascal']))
+    total, per_task = MultiTaskLoss(['semseg', 'edge'], weights={'edge': 1.0})(out, batch)
+    assert total.item() == pytest.approx(per_task['semseg'].item() + per_task['edge'].item())
+    y = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    x = torch.zeros(1, 1, 1, 2)
+    edge = MultiTaskLoss(['edge'], edge_pos_weight=0.5)({'edge': x}, {'edge': y})[1]['edge']
+    assert edge.item() == pytest.approx(0.5 * math.log(2))
+    with pytest.raises(ValueError, match='unknown task'):
+        MultiTaskLoss(['semseg', 'optical_flow'])
+
+
+def test_metrics_losses_fp32_under_autocast():
+    out, batch = _metrics_batch(TASKS['nyud'])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        total, per_task = MultiTaskLoss(TASKS['nyud'])({t: o.bfloat16() for t, o in out.items()}, batch)
+    assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in per_task.values())
+
+
+# ---- dense metrics --------------------------------------------------------------------------------
+
+def _metrics_onehot(labels, C):
+    """Labels (B, H, W) -> logits (B, C, H, W) whose argmax is the label."""
+    return torch.nn.functional.one_hot(labels, C).permute(0, 3, 1, 2).float()
+
+
+def test_metrics_seg_known_confusion():
+    target = torch.tensor([[[0, 0, 1, 1, 255]]])
+    pred = _metrics_onehot(torch.tensor([[[0, 1, 1, 1, 0]]]), 2)
+    m = SegMeter(2)
+    m.update(pred, target)
+    s = m.score()
+    # class 0: TP 1, FN 1 -> 1/2; class 1: TP 2, FP 1 -> 2/3; the void pixel never counts
+    assert s['mIoU'] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert s['pixAcc'] == pytest.approx(75.0)
+    # perfect prediction: 100; a class absent from GT and prediction scores 0 (reference behaviour)
+    m = SegMeter(3)
+    m.update(_metrics_onehot(torch.tensor([[[0, 1, 1]]]), 3), torch.tensor([[[0, 1, 1]]]))
+    assert m.score()['mIoU'] == pytest.approx(100 * 2 / 3) and m.score()['pixAcc'] == 100
+    with pytest.raises(ValueError, match='target labels'):
+        m.update(_metrics_onehot(torch.tensor([[[0]]]), 3), torch.tensor([[[5]]]))
+
+
+def test_metrics_depth_hand_values():
+    pred = torch.tensor([1.0, 2.0, 4.0, -1.0, 9.0]).reshape(1, 1, 1, 5)
+    target = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.0]).reshape(1, 1, 1, 5)  # last pixel invalid
+    m = DepthMeter()
+    m.update(pred, target)
+    s = m.score()
+    # errors 0, 1, 2, ~1 (the negative prediction is clamped to 1e-9, as the reference)
+    assert s['rmse'] == pytest.approx(math.sqrt((0 + 1 + 4 + 1) / 4))
+    assert s['abs_rel'] == pytest.approx((0 + 1 + 1 + 1) / 4)
+    assert s['log_rmse'] == pytest.approx(math.sqrt((2 * math.log(2) ** 2 + math.log(1e-9) ** 2) / 4))
+
+
+def test_metrics_normals_hand_values():
+    gt = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]], dtype=torch.float32).T.reshape(1, 3, 1, 4)
+    pred = torch.tensor([[0, 0, 2], [1, 0, 1], [0, 1, 0], [0, 0, 1]], dtype=torch.float32).T.reshape(1, 3, 1, 4)
+    m = NormalsMeter()
+    m.update(pred, gt)  # errors 0, 45, 90 deg; the all-zero GT pixel is invalid
+    s = m.score()
+    assert s['mean'] == pytest.approx(45.0, abs=1e-4)
+    assert s['median'] == pytest.approx(45.0, abs=0.01)
+    assert s['rmse'] == pytest.approx(math.sqrt((45 ** 2 + 90 ** 2) / 3), abs=1e-3)
+    assert s['11.25'] == s['22.5'] == s['30'] == pytest.approx(100 / 3)
+    m.update(pred[..., :2], gt[..., :2])  # 5 errors 0, 45, 90, 0, 45: median 45; even count averages
+    m.update(pred[..., 2:3], gt[..., 2:3])  # 6 errors: median (45 + 45) / 2
+    assert m.score()['median'] == pytest.approx(45.0, abs=0.01)
+
+
+def test_metrics_saliency_maxf_countable():
+    # GT [1, 1, 0, 0] (+ a void pixel); probabilities 0.9, 0.3, 0.5, 0.1. The reference's double sigmoid
+    # leaves these cases: all positive (P 1/2, R 1), {0.9, 0.3, 0.5} (P 2/3, R 1), {0.9, 0.5} (1/2, 1/2),
+    # {0.9} (P 1, R 1/2), none (F 0). F = 1.3 P R / (0.3 P + R); best {0.9}: 1.3 * 0.5 / 0.8 = 0.8125.
+    prob = torch.tensor([0.9, 0.3, 0.5, 0.1, 0.99])
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0, 255.0]).reshape(1, 1, 1, 5)
+    m = SaliencyMeter()
+    m.update(torch.logit(prob).reshape(1, 1, 1, 5), target)
+    assert m.score()['maxF'] == pytest.approx(81.25, abs=1e-4)
+    perfect = SaliencyMeter()
+    perfect.update(torch.tensor([10.0, 10.0, -10.0, -10.0]).reshape(1, 1, 1, 4), target[..., :4])
+    assert perfect.score()['maxF'] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize('task', ['semseg', 'depth', 'normals', 'sal', 'edge'])
+def test_metrics_two_batches_equal_one_batch(task):
+    out, batch = _metrics_batch({task: TASKS['nyud'].get(task, 1)}, B=2, H=24, W=28, seed=3)
+    pred, target = out[task].detach(), batch[task]
+    whole, halves = make_meters({task: TASKS['nyud'].get(task, 1)}, 'nyud')[task], make_meters({task: TASKS['nyud'].get(task, 1)}, 'nyud')[task]
+    whole.update(pred, target)
+    halves.update(pred[:1], target[:1])
+    halves.update(pred[1:], target[1:])
+    assert whole.score() == pytest.approx(halves.score())
+
+
+# ---- boundaries -----------------------------------------------------------------------------------
+
+def _metrics_outline(H=48, W=64, top=10, left=12, shift=0):
+    """1-px rectangle outline, shifted right by `shift` px."""
+    m = np.zeros((H, W), bool)
+    m[top, left:W - left] = m[H - top, left:W - left] = True
+    m[top:H - top + 1, left] = m[top:H - top + 1, W - left - 1] = True
+    return np.roll(m, shift, axis=1)
+
+
+def _metrics_edge_score(pred_mask, target, max_dist=0.03):
+    meter = EdgeMeter(max_dist)
+    logits = torch.from_numpy(np.where(pred_mask, 8.0, -8.0)).float()[None, None]
+    meter.update(logits, torch.from_numpy(target).float()[None, None])
+    return meter.score()
+
+
+def test_metrics_edge_thresholds_and_thinning():
+    assert len(EDGE_THRESHOLDS) == 101 and EDGE_THRESHOLDS[0] == 0.001 and EDGE_THRESHOLDS[-1] == 0.999
+    assert np.allclose(EDGE_THRESHOLDS[1:-1], np.arange(1, 100) / 100)
+    bar = np.zeros((9, 20), bool)
+    bar[3:6, 2:18] = True  # 3 px thick -> 1 px line along its middle
+    line = thin(bar)
+    assert line[4, 4:16].all() and line.sum(axis=0).max() == 1 and not line[[3, 5], 5:15].any()
+    assert np.array_equal(thin(np.eye(12, dtype=bool)), np.eye(12, dtype=bool))  # already thin
+    outline = _metrics_outline()  # a 4-connected outline loses its 4 corner pixels (8-connected)
+    assert (outline & ~thin(outline)).sum() == 4 and not (thin(outline) & ~outline).any()
+
+
+def test_metrics_edge_perfect_shifted_and_ignored():
+    gt = _metrics_outline()  # radius 0.03 x diagonal 80 = 2.4 px
+    target = gt.astype(np.float32)
+    assert _metrics_edge_score(gt, target)['odsF'] == pytest.approx(100.0)
+    assert _metrics_edge_score(_metrics_outline(shift=1), target)['odsF'] == pytest.approx(100.0)
+    far = _metrics_edge_score(_metrics_outline(shift=6), target)  # only the horizontal sides still match
+    assert far['odsF'] < 80 and far['oisF'] == pytest.approx(far['odsF'])
+    # a spurious prediction under void (255) pixels counts neither as prediction nor as GT
+    spurious = gt.copy()
+    spurious[20:30, 30] = True
+    target[18:32, 28:33] = 255
+    assert _metrics_edge_score(spurious, target)['odsF'] == pytest.approx(100.0)
+    assert _metrics_edge_score(spurious, gt.astype(np.float32))['odsF'] < 100.0
+
+
+def test_metrics_maximum_matching_is_exact():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n_p, n_g = rng.integers(1, 40, size=2)
+        pairs = np.unique(np.stack([rng.integers(0, n_p, 60), rng.integers(0, n_g, 60)], 1), axis=0)
+        p, g = pairs[:, 0], pairs[:, 1]  # sorted by p
+        mate_p, mate_g = np.full(n_p, -1), np.full(n_g, -1)
+        if trial % 2:  # warm start from some valid matching, as across thresholds
+            for i in range(0, len(p), 3):
+                if mate_p[p[i]] < 0 and mate_g[g[i]] < 0:
+                    mate_p[p[i]], mate_g[g[i]] = g[i], p[i]
+        size = _maximum_matching(p, g, mate_p, mate_g)
+        graph = csr_array((np.ones(len(p)), (p, g)), shape=(n_p, n_g))
+        assert size == (maximum_bipartite_matching(graph, perm_type='column') >= 0).sum()
+        matched = np.flatnonzero(mate_p >= 0)  # a valid matching along existing pairs
+        assert len(matched) == size and np.array_equal(mate_g[mate_p[matched]], matched)
+        assert set(zip(matched, mate_p[matched])) <= set(zip(p, g))
+
+
+# ---- meters, main metrics, Delta_m -----------------------------------------------------------------
+
+def test_metrics_make_meters_and_main_metric_keys():
+    meters = make_meters(TASKS['pascal'], 'pascal')
+    assert meters['edge'].max_dist == 0.0075 and meters['human_parts'].num_classes == 7
+    assert make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011 and make_meters(TASKS['nyud'], 'nyud')['semseg'].num_classes == 40
+    out, batch = _metrics_batch(TASKS['pascal'], B=1, H=16, W=16)
+    for t, m in meters.items():
+        m.update(out[t].detach(), batch[t])
+        assert MAIN_METRIC[t][0] in m.score()
+    with pytest.raises(ValueError, match='unknown dataset'):
+        make_meters(TASKS['nyud'], 'cityscapes')
+    with pytest.raises(ValueError, match='unknown task'):
+        make_meters({'semseg': 40, 'flow': 2}, 'nyud')
+
+
+def test_metrics_delta_m():
+    # semseg +25 % (higher is better), depth rmse 0.5 vs 0.625: -20 % error = +20 % gain
+    assert delta_m({'semseg': 50.0, 'depth': 0.5}, {'semseg': 40.0, 'depth': 0.625}) == pytest.approx(22.5)
+    assert delta_m({'normals': 20.0}, {'normals': 20.0}) == 0
+    with pytest.raises(ValueError, match='no baseline'):
+        delta_m({'edge': 70.0}, {})
+
+
+# ==================================================================================================
+# Data: readers, augmentations, synthetic scenes
+# ==================================================================================================
+
+# -------------------------------------------------------------------------------------------------
+# NYUD-v2 tree (images/, segmentation/, depth/, normals/, edge/, gt_sets/) with known contents
+# -------------------------------------------------------------------------------------------------
+_DATA_H, _DATA_W = 6, 8
+
+
+def _data_nyud_sample(k):
+    """Image, stored labels (0 void, 1..40), depth (0 invalid), normals png, edge png of sample k."""
+    rng = np.random.default_rng(k)
+    image = rng.integers(0, 256, (_DATA_H, _DATA_W, 3), dtype=np.uint8)
+    seg = np.ones((_DATA_H, _DATA_W), np.uint8)  # wall
+    seg[:, 4:] = 40
+    seg[0, 0] = 0  # void
+    depth = np.full((_DATA_H, _DATA_W), 2.5, np.float32)
+    depth[1, 1] = 0  # invalid
+    normal = np.array([0.6, 0.0, -0.8])  # unit, pointing right and at the camera
+    normals = np.tile(np.round((normal + 1) / 2 * 255).astype(np.uint8), (_DATA_H, _DATA_W, 1))
+    normals[2, 2] = 0  # black fill = invalid
+    edge = np.zeros((_DATA_H, _DATA_W), np.uint8)
+    edge[:, 3:5] = 255
+    return image, seg, depth, normals, edge
+
+
+def _data_write_nyud_tree(root, splits=(('train', ('0001', '0002')), ('val', ('0003',)))):
+    for folder in ('images', 'segmentation', 'depth', 'normals', 'edge', 'gt_sets'):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for split, ids in splits:
+        with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'w') as f:
+            f.write('\n'.join(ids) + '\n')
+        for id_ in ids:
+            image, seg, depth, normals, edge = _data_nyud_sample(int(id_))
+            Image.fromarray(image).save(os.path.join(root, 'images', id_ + '.png'))
+            Image.fromarray(seg).save(os.path.join(root, 'segmentation', id_ + '.png'))
+            np.save(os.path.join(root, 'depth', id_ + '.npy'), depth)
+            Image.fromarray(normals).save(os.path.join(root, 'normals', id_ + '.png'))
+            Image.fromarray(edge).save(os.path.join(root, 'edge', id_ + '.png'))
+    return str(root)
+
+
+def test_data_nyud_reader_decodes_and_pads(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    ds = data.NYUD(root, 'val', train=False, size=(8, 16))
+    s = ds[0]
+    image, seg, depth, normals, edge = _data_nyud_sample(3)
+    assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W)}
+    assert s['image'].shape == (3, 8, 16) and s['image'].dtype == torch.float32
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    want = (torch.from_numpy(image).permute(2, 0, 1) / 255 - mean) / std
+    assert torch.allclose(s['image'][:, :_DATA_H, :_DATA_W], want, atol=1e-5)
+    assert (s['image'][:, _DATA_H:] == 0).all() and (s['image'][:, :, _DATA_W:] == 0).all()
+    # semseg: stored 1..40 -> 0..39, void 0 -> 255, padding 255
+    assert s['semseg'].dtype == torch.int64
+    assert s['semseg'][0, 0] == 255 and s['semseg'][1, 0] == 0 and s['semseg'][1, 5] == 39
+    assert (s['semseg'][_DATA_H:] == 255).all() and (s['semseg'][:, _DATA_W:] == 255).all()
+    # depth in metres, 0 = invalid (and padding)
+    assert s['depth'].shape == (1, 8, 16) and s['depth'][0, 1, 1] == 0 and s['depth'][0, 0, 0] == 2.5
+    assert (s['depth'][:, _DATA_H:] == 0).all()
+    # normals decoded to unit vectors, the black pixel and the padding invalid (0)
+    n = s['normals'][:, :_DATA_H, :_DATA_W]
+    assert torch.allclose(n[:, 0, 0], torch.tensor([0.6, 0.0, -0.8]), atol=0.01)
+    assert (n[:, 2, 2] == 0).all() and (s['normals'][:, _DATA_H:] == 0).all()
+    norms = n.norm(dim=0)
+    assert torch.allclose(norms[norms > 0], torch.ones(()), atol=1e-5)
+    # edges 0/255 -> {0, 1}, padding 255
+    assert set(s['edge'][0, :_DATA_H, :_DATA_W].unique().tolist()) == {0.0, 1.0}
+    assert s['edge'][0, 0, 3] == 1 and s['edge'][0, 0, 0] == 0 and (s['edge'][0, _DATA_H:] == 255).all()
+
+
+def test_data_nyud_task_subset_and_unknown_task(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    s = data.NYUD(root, 'val', train=False, size=(8, 8), tasks=('depth',))[0]
+    assert set(s) == {'image', 'depth', 'meta'}
+    with pytest.raises(ValueError, match='sal'):
+        data.NYUD(root, 'val', tasks=('sal',))
+
+
+def test_data_hflip_negates_normals_x():
+    sample = {'image': np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3),
+              'normals': np.tile(np.array([0.6, 0.0, -0.8], np.float32), (2, 3, 1)),
+              'semseg': np.array([[0, 1, 2], [3, 4, 5]], np.uint8)}
+    sample['normals'][0, 0] = 0  # invalid stays invalid
+    out = data.hflip(sample)
+    assert (out['image'] == sample['image'][:, ::-1]).all()
+    assert (out['semseg'] == [[2, 1, 0], [5, 4, 3]]).all()
+    assert np.allclose(out['normals'][1, 0], [-0.6, 0.0, -0.8]) and (out['normals'][0, 2] == 0).all()
+
+
+class _DataFixedRng:
+    """Stands in for numpy's Generator: uniform -> a fixed value, integers -> low, random -> 0."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def uniform(self, lo, hi):
+        return self.value
+
+    def integers(self, lo, hi):
+        return lo
+
+    def random(self):
+        return 0.0
+
+
+def test_data_random_scale_divides_depth_and_keeps_labels():
+    s = {'image': np.zeros((4, 6, 3), np.uint8), 'depth': np.full((4, 6), 3.0, np.float32),
+         'semseg': np.array([[0, 1, 2, 3, 4, 255]] * 4, np.uint8)}
+    out = data.random_scale(s, _DataFixedRng(2.0))
+    assert out['image'].shape == (8, 12, 3) and out['semseg'].shape == (8, 12)
+    assert np.allclose(out['depth'], 1.5)  # twice as large looks twice as close
+    assert (out['semseg'][0] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 255, 255]).all()  # nearest, no new values
+
+
+def test_data_random_crop_redraws_dominated_windows():
+    seg = np.zeros((40, 40), np.uint8)
+    seg[:, 30:] = 1  # only windows reaching x >= 30 have <= 75 % of class 0
+    s = {'image': np.zeros((40, 40, 3), np.uint8), 'semseg': seg}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crop = data.random_crop(s, (10, 12), rng, tries=50)['semseg']
+        assert crop.shape == (10, 12) and (crop == 0).mean() <= 0.75
+
+
+def test_data_train_sample_is_seeded_and_sized(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    a = data.NYUD(root, 'train', train=True, size=(8, 10), seed=3)
+    b = data.NYUD(root, 'train', train=True, size=(8, 10), seed=3)
+    for i in range(2):
+        sa, sb = a[i], b[i]
+        assert sa['image'].shape == (3, 8, 10) and sa['semseg'].shape == (8, 10)
+        for k in ('image', 'semseg', 'depth', 'normals', 'edge'):
+            assert torch.equal(sa[k], sb[k])
+        assert set(sa['semseg'].unique().tolist()) <= {0, 39, 255}
+        h, w = sa['meta']['size']
+        assert (sa['semseg'][h:] == 255).all() and (sa['semseg'][:, w:] == 255).all()
+
+
+def test_data_collate_and_loader(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    ds = data.NYUD(root, 'train', train=True, size=(8, 10))
+    batch = next(iter(data.build_loader(ds, batch_size=2, train=True, workers=0)))
+    assert batch['image'].shape == (2, 3, 8, 10) and batch['semseg'].shape == (2, 8, 10)
+    assert batch['depth'].shape == (2, 1, 8, 10) and isinstance(batch['meta'], list) and len(batch['meta']) == 2
+    # worker processes: the same seed gives the same augmented batches
+    ds.ids = ['0001', '0001']  # one image twice: each worker must augment it differently
+    runs = [[b['image'] for b in data.build_loader(ds, 1, True, workers=2, seed=s)] for s in (5, 5, 6)]
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1]))
+    assert not torch.equal(*runs[0]) and not torch.equal(runs[0][0], runs[2][0])
+
+
+# -------------------------------------------------------------------------------------------------
+# PASCAL-Context tree with .mat files in the real struct layouts
+# -------------------------------------------------------------------------------------------------
+_DATA_PH, _DATA_PW = 8, 10
+_DATA_WALL, _DATA_AEROPLANE = 440, 2  # context ids: 'wall' is an NYU class, 'aeroplane' is not
+
+
+def _data_anno(objects, shape):
+    """The human_parts/<id>.mat `anno` struct: imname, objects (class, class_ind, mask, parts), each
+    part (part_name, mask); an object without parts has an empty `parts` array, as MATLAB saves it."""
+    objs = np.zeros((1, len(objects)), dtype=[('class', 'O'), ('class_ind', 'O'), ('mask', 'O'), ('parts', 'O')])
+    for j, (name, ind, parts) in enumerate(objects):
+        p = np.zeros((0, 0))
+        if parts:
+            p = np.zeros((1, len(parts)), dtype=[('part_name', 'O'), ('mask', 'O')])
+            for k, (part_name, mask) in enumerate(parts):
+                p[0, k] = (part_name, mask.astype(np.uint8))
+        mask = np.zeros(shape, np.uint8)
+        for _, m in parts:
+            mask |= m.astype(np.uint8)
+        objs[0, j] = (name, np.array([[ind]], np.uint8), mask, p)
+    anno = np.zeros((1, 1), dtype=[('imname', 'O'), ('objects', 'O')])
+    anno[0, 0] = ('image.jpg', objs)
+    return anno
+
+
+def _data_part_masks():
+    head, arm, foot, cat_head = (np.zeros((_DATA_PH, _DATA_PW), bool) for _ in range(4))
+    head[0:2, 0:2] = True
+    arm[2:4, 0:2] = True
+    foot[6:8, 0:2] = True
+    cat_head[0:2, 8:10] = True
+    return head, arm, foot, cat_head
+
+
+def _data_write_pascal_tree(root):
+    r = str(root)
+    for folder in ('JPEGImages', 'ImageSets/Context', 'semseg/VOC12', 'semseg/pascal-context',
+                   'pascal-context/trainval', 'human_parts', 'normals_distill', 'sal_distill'):
+        os.makedirs(os.path.join(r, folder), exist_ok=True)
+    ids = {'train': ['2008_000001', '2008_000002'], 'val': ['2008_000003']}
+    for split, split_ids in ids.items():
+        with open(os.path.join(r, 'ImageSets', 'Context', f'{split}.txt'), 'w') as f:
+            f.write('\n'.join(split_ids) + '\n')
+    head, arm, foot, cat_head = _data_part_masks()
+    for k, id_ in enumerate(ids['train'] + ids['val']):
+        Image.fromarray(np.full((_DATA_PH, _DATA_PW, 3), 100 + 20 * k, np.uint8)).save(os.path.join(r, 'JPEGImages', id_ + '.jpg'))
+        seg = np.full((_DATA_PH, _DATA_PW), 15, np.uint8)
+        seg[0, 0] = 255
+        # the first image has a VOC12 mask, the others only the Context-derived one
+        folder = 'VOC12' if k == 0 else 'pascal-context'
+        Image.fromarray(seg if k == 0 else seg * 0 + 7).save(os.path.join(r, 'semseg', folder, id_ + '.png'))
+        labelmap = np.full((_DATA_PH, _DATA_PW), _DATA_WALL, np.uint16)
+        labelmap[:, 5:] = _DATA_AEROPLANE
+        scipy.io.savemat(os.path.join(r, 'pascal-context', 'trainval', id_ + '.mat'), {'LabelMap': labelmap})
+        if k == 0:  # two persons (one without parts) and a cat with a part
+            objects = [('person', 15, [('head', head), ('ruarm', arm), ('lfoot', foot)]),
+                       ('person', 15, []), ('cat', 8, [('head', cat_head)])]
+        else:
+            objects = [('cat', 8, [('head', cat_head)])]
+        scipy.io.savemat(os.path.join(r, 'human_parts', id_ + '.mat'), {'anno': _data_anno(objects, (_DATA_PH, _DATA_PW))})
+        normals = np.tile(np.array([128, 128, 0], np.uint8), (_DATA_PH, _DATA_PW, 1))  # (0, 0, -1)
+        Image.fromarray(normals).save(os.path.join(r, 'normals_distill', id_ + '.png'))
+        sal = np.zeros((_DATA_PH, _DATA_PW), np.uint8)
+        sal[:, :3] = 200
+        sal[:, 3] = 120  # below 0.5 * 255
+        Image.fromarray(sal).save(os.path.join(r, 'sal_distill', id_ + '.png'))
+    return r
+
+
+def test_data_pascal_fixture_matches_reference_layout(tmp_path):
+    """The reference readers index the struct by position: ['anno'][0][0][1][0] objects, obj[1] the
+    class index, obj[2] the mask, obj[3][0][k] the parts as (name, mask)."""
+    root = _data_write_pascal_tree(tmp_path)
+    objs = scipy.io.loadmat(os.path.join(root, 'human_parts', '2008_000001.mat'))['anno'][0][0][1][0]
+    assert objs[0][1][0][0] == 15 and objs[0][2].shape == (_DATA_PH, _DATA_PW)
+    assert str(objs[0][3][0][1][0][0]) == 'ruarm' and len(objs[1][3]) == 0
+
+
+def test_data_pascal_reader_decodes(tmp_path):
+    root = _data_write_pascal_tree(tmp_path)
+    ds = data.PASCALContext(root, 'train', train=False, size=(16, 16))
+    s = ds[0]
+    assert s['meta'] == {'id': '2008_000001', 'size': (_DATA_PH, _DATA_PW), 'has_human': True}
+    assert s['semseg'][0, 0] == 255 and s['semseg'][1, 1] == 15 and (s['semseg'][_DATA_PH:] == 255).all()
+    hp = s['human_parts']
+    assert hp[0, 0] == 1 and hp[2, 0] == 3 and hp[7, 0] == 6  # head, upper arm, foot
+    assert hp[0, 9] == 0 and hp[4, 4] == 0  # the cat's head and elsewhere: background
+    assert (hp[_DATA_PH:] == 255).all()
+    assert (s['sal'][0, :_DATA_PH, :3] == 1).all() and (s['sal'][0, :_DATA_PH, 3:_DATA_PW] == 0).all()
+    assert (s['sal'][0, _DATA_PH:] == 255).all()
+    # normals kept on the wall (an NYU class), 0 on the aeroplane
+    assert torch.allclose(s['normals'][:, 0, 0], torch.tensor([0.0, 0.0, -1.0]), atol=0.01)
+    assert (s['normals'][:, :, 5:] == 0).all()
+    # edge: the one-pixel-wide thinned border between the two LabelMap regions
+    e = s['edge'][0, :_DATA_PH, :_DATA_PW]
+    assert set(e.unique().tolist()) == {0.0, 1.0}
+    assert (e.sum(1)[1:] == 1).all() and set(e.nonzero()[:, 1].tolist()) <= {4, 5}  # the top end is thinned away
+    # the second image: Context semseg, no person
+    s = ds[1]
+    assert s['semseg'][1, 1] == 7 and not s['meta']['has_human']
+    assert (s['human_parts'][:_DATA_PH, :_DATA_PW] == 0).all()
+
+
+def test_data_pascal_normal_classes():
+    """Context classes named in both class tables, less 'unknown' (431), plus 'tvmonitor' (427)."""
+    ids = set(data.PASCAL_NORMAL_CLASSES)
+    assert len(ids) == 170 and {427, 440, 158, 68} <= ids and not {431, 459, _DATA_AEROPLANE} & ids
+
+
+def test_data_pascal_crop_without_parts_is_ignored(tmp_path):
+    root = _data_write_pascal_tree(tmp_path)
+    ds = data.PASCALContext(root, 'train', train=True, size=(4, 4), tasks=('human_parts',), seed=0)
+    seen = set()
+    for _ in range(30):
+        hp = ds[0]['human_parts']
+        valid = hp[hp != 255]
+        if valid.numel() == 0:
+            seen.add('ignored')
+        else:
+            assert ((valid > 0) & (valid < 7)).any()  # any crop kept as labels has a part pixel
+            seen.add('kept')
+    assert seen == {'ignored', 'kept'}
+
+
+def test_data_thin_matches_reference_thinning():
+    """Expected output of skimage.morphology.thin (the reference's thinning) on this shape; our
+    numpy version agreed with it on 300 random masks when it was written."""
+    m = np.zeros((8, 10), bool)
+    m[1:4, 1:9] = True
+    m[3:7, 5:8] = True
+    m[6, 1:3] = True
+    want = ['0000000000', '0000000000', '0011100000', '0000010000',
+            '0000001000', '0000001000', '0110000000', '0000000000']
+    assert [''.join(str(int(v)) for v in row) for row in data.thin(m)] == want
+    line = np.zeros((5, 5), bool)
+    line[2, :] = True
+    assert (data.thin(line) == line).all()
+    # two label regions: |Laplacian| > 0 marks both sides of the border, thinning keeps one
+    label = np.zeros((6, 6))
+    label[:, 3:] = 4
+    assert (data.labelmap_edges(label) == (np.arange(6)[:, None] > 0) & (np.arange(6) == 2)).all()
+
+
+# -------------------------------------------------------------------------------------------------
+# Errors: one line naming the path, catchable as FileNotFoundError and ValueError
+# -------------------------------------------------------------------------------------------------
+
+
+def test_data_missing_root_and_split(tmp_path):
+    with pytest.raises(data.DataError, match='nowhere.*README.md') as e:
+        data.NYUD(str(tmp_path / 'nowhere'))
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ValueError)
+    assert '\n' not in str(e.value)
+    root = _data_write_nyud_tree(tmp_path)
+    with pytest.raises(data.DataError, match='gt_sets.test.txt: split file not found'):
+        data.NYUD(root, 'test')
+    with pytest.raises(data.DataError, match='Context.train.txt: split file not found'):
+        data.PASCALContext(root)
+
+
+def test_data_missing_and_unreadable_files(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    os.remove(os.path.join(root, 'depth', '0002.npy'))
+    with pytest.raises(data.DataError, match=r'depth.0002\.npy: file not found \(1 of the 10'):
+        data.NYUD(root, 'train')
+    data.NYUD(root, 'train', tasks=('semseg', 'normals', 'edge'))  # depth not needed: fine
+    with open(os.path.join(root, 'normals', '0003.png'), 'wb') as f:
+        f.write(b'not a png')
+    with pytest.raises(data.DataError, match=r'normals.0003\.png: cannot read it'):
+        data.NYUD(root, 'val', train=False, size=(8, 8))[0]
+    Image.fromarray(np.full((_DATA_H, _DATA_W), 41, np.uint8)).save(os.path.join(root, 'segmentation', '0003.png'))
+    with pytest.raises(data.DataError, match=r'segmentation.0003\.png: label 41 outside 0..40'):
+        data.NYUD(root, 'val', train=False, size=(8, 8), tasks=('semseg',))[0]
+    proot = _data_write_pascal_tree(tmp_path / 'pascal')
+    os.remove(os.path.join(proot, 'human_parts', '2008_000003.mat'))
+    with pytest.raises(data.DataError, match=r'human_parts.2008_000003\.mat: file not found'):
+        data.PASCALContext(proot, 'val')
+    scipy.io.savemat(os.path.join(proot, 'pascal-context', 'trainval', '2008_000003.mat'), {'Other': np.zeros(3)})
+    with pytest.raises(data.DataError, match="2008_000003.mat: has no 'LabelMap'"):
+        data.PASCALContext(proot, 'val', train=False, tasks=('edge',))[0]
+
+
+def test_data_image_larger_than_network(tmp_path):
+    root = _data_write_nyud_tree(tmp_path)
+    with pytest.raises(ValueError, match='larger than the network size'):
+        data.NYUD(root, 'val', train=False, size=(4, 4))[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Synthetic scenes
+# -------------------------------------------------------------------------------------------------
+
+
+def test_data_synthetic_geometry_is_consistent(tmp_path):
+    root = data.make_synthetic(str(tmp_path / 'syn'), n_train=2, n_val=2, size=(120, 160), seed=1)
+    info = json.load(open(os.path.join(root, 'synthetic.json')))
+    fx, fy, cx, cy = info['intrinsics']
+    ds = data.NYUD(root, 'val', train=False, size=(128, 160))
+    assert len(ds) == 2 and len(data.NYUD(root, 'train', train=False, size=(128, 160))) == 2
+    for s in ds:
+        seg, depth = s['semseg'][:120].numpy(), s['depth'][0, :120].numpy()
+        normals, edge = s['normals'][:, :120].numpy().transpose(1, 2, 0), s['edge'][0, :120].numpy()
+        valid = depth > 0
+        assert valid.mean() > 0.98 and depth[valid].min() >= 0.5 and depth.max() <= 10
+        assert (seg != 255).all() and len(np.unique(seg)) >= 3
+        # normals from the depth map's 3D points (central differences) agree away from edges
+        v, u = np.mgrid[0:120, 0:160]
+        p = np.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], -1)
+        n = np.cross(p[1:-1, 2:] - p[1:-1, :-2], p[2:, 1:-1] - p[:-2, 1:-1])
+        n /= np.linalg.norm(n, axis=-1, keepdims=True) + 1e-12
+        n *= -np.sign(np.sum(n * p[1:-1, 1:-1], -1, keepdims=True))  # facing the camera
+        near_edge = np.zeros_like(edge, bool)
+        for dy in (-2, -1, 0, 1, 2):
+            for dx in (-2, -1, 0, 1, 2):
+                near_edge |= np.roll(np.roll(edge > 0, dy, 0), dx, 1)
+        inner = ~near_edge[1:-1, 1:-1] & valid[1:-1, 1:-1]
+        angle = np.degrees(np.arccos(np.clip(np.sum(n * normals[1:-1, 1:-1], -1), -1, 1)))[inner]
+        assert np.median(angle) < 1.0 and (angle > 5).mean() < 0.03  # (box creases are no edges)
+        # every label change is an edge, and every edge pixel sits on a label, depth or normal change
+        assert edge[:, 1:][seg[:, 1:] != seg[:, :-1]].all() and edge[1:][seg[1:] != seg[:-1]].all()
+        ey, ex = np.nonzero(edge)
+        found = np.zeros(len(ey), bool)
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            y, x = np.clip(ey + dy, 0, 119), np.clip(ex + dx, 0, 159)
+            found |= seg[y, x] != seg[ey, ex]
+            found |= np.abs(depth[y, x] - depth[ey, ex]) > 0.05 * depth[ey, ex]
+            found |= np.sum(normals[y, x] * normals[ey, ex], -1) < 0.9
+        assert found.mean() > 0.97
+
+
+def test_data_synthetic_is_reproducible_and_cached(tmp_path):
+    a = data.make_synthetic(str(tmp_path / 'a'), n_train=2, n_val=1, size=(30, 40), seed=7)
+    b = data.make_synthetic(str(tmp_path / 'b'), n_train=2, n_val=1, size=(30, 40), seed=7)
+    c = data.make_synthetic(str(tmp_path / 'c'), n_train=2, n_val=1, size=(30, 40), seed=8)
+    for folder, ext in (('images', '.png'), ('segmentation', '.png'), ('depth', '.npy'), ('normals', '.png'), ('edge', '.png')):
+        for id_ in ('0000', '0001', '0002'):
+            files = [open(os.path.join(r, folder, id_ + ext), 'rb').read() for r in (a, b)]
+            assert files[0] == files[1]
+    assert open(os.path.join(a, 'images', '0000.png'), 'rb').read() != open(os.path.join(c, 'images', '0000.png'), 'rb').read()
+    assert open(os.path.join(a, 'gt_sets', 'val.txt')).read() == '0002\n'
+    # a complete folder with the same parameters is kept, a half-written one is written again
+    image = os.path.join(a, 'images', '0000.png')
+    os.remove(image)
+    data.make_synthetic(a, n_train=2, n_val=1, size=(30, 40), seed=7)
+    assert not os.path.exists(image)
+    info = json.load(open(os.path.join(a, 'synthetic.json')))
+    json.dump(dict(info, complete=False), open(os.path.join(a, 'synthetic.json'), 'w'))
+    data.make_synthetic(a, n_train=2, n_val=1, size=(30, 40), seed=7)
+    assert os.path.exists(image)
+    # a folder holding some other dataset is never overwritten
+    with pytest.raises(data.DataError, match='did not write'):
+        data.make_synthetic(_data_write_nyud_tree(tmp_path / 'real'), n_train=1, n_val=1)
+
+
+# ==================================================================================================
+# Training: train.py
+# ==================================================================================================
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS='1')  # subprocesses: 2 shared cores, no oversubscription
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _train_one_thread():
+    """One intra-op thread while the suite runs: on a shared 2-core machine, spinning threads of
+    several processes slow each step several-fold. Module scope: the shared run uses it too, so its
+    losses are comparable bit for bit (results depend on the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train_tiny_args(data_root, out_dir, *extra):
+    """A tiny synthetic run: 6 train / 2 val scenes at 64x96, tiny ViT with 2 taps and narrow experts."""
+    return ['--dataset', 'synthetic', '--data-root', str(data_root), '--scenes', '6', '2',
+            '--out-dir', str(out_dir), '--img-size', '64', '96', '--backbone', 'tiny', '--taps', '6', '12',
+            '--num-experts', '4', '--expert-dim', '32', '--batch-size', '2', '--lr', '1e-3', '--warmup', '2',
+            '--log-every', '1', '--workers', '0', *extra]
+
+
+def _train_losses(out_dir):
+    with open(os.path.join(out_dir, 'train.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def _train_run(tmp_path_factory):
+    """One finished 6-step run (evaluated and saved at steps 3 and 6), shared by several tests."""
+    root = tmp_path_factory.mktemp('train')
+    train.main(_train_tiny_args(root / 'data', root / 'run', '--max-iters', '6', '--eval-every', '3'))
+    return root
+
+
+def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
+    run = _train_run / 'run'
+    for name in ('config.json', 'train.jsonl', 'metrics.jsonl', 'last.pt', 'best.pt', 'gates.png'):
+        assert (run / name).is_file(), name
+    assert len(os.listdir(run / 'vis')) == 2  # both val images drawn
+    evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
+    assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
+    assert set(evals[0]['gate_memory']) == {'block12'}  # memory slot exists from the second tap on
+    ckpt = torch.load(run / 'last.pt', weights_only=True)
+    assert ckpt['step'] == 6 and ckpt['config']['img_size'] == [64, 96] and len(ckpt['rng']) == 1
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
+    # 30 steps on 2 scenes: the mean loss of the last 10 steps must be well below the first 10's
+    train.main(_train_tiny_args(tmp_path / 'data', tmp_path / 'fit', '--scenes', '2', '1',
+                                '--max-iters', '30', '--eval-every', '30', '--log-every', '10'))
+    losses = [r['loss'] for r in _train_losses(tmp_path / 'fit')]
+    assert len(losses) == 3 and losses[2] < 0.9 * losses[0], losses
+
+
+def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch):
+    save = train.save_checkpoint
+
+    def save_then_die(path, *a, **k):  # the process is killed right after its first checkpoint
+        save(path, *a, **k)
+        if path.endswith('best.pt'):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '6', '--eval-every', '3'))
+    monkeypatch.setattr(train, 'save_checkpoint', save)
+    assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['step'] == 3
+    with open(tmp_path / 'run' / 'train.jsonl', 'a') as f:  # a line logged after the checkpoint, then lost
+        f.write(json.dumps({'step': 4, 'loss': -1.0}) + '\n')
+    train.main(['--resume', str(tmp_path / 'run' / 'last.pt')])
+    resumed, full = _train_losses(tmp_path / 'run'), _train_losses(_train_run / 'run')
+    assert [r['step'] for r in resumed] == list(range(1, 7))
+    assert [r['loss'] for r in resumed] == [r['loss'] for r in full]  # bit-identical
+
+
+def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
+    args = _train_tiny_args(_train_run / 'data', tmp_path / 'ddp', '--max-iters', '2', '--eval-every', '2',
+                            '--batch-size', '4')  # 2 images per process
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', *args], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('TaskExpert on synthetic') == 1  # rank 0 alone logs
+    ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
+    assert ckpt['step'] == 2 and len(ckpt['rng']) == 2  # one RNG state per process
+    assert len(_train_losses(tmp_path / 'ddp')) == 2
+
+
+def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_path, monkeypatch):
+    path = tmp_path / 'last.pt'
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    train.save_checkpoint(str(path), model, opt, scaler, 1, [train.rng_state()], {'dataset': 'nyud'}, None)
+
+    def torn_save(obj, f):
+        f.write(b'PK\x03\x04 half a checkpoint')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', torn_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(str(path), model, opt, scaler, 2, [train.rng_state()], {'dataset': 'nyud'}, None)
+    assert os.listdir(tmp_path) == ['last.pt']  # no temporary file left behind
+    assert train.load_checkpoint(str(path))['step'] == 1
+
+
+def test_train_non_finite_loss_is_skipped_then_stops(_train_run, tmp_path, monkeypatch, capsys):
+    class NanDepth(train.MultiTaskLoss):
+        def forward(self, outputs, batch):
+            total, per_task = super().forward(outputs, batch)
+            per_task['depth'] = per_task['depth'] * float('nan')
+            return total + per_task['depth'], per_task
+
+    monkeypatch.setattr(train, 'MultiTaskLoss', NanDepth)
+    code, msg = _train_error(['--resume', str(_train_run / 'run' / 'last.pt'), '--max-iters', '20',
+                              '--eval-every', '20', '--out-dir', str(tmp_path)], capsys)
+    out = capsys.readouterr().out
+    assert 'step 7: non-finite loss in depth: step skipped (1 in a row)' in out, out
+    assert code != 0 and '5 non-finite steps in a row at step 11' in msg and '\n' not in msg
+    assert not (tmp_path / 'last.pt').exists()  # stopped before the next checkpoint
+
+
+def _train_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
+    return e.value.code, msg
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--img-size', '100', '96'], '--img-size 100 96'),
+    (['--resume', 'no/such/last.pt'], 'no/such/last.pt not found'),
+    (['--batch-size', '0'], '--batch-size 0'),
+    (['--taps', '6', '3'], '--taps 6 3'),
+    (['--amp', 'fp16', '--device', 'cpu', '--benchmark'], 'fp16 needs a CUDA'),
+    (['--lr'], 'expected one argument'),
+    (['--no-such-flag'], 'unrecognized arguments'),
+])
+def test_train_bad_flags_give_one_line_errors(argv, expected, tmp_path, capsys):
+    code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out')], capsys)
+    assert code != 0 and expected in msg and '\n' not in msg, msg
+    assert not (tmp_path / 'out').exists()  # nothing written
+
+
+def test_train_refuses_to_overwrite_and_needs_checkpoints(_train_run, tmp_path, capsys):
+    run = _train_run / 'run'
+    before = (run / 'last.pt').stat().st_mtime_ns
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', run), capsys)
+    assert code != 0 and 'already holds a run' in msg and '\n' not in msg
+    assert (run / 'last.pt').stat().st_mtime_ns == before
+    code, msg = _train_error(['--eval-only', '--out-dir', str(tmp_path)], capsys)
+    assert code != 0 and 'needs a checkpoint' in msg and '\n' not in msg
+
+
+def test_train_missing_dataset_prints_download_help(tmp_path):
+    r = subprocess.run([sys.executable, 'train.py', '--dataset', 'nyud', '--data-root', str(tmp_path / 'none'),
+                        '--out-dir', str(tmp_path / 'out')], cwd=HERE, env=ONE_THREAD, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and 'nyud data not found' in lines[0] and 'NYUDv2/' in r.stderr, r.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_eval_only_and_predict(_train_run, tmp_path, capsys):
+    ckpt = str(_train_run / 'run' / 'best.pt')
+    train.main(['--eval-only', '--checkpoint', ckpt, '--out-dir', str(tmp_path / 'eval')])
+    line = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
+    assert line['eval_only'] == ckpt and 'semseg' in line and 'edge' in line
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photos / 'a.jpg')
+    Image.fromarray(np.zeros((200, 120, 3), np.uint8)).save(photos / 'b.png')
+    train.main(['--predict', str(photos), '--checkpoint', ckpt, '--out-dir', str(tmp_path / 'pred')])
+    assert sorted(os.listdir(tmp_path / 'pred')) == ['a.png', 'b.png']
+    with Image.open(tmp_path / 'pred' / 'a.png') as im:  # 50x70 fits 64x96 as 64x90: input + 4 tasks
+        assert im.size == (5 * 90, 14 + 64)
+
+
+def test_train_benchmark_prints_its_numbers(capsys):
+    train.main(['--benchmark', '--backbone', 'tiny', '--img-size', '32', '48', '--batch-size', '2',
+                '--expert-dim', '32', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    for what in ('train:', 'inference:', 'img/s', 'backbone', 'MMoE + heads', 'peak memory'):
+        assert what in out, out
+
+
+# ==================================================================================================
+# Export: ONNX and Core ML
+# ==================================================================================================
+
+_EXPORT_SIZE = (64, 96)  # 4x6 tokens, not square
+_EXPORT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'export.py')
+
+
+def _export_tiny(tasks, **options):
+    """ViT-tiny cut to its first 2 blocks, an MMoE at each (the first without memory, the second with
+    it): every op type of the full model at a fraction of its export time. Weights are drawn so that
+    activations are O(1) as in a trained network; at init they are small, where e.g. GELU's tanh and
+    exact forms hardly differ."""
+    torch.manual_seed(0)
+    model = TaskExpert(tasks, backbone='tiny', img_size=_EXPORT_SIZE, num_experts=2, expert_dim=16, taps=(1, 2),
+                       **options)
+    model.backbone.blocks = model.backbone.blocks[:2]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.normal_(0, m.weight[0].numel() ** -0.5)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.1)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def _export_describe(model, dataset, probabilities=False):
+    return export.describe({'dataset': dataset, 'backbone': 'tiny'}, model.tasks, probabilities, _EXPORT_SIZE,
+                           'test.pt', 0)
+
+
+@pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
+def test_export_onnx_matches_pytorch_at_another_batch(dataset, tmp_path):
+    # pascal also covers the optional softmax outputs and the other gate and memory options
+    probabilities = dataset == 'pascal'
+    model = _export_tiny(TASKS[dataset], **(dict(gate='image', memory_write='add') if probabilities else {}))
+    app = export.AppModel(model, probabilities)
+    meta, descriptions = _export_describe(model, dataset, probabilities)
+    path = str(tmp_path / 'model.onnx')
+    export.export_onnx(app, _EXPORT_SIZE, path, meta, descriptions)  # exported with a batch of 2
+    how, lines = export.check_onnx(path, model, probabilities, _EXPORT_SIZE)  # raises if out of tolerance
+    assert '3 frames' in how
+    proto = onnx.load(path)
+    names = [o.name for o in proto.graph.output]
+    assert names == app.output_names and len(lines) == len(names)
+    assert ('semseg_prob' in names) == probabilities and ('human_parts' in names) == (dataset == 'pascal')
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props['tasks'] == ','.join(TASKS[dataset]) and props['input_size'] == '64x96'
+    assert proto.graph.input[0].name == 'image'
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+
+
+@pytest.fixture(scope='module')
+def _export_coreml_packages(tmp_path_factory):
+    """The nyud tiny model converted twice, fp32 and fp16 -> (model, {'fp32': path, 'fp16': path})."""
+    model = _export_tiny(TASKS['nyud'])
+    app = export.AppModel(model)
+    meta, descriptions = _export_describe(model, 'nyud')
+    folder = tmp_path_factory.mktemp('coreml')
+    paths = {}
+    for precision in ('fp32', 'fp16'):
+        paths[precision] = str(folder / f'model_{precision}.mlpackage')
+        export.export_coreml(app, _EXPORT_SIZE, paths[precision], precision == 'fp16', meta, descriptions)
+    return model, paths
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
+def test_export_coreml_program_matches_pytorch(_export_coreml_packages, precision):
+    model, paths = _export_coreml_packages
+    how, lines = export.check_coreml(paths[precision], model, False, _EXPORT_SIZE, precision == 'fp16')
+    assert precision in how and len(lines) == 4
+    spec = export.import_coremltools().models.MLModel(paths[precision], skip_model_load=True).get_spec()
+    assert spec.description.input[0].type.WhichOneof('Type') == 'imageType'
+    outputs = {o.name: o for o in spec.description.output}
+    assert list(outputs) == list(TASKS['nyud'])
+    assert all(o.shortDescription for o in outputs.values())
+    types = {n: o.type.multiArrayType.dataType for n, o in outputs.items()}
+    array = spec.description.output[0].type.multiArrayType
+    assert types['semseg'] == array.INT32 and types['depth'] == types['normals'] == types['edge'] == array.FLOAT32
+    assert spec.description.metadata.userDefined['input_size'] == '64x96'
+
+
+def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages):
+    model, paths = _export_coreml_packages
+    # the GELU's tanh approximation (what coremltools silently changes): small, but far beyond fp32 rounding
+    tanh_gelu = copy.deepcopy(model)
+    for block in tanh_gelu.backbone.blocks:
+        block.mlp.act = nn.GELU(approximate='tanh')
+    with pytest.raises(export.CheckFailed, match='normals: .* OUT OF TOLERANCE'):
+        export.check_coreml(paths['fp32'], tanh_gelu, False, _EXPORT_SIZE, fp16=False)
+    # one perturbed weight of the depth head: caught at fp16 tolerances too
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.heads['depth'].pred.weight[0, :8] += 0.05
+    for precision in ('fp32', 'fp16'):
+        with pytest.raises(export.CheckFailed, match='depth: .* OUT OF TOLERANCE'):
+            export.check_coreml(paths[precision], perturbed, False, _EXPORT_SIZE, precision == 'fp16')
+
+
+def test_export_compare_allows_ties_only():
+    logits = np.zeros((1, 3, 2, 2), np.float32)
+    logits[0, 0] = [[5, 1], [1, 1]]  # pixel (0, 0): class 0 clearly; the others: classes 0 and 1 tie
+    logits[0, 1] = [[1, 1], [1, 1]]
+    ref = {'semseg': logits.argmax(1).astype(np.int32)}
+    tie_flip = ref['semseg'].copy()
+    tie_flip[0, 1, 1] = 1
+    export.compare({'semseg': tie_flip}, ref, {'semseg': logits}, export.TOLERANCE['fp32'])
+    real_flip = ref['semseg'].copy()
+    real_flip[0, 0, 0] = 1
+    with pytest.raises(export.CheckFailed, match='1 not at a near-tie.* OUT OF TOLERANCE'):
+        export.compare({'semseg': real_flip}, ref, {'semseg': logits}, export.TOLERANCE['fp16'])
+
+
+@pytest.fixture(scope='module')
+def _export_checkpoint(tmp_path_factory):
+    """A train.py-style checkpoint of a small standard model -> (model, path)."""
+    torch.manual_seed(0)
+    config = dict(dataset='nyud', backbone='tiny', img_size=[32, 48], num_experts=2, expert_dim=16,
+                  taps=[3, 6, 9, 12], gate='token', memory_write='replace')
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(32, 48), num_experts=2, expert_dim=16).eval()
+    path = tmp_path_factory.mktemp('checkpoint') / 'last.pt'
+    torch.save({'model': model.state_dict(), 'config': config, 'step': 5}, path)
+    return model, path
+
+
+def test_export_checkpoint_found_and_rebuilt(_export_checkpoint, tmp_path):
+    model, checkpoint = _export_checkpoint
+    for run, name in (('old', 'last.pt'), ('new', 'last.pt'), ('new', 'best.pt')):
+        os.makedirs(tmp_path / 'runs' / run, exist_ok=True)
+        shutil.copy(checkpoint, tmp_path / 'runs' / run / name)
+    os.utime(tmp_path / 'runs' / 'new' / 'best.pt', (1, 1))  # older than new/last.pt, still preferred
+    os.utime(tmp_path / 'runs' / 'old' / 'last.pt', (0, 0))
+    path = export.find_checkpoint(str(tmp_path / 'runs'))
+    assert path == str(tmp_path / 'runs' / 'new' / 'best.pt')
+    loaded, config, step = export.load_model(path)
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)['depth'], model(x)['depth'])
+    assert config['dataset'] == 'nyud' and step == 5
+
+
+def test_export_install_swaps_a_package_folder(tmp_path):
+    final, tmp = tmp_path / 'm.mlpackage', tmp_path / 'm.tmp-1.mlpackage'
+    for folder, text in ((final, 'old'), (tmp, 'new')):
+        folder.mkdir()
+        (folder / 'weight.bin').write_text(text)
+    export.install(str(tmp), str(final))
+    assert (final / 'weight.bin').read_text() == 'new' and os.listdir(tmp_path) == ['m.mlpackage']
+
+
+def _export_cli(*args, cwd):
+    return subprocess.run([sys.executable, _EXPORT_SCRIPT, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_export_cli_fails_clearly(tmp_path):
+    r = _export_cli('--target', 'onnx', '--checkpoint', 'nowhere/best.pt', cwd=tmp_path)
+    assert r.returncode != 0 and 'nowhere/best.pt does not exist' in r.stderr
+    assert 'python train.py --dataset synthetic' in r.stderr
+    r = _export_cli('--target', 'tflite', cwd=tmp_path)
+    assert r.returncode != 0 and "invalid choice: 'tflite'" in r.stderr
+
+
+def test_export_without_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--target', 'onnx'])
+    with pytest.raises(SystemExit, match='no checkpoint .* under runs/.*python train.py --dataset synthetic'):
+        export.main()
+
+
+def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoint, tmp_path, monkeypatch):
+    """A target whose check fails leaves the existing file untouched, the other target still runs."""
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    old_onnx = tmp_path / 'taskexpert_nyud_tiny_32x48.onnx'
+    old_onnx.write_text('the previous export')
+
+    def write(text):
+        def export_fn(app, img_size, path, *args):
+            with open(path, 'w') as f:
+                f.write(text)
+        return export_fn
+
+    def failing_check(path, *args):
+        raise export.CheckFailed('outputs differ from PyTorch')
+    monkeypatch.setattr(export, 'export_onnx', write('a bad export'))
+    monkeypatch.setattr(export, 'check_onnx', failing_check)
+    monkeypatch.setattr(export, 'export_coreml', write('a good export'))
+    monkeypatch.setattr(export, 'check_coreml', lambda path, *args: ('stub check', ['ok']))
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'all'])
+    with pytest.raises(SystemExit, match='failed: onnx'):
+        export.main()
+    assert old_onnx.read_text() == 'the previous export'
+    assert sorted(os.listdir(tmp_path)) == ['last.pt', 'taskexpert_nyud_tiny_32x48.onnx',
+                                            'taskexpert_nyud_tiny_32x48_fp16.mlpackage']

@@ -1,0 +1,942 @@
+"""Train, evaluate and run TaskExpert (DESIGN.md section 6).
+
+    python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
+    python train.py --dataset nyud --pretrained vit_large_patch16_384.pth   # the paper recipe
+    torchrun --nproc_per_node=4 train.py --dataset pascal --pretrained ...   # DistributedDataParallel
+    python train.py --resume runs/nyud/last.pt                               # continue exactly
+    python train.py --eval-only --checkpoint runs/nyud/best.pt
+    python train.py --predict my_photos/ --checkpoint runs/nyud/best.pt
+    python train.py --benchmark --backbone large --img-size 448 576
+
+What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings),
+train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: every metric and the
+gate diagnostics), last.pt and best.pt (best = highest semseg mIoU on the val split), vis/ (panels of
+a few val images: ground truth next to prediction per task) and gates.png (mean gate weights).
+
+Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
+randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
+checkpoint sees the same batches as an uninterrupted one; the model's own randomness (drop-path) is
+restored from the RNG states saved in the checkpoint.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate
+from taskexpert import MAIN_METRIC, PATCH, TASKS, VIT_PRESETS, MultiTaskLoss, TaskExpert, load_pretrained, make_meters
+
+# -------------------------------------------------------------------------------------------------
+# Settings: every flag defaults to None and is resolved after parsing, from COMMON, then the
+# dataset's row, then the flags given. nyud / pascal follow the paper recipe (DESIGN.md section 6);
+# synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
+# -------------------------------------------------------------------------------------------------
+
+COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
+              augment=True, clip=10.0, eval_every=1000, log_every=20, workers=4, num_experts=8,
+              expert_dim=None, taps=None, gate='token', memory_write='replace', seed=0, amp='auto',
+              device='auto', pretrained=None)
+DATASET_DEFAULTS = {
+    'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
+    'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext'),
+    # From scratch in minutes on a CPU (no pretrained weights offline): tiny ViT, narrow experts,
+    # 96x128 (NYUD's 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs.
+    # No augmentation: from scratch and this short, the random rescaling (which also divides depth by
+    # the scale) keeps depth and normals near the input-blind predictors'. Scenes are generated at
+    # the network size.
+    'synthetic': dict(img_size=[96, 128], data_root='data/synthetic', backbone='tiny', expert_dim=64,
+                      batch_size=8, max_iters=800, lr=5e-4, warmup=50, augment=False, eval_every=400,
+                      log_every=25, workers=1, scenes=[1000, 50]),
+}
+TASK_SET = {'nyud': 'nyud', 'pascal': 'pascal', 'synthetic': 'nyud'}  # synthetic = NYUD layout
+MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write')
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
+PANELS = 4  # val images drawn after each evaluation
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description='Train, evaluate and run TaskExpert (ICCV 2023) on NYUD-v2, '
+                                'PASCAL-Context or synthetic scenes. Defaults that differ by dataset are '
+                                'resolved after parsing, printed in the banner and saved in config.json.')
+    a = p.add_argument
+    a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (default: generated offline), nyud or pascal')
+    a('--data-root', help='dataset folder (default: data/NYUDv2, data/PASCALContext, data/synthetic)')
+    a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: large; synthetic: tiny)')
+    a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
+      help='network input size, divisible by 16 (default: nyud 448 576, pascal 512 512, synthetic 96 128)')
+    a('--batch-size', type=int, help='global batch, split over torchrun processes (default: 4; synthetic: 8)')
+    a('--max-iters', type=int, help='training iterations (default: 40000; synthetic: 800)')
+    a('--lr', type=float, help='Adam learning rate (default: 2e-5; synthetic: 5e-4)')
+    a('--weight-decay', type=float, help='Adam weight decay (default: 1e-6)')
+    a('--warmup', type=int, help='linear warm-up iterations before the poly decay (default: 0; synthetic: 50)')
+    a('--augment', action=argparse.BooleanOptionalAction, default=None,
+      help='the reference training augmentations: scale, crop, flip, colour (default: on; synthetic: off)')
+    a('--clip', type=float, help='gradient-norm clip (default: 10)')
+    a('--eval-every', type=int, help='evaluate and save last.pt every N iterations, and at the end '
+      '(default: 1000; synthetic: 400)')
+    a('--log-every', type=int, help='print a progress line every N iterations (default: 20; synthetic: 25)')
+    a('--scenes', type=int, nargs=2, metavar=('TRAIN', 'VAL'),
+      help='synthetic scenes to generate into --data-root (default: 1000 50)')
+    a('--out-dir', help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
+    a('--resume', nargs='?', const='', metavar='PATH',
+      help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
+    a('--checkpoint', metavar='PATH', help='weights for --eval-only / --predict (default: <out-dir>/best.pt)')
+    a('--eval-only', action='store_true', help='evaluate --checkpoint on the val split and exit')
+    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images and write panels')
+    a('--benchmark', action='store_true', help='time training and inference on random inputs and exit')
+    a('--pretrained', metavar='PATH', help='ImageNet ViT checkpoint for the backbone (timm .pth/.bin/'
+      '.safetensors or .npz), e.g. vit_large_patch16_384')
+    a('--device', help='auto (default: cuda if available), cpu, cuda or cuda:N')
+    a('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
+      help='CUDA autocast: auto (default) = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU')
+    a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: 0)')
+    a('--workers', type=int, help='data-loading processes per training process (default: 4; synthetic: 1)')
+    a('--num-experts', type=int, help='experts E per MMoE (default: 8)')
+    a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny ... 768 large; synthetic: 64)')
+    a('--taps', type=int, nargs='+', metavar='BLOCK', help='1-based backbone blocks carrying an MMoE '
+      '(default: 4 evenly spaced, e.g. 6 12 18 24 for large)')
+    a('--gate', choices=['token', 'image'], help='gate softmax per token (default) or per image')
+    a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace, default) or M + F')
+    p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
+    return p
+
+
+def fail(msg):
+    """Stop with one line on stderr and exit status 1."""
+    raise SystemExit(f'train.py: error: {msg}')
+
+
+def resolve_config(args, ckpt_config=None):
+    """Flags -> the full settings dict. A resumed or loaded run starts from its checkpoint's config:
+    its model settings cannot change, its training settings can (e.g. --max-iters to extend it)."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in set(COMMON) | {
+        'dataset', 'data_root', 'img_size', 'scenes'}}
+    if ckpt_config is not None:
+        changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
+        if changed:
+            fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
+                 f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
+        return {**ckpt_config, **given}
+    dataset = given.get('dataset', 'synthetic')
+    cfg = {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}
+    # the model defaults that depend on the backbone, written out so config.json is complete
+    preset = VIT_PRESETS[cfg['backbone']]
+    cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
+    cfg['taps'] = list(cfg['taps'] or preset['taps'])
+    cfg['img_size'] = list(cfg['img_size'])
+    return cfg
+
+
+def check_config(cfg, fresh=True):
+    """Reject bad settings with one line, before anything is written. fresh: a new run (not one
+    loaded from a checkpoint, which does not read --pretrained again)."""
+    h, w = cfg['img_size']
+    if h <= 0 or w <= 0 or h % PATCH or w % PATCH:
+        fail(f'--img-size {h} {w}: both must be positive multiples of {PATCH}')
+    for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'num_experts', 'expert_dim'):
+        if cfg[k] < 1:
+            fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
+    if cfg['lr'] <= 0:
+        fail(f'--lr {cfg["lr"]}: must be positive')
+    for k in ('weight_decay', 'clip', 'warmup', 'workers'):
+        if cfg[k] < 0:
+            fail(f'--{k.replace("_", "-")} {cfg[k]}: must not be negative')
+    if 'scenes' in cfg and cfg['dataset'] != 'synthetic':
+        fail('--scenes applies to --dataset synthetic only')
+    if cfg['dataset'] == 'synthetic' and min(cfg['scenes']) < 1:
+        fail(f'--scenes {cfg["scenes"][0]} {cfg["scenes"][1]}: both must be at least 1')
+    depth = VIT_PRESETS[cfg['backbone']]['depth']
+    taps = cfg['taps']
+    if any(not 1 <= t <= depth for t in taps) or taps != sorted(set(taps)):
+        fail(f'--taps {" ".join(map(str, taps))}: must be increasing blocks in 1..{depth} for {cfg["backbone"]}')
+    if fresh and cfg['pretrained'] and not os.path.isfile(cfg['pretrained']):
+        fail(f'--pretrained {cfg["pretrained"]}: file not found')
+
+
+def build_model(config):
+    """Settings dict (config.json or a checkpoint's 'config') -> TaskExpert. export.py uses this."""
+    return TaskExpert(TASKS[TASK_SET[config['dataset']]], backbone=config['backbone'],
+                      img_size=tuple(config['img_size']), num_experts=config['num_experts'],
+                      expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
+                      memory_write=config['memory_write'])
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, loadable with torch.load(weights_only=True)
+# -------------------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, fsync, then rename over `path`: a crash at any
+    moment leaves either the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def rng_state():
+    """This process's RNG states as tensors and plain data (weights_only-loadable)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'gauss': float(gauss)},
+            'python': [version, list(state), gauss_next]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s['torch'])
+    if s['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s['cuda'][:torch.cuda.device_count()])
+    n = s['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    version, state, gauss_next = s['python']
+    random.setstate((version, tuple(state), gauss_next))
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py -> its dict: 'model' (state dict), 'optimizer', 'scaler',
+    'step', 'rng' (one entry per training process), 'config' (settings, see build_model), 'best'."""
+    if not os.path.isfile(path):
+        fail(f'checkpoint {path} not found')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torn, truncated or foreign file
+        fail(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})')
+    if not isinstance(ckpt, dict) or not {'model', 'config', 'step'} <= ckpt.keys():
+        fail(f'{path} is not a train.py checkpoint (no model/config/step); for ImageNet weights use --pretrained')
+    return ckpt
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best):
+    ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'step': step, 'rng': rng, 'config': config, 'best': best}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: a resumable training stream, and the datasets
+# -------------------------------------------------------------------------------------------------
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of steps start..stop-1 for one process. Step s is batch s % per_epoch of epoch
+    s // per_epoch, whose order is a permutation drawn from (seed, epoch); each process reads its
+    slice of the global batch. Items are (index, epoch) so the sample's augmentation can be seeded."""
+
+    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self.per_epoch = n // global_batch  # full batches only
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        b = self.gb // self.world
+        epoch, perm = None, None
+        for s in range(self.start, self.stop):
+            e, j = divmod(s, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
+            yield [(int(i), e) for i in chunk]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
+        return self.dataset[i]
+
+
+def open_datasets(cfg, splits=('train', 'val')):
+    """The splits of cfg['dataset'] as data.py datasets; a missing dataset stops with the download
+    help. The synthetic scenes are generated once, at the network size, into the data folder."""
+    root, size = cfg['data_root'], tuple(cfg['img_size'])
+    if cfg['dataset'] == 'synthetic':
+        n_train, n_val = cfg['scenes']
+        if is_main():
+            data.make_synthetic(root, n_train=n_train, n_val=n_val, size=size, seed=0)
+        if dist.is_initialized():
+            dist.barrier()
+    reader = data.PASCALContext if cfg['dataset'] == 'pascal' else data.NYUD
+    try:
+        return [reader(root, split=s, train=s == 'train' and cfg['augment'], size=size, seed=cfg['seed'])
+                for s in splits]
+    except DataError as e:
+        if not os.path.isdir(root) or 'split file not found' in str(e):
+            print(f'train.py: error: {cfg["dataset"]} data not found at {root} (--data-root)\n{data.DOWNLOAD_HELP}',
+                  file=sys.stderr)
+            raise SystemExit(1)
+        fail(str(e))
+
+
+def to_device(batch, device):
+    return {k: v if k == 'meta' else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Devices, precision, processes
+# -------------------------------------------------------------------------------------------------
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*a, **k):
+    if is_main():
+        print(*a, **k, flush=True)
+
+
+def pick_device(name):
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if name in (None, 'auto'):
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            fail(f'--device {name}: CUDA is not available here; use --device cpu')
+        if name == 'cuda':  # one GPU per torchrun process
+            name = f'cuda:{local_rank}'
+    elif name != 'cpu':
+        fail(f'--device {name}: choose auto, cpu, cuda or cuda:N')
+    return torch.device(name)
+
+
+def pick_precision(amp, device):
+    """-> (autocast dtype or None, use a GradScaler, why) for --amp on this device."""
+    amp = amp or 'auto'
+    if device.type == 'cuda':
+        bf16 = torch.cuda.is_bf16_supported()
+        if amp == 'off':
+            return None, False, 'fp32 (--amp off)'
+        if amp == 'fp16' or (amp == 'auto' and not bf16):
+            why = '--amp fp16' if amp == 'fp16' else 'this GPU has no bf16'
+            return torch.float16, True, f'fp16 autocast + GradScaler ({why})'
+        if not bf16:
+            fail('--amp bf16: this GPU does not support bf16; use --amp fp16 or auto')
+        return torch.bfloat16, False, 'bf16 autocast (' + ('--amp bf16)' if amp == 'bf16' else 'the GPU supports bf16)')
+    if amp == 'fp16':
+        fail('--amp fp16 needs a CUDA device; on the CPU use --amp off or bf16')
+    if amp == 'bf16':
+        return torch.bfloat16, False, 'bf16 autocast on the CPU (--amp bf16)'
+    return None, False, 'fp32 (CPU: no autocast)' + (' (--amp off)' if amp == 'off' else '')
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def setup_distributed(device_flag):
+    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (nccl) or CPU worker (gloo)."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = pick_device(device_flag)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
+    if world > 1:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        # rank 0 evaluates alone while the others wait, so allow long evaluations
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(hours=2))
+    return device, world, int(os.environ.get('RANK', 0))
+
+
+# -------------------------------------------------------------------------------------------------
+# Training (DESIGN.md section 6): Adam, poly decay per iteration, gradient clipping, AMP
+# -------------------------------------------------------------------------------------------------
+
+def lr_at(step, cfg):
+    """Linear warm-up over cfg['warmup'] steps, times the poly decay (1 - step / max_iters)^0.9."""
+    lr = cfg['lr'] * (1 - step / cfg['max_iters']) ** 0.9
+    return lr * min(1.0, (step + 1) / cfg['warmup']) if cfg['warmup'] else lr
+
+
+def append_jsonl(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def truncate_jsonl(path, step):
+    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line).get('step', 0) <= step]
+        atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+
+
+def train(cfg, args, ckpt, device, world, rank):
+    out = cfg['out_dir']
+    amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
+    if cfg['batch_size'] % world:
+        fail(f'--batch-size {cfg["batch_size"]} must be divisible by the {world} processes')
+    train_ds, val_ds = open_datasets(cfg)
+    if len(train_ds) < cfg['batch_size']:
+        fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
+
+    torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
+    model = build_model(cfg).to(device)
+    if cfg['pretrained'] and ckpt is None:
+        try:
+            load_pretrained(model, cfg['pretrained'])
+        except (KeyError, ValueError, OSError, RuntimeError) as e:
+            fail(f'--pretrained: {e.args[0] if e.args else e}')
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    loss_fn = MultiTaskLoss(model.tasks)
+    step, best = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step, best = ckpt['step'], ckpt['best']
+        set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
+    ddp = model  # the module that trains; evaluation and checkpoints use `model` itself
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(train_ds)} train / {len(val_ds)} val images)')
+    log(f'device {device} x {world} process(es) | precision: {why} | '
+        f'{n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.1f}M trained)')
+    if not cfg['pretrained'] and cfg['dataset'] != 'synthetic':
+        log('note: no --pretrained weights: training from scratch, far below the paper (ImageNet ViT init)')
+    if ckpt is not None:
+        log(f'resuming at step {step} of {cfg["max_iters"]}')
+    log('config ' + json.dumps(cfg))
+    if step >= cfg['max_iters']:
+        log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
+        return
+
+    if is_main():
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+        for name in ('train.jsonl', 'metrics.jsonl'):  # a fresh run starts new logs, a resumed one trims
+            truncate_jsonl(os.path.join(out, name), step)
+    sampler = StepBatches(len(train_ds), cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'])
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(train_ds, cfg['seed']), batch_sampler=sampler, num_workers=cfg['workers'],
+        collate_fn=collate, pin_memory=device.type == 'cuda', persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg['seed']))  # never touch the global RNG
+    val_loader = data.build_loader(val_ds, max(1, cfg['batch_size'] // world), train=False,
+                                   workers=cfg['workers'], seed=cfg['seed'])
+
+    model.train()
+    bad = 0  # consecutive non-finite steps
+    t_log, n_log, sums = time.time(), 0, {}
+    for batch in loader:
+        batch = to_device(batch, device)
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        with autocast(device, amp_dtype):
+            outputs = ddp(batch['image'])
+        total, per_task = loss_fn(outputs, batch)
+        # a non-finite loss is never trained on: every process skips the step together
+        finite = torch.isfinite(total.detach()).float().reshape(1)
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        skipped = None
+        if finite.item() == 0:
+            bad_tasks = [t for t, v in per_task.items() if not torch.isfinite(v)] or ['another process']
+            skipped = f'non-finite loss in {", ".join(bad_tasks)}'
+        else:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['clip'])  # all-reduced: same on every process
+            if not use_scaler and not torch.isfinite(grad_norm):  # under fp16 the GradScaler skips these
+                skipped = 'non-finite gradient norm'
+            else:
+                scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if skipped:
+            bad += 1
+            log(f'step {step}: {skipped}: step skipped ({bad} in a row)')
+            if bad >= MAX_BAD_STEPS:
+                fail(f'{bad} non-finite steps in a row at step {step}: lower --lr or try --amp off')
+        else:
+            bad, n_log = 0, n_log + 1
+            for t, v in [('loss', total)] + list(per_task.items()):
+                sums[t] = sums.get(t, 0.0) + v.detach()  # read at the next log line, not every step
+
+        if n_log and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
+            dt = time.time() - t_log
+            rec = {'step': step, **{t: v.item() / n_log for t, v in sums.items()}, 'lr': lr,
+                   'img_s': n_log * cfg['batch_size'] / dt}
+            eta = (cfg['max_iters'] - step) * dt / n_log
+            log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
+                ' '.join(f'{t} {rec[t]:.4f}' for t in per_task) +
+                f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
+            if is_main():
+                append_jsonl(os.path.join(out, 'train.jsonl'), rec)
+            t_log, n_log, sums = time.time(), 0, {}
+
+        if step % cfg['eval_every'] == 0 or step == cfg['max_iters']:
+            # every process's RNG state goes into the checkpoint, so each resumes its own stream
+            rng = [rng_state()]
+            if world > 1:
+                rng = [None] * world
+                dist.all_gather_object(rng, rng_state())
+            if is_main():
+                results = evaluate_and_log(model, val_loader, cfg, device, amp_dtype, step)
+                key, _ = MAIN_METRIC['semseg']
+                value = results['semseg'][key]
+                improved = best is None or value > best['value']
+                if improved:
+                    best = {'metric': f'semseg {key}', 'value': value, 'step': step}
+                save_checkpoint(os.path.join(out, 'last.pt'), model, optimizer, scaler, step, rng, cfg, best)
+                if improved:
+                    save_checkpoint(os.path.join(out, 'best.pt'), model, optimizer, scaler, step, rng, cfg, best)
+                log(f'saved {out}/last.pt' + (f' and best.pt (semseg {key} {value:.2f})' if improved else
+                                              f' (best.pt: semseg {key} {best["value"]:.2f} at step {best["step"]})'))
+                if cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
+                    compare_with_trivial(results, val_loader, cfg, step)
+            if world > 1:
+                dist.barrier()
+            model.train()
+            t_log = time.time()  # the evaluation is not training time
+
+
+# -------------------------------------------------------------------------------------------------
+# Evaluation: every metric of make_meters on the val split, gate diagnostics, pictures
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, dataset, device, amp_dtype, keep=0):
+    """-> (scores dict task -> metrics, gate means [tap][task] -> list of E[+1] floats, the first
+    `keep` samples as (image, targets, predictions) cropped to their original size, on the CPU).
+    Each image is cropped to meta['size'] before its meter update; human parts count only on images
+    with a person (meta['has_human'])."""
+    model.eval()
+    meters = make_meters(model.tasks, dataset)
+    gate_sum, tokens, kept = None, 0, []
+    for batch in loader:
+        images = batch['image'].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+        outputs = {t: o.float().cpu() for t, o in outputs.items()}
+        # gate weights averaged over the tokens of the image content (not the padding)
+        gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
+        valid = torch.zeros(len(images), gh, gw)
+        for i, meta in enumerate(batch['meta']):
+            valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
+        valid = valid.flatten(1)[..., None]  # (B, N, 1)
+        sums = [{t: (g.float().cpu() * valid).sum((0, 1)) for t, g in tap.items()} for tap in model.gates]
+        gate_sum = sums if gate_sum is None else [{t: a[t] + b[t] for t in a} for a, b in zip(gate_sum, sums)]
+        tokens += valid.sum().item()
+        for i, meta in enumerate(batch['meta']):
+            h, w = meta['size']
+            for t, meter in meters.items():
+                if t == 'human_parts' and not meta.get('has_human', False):
+                    continue
+                meter.update(outputs[t][i:i + 1, :, :h, :w], batch[t][i:i + 1, ..., :h, :w])
+            if len(kept) < keep:
+                kept.append((batch['image'][i, :, :h, :w], {t: batch[t][i, ..., :h, :w] for t in meters},
+                             {t: outputs[t][i, :, :h, :w] for t in meters}, meta['id']))
+    gates = [{t: (v / tokens).tolist() for t, v in tap.items()} for tap in gate_sum]
+    return {t: m.score() for t, m in meters.items()}, gates, kept
+
+
+def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
+    """Evaluate, print every metric, append them to metrics.jsonl, draw panels and gates.png."""
+    t0 = time.time()
+    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS)
+    # the memory slot is the last gate candidate at every tap but the first
+    memory = {f'block{b}': {t: g[-1] for t, g in tap.items()} for b, tap in zip(model.taps[1:], gates[1:])}
+    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'gate_memory': memory}
+    log(f'eval at step {step} ({len(loader.dataset)} val images, {time.time() - t0:.0f} s):')
+    for t, scores in results.items():
+        key, higher = MAIN_METRIC[t]
+        log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
+            f'   [main: {key}, {"higher" if higher else "lower"} is better]')
+    log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
+        f'{b} {sum(v.values()) / len(v):.3f}' for b, v in memory.items()))
+    append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), record)
+    vis = os.path.join(cfg['out_dir'], 'vis')
+    os.makedirs(vis, exist_ok=True)
+    for image, targets, preds, id_ in kept:
+        draw_panel(image, preds, targets).save(os.path.join(vis, f'{id_}.png'))
+    draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
+    return results
+
+
+def trivial_scores(loader, tasks, dataset):
+    """The val scores of input-blind predictors, measured with the same meters: the majority class
+    (semseg, human parts), the mean depth, the mean normal, all-edge and all-salient. Two passes:
+    statistics of the val labels, then the constant predictions."""
+    counts = {t: torch.zeros(c) for t, c in tasks.items() if t in ('semseg', 'human_parts')}
+    depth_sum, depth_n, normal_sum = 0.0, 0, torch.zeros(3)
+    for batch in loader:
+        for t in counts:
+            y = batch[t][batch[t] != 255]
+            counts[t] += torch.bincount(y, minlength=len(counts[t]))[:len(counts[t])].float()
+        if 'depth' in tasks:
+            d = batch['depth'][batch['depth'] > 0]
+            depth_sum, depth_n = depth_sum + d.sum().item(), depth_n + d.numel()
+        if 'normals' in tasks:
+            normal_sum += batch['normals'].sum((0, 2, 3))  # invalid normals are 0
+    meters = make_meters(tasks, dataset)
+    for batch in loader:
+        for i, meta in enumerate(batch['meta']):
+            h, w = meta['size']
+            for t, meter in meters.items():
+                if t == 'human_parts' and not meta.get('has_human', False):
+                    continue
+                if t in counts:  # one-hot logits of the majority class
+                    pred = F.one_hot(counts[t].argmax(), tasks[t]).float()[:, None, None].expand(-1, h, w)
+                elif t == 'depth':
+                    pred = torch.full((1, h, w), depth_sum / max(depth_n, 1))
+                elif t == 'normals':
+                    pred = F.normalize(normal_sum, dim=0)[:, None, None].expand(-1, h, w)
+                else:  # edge, sal: a logit of 10 everywhere, i.e. all positive
+                    pred = torch.full((1, h, w), 10.0)
+                meter.update(pred[None].contiguous(), batch[t][i:i + 1, ..., :h, :w])
+    return {t: m.score() for t, m in meters.items()}
+
+
+def compare_with_trivial(results, loader, cfg, step):
+    """End of a synthetic run: the main metrics next to the input-blind predictors'."""
+    trivial = trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
+    append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
+    log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
+    for t, scores in results.items():
+        key, higher = MAIN_METRIC[t]
+        m, b = scores[key], trivial[t][key]
+        log(f'  {t:12s} {key} {m:8.4g} vs {b:8.4g}  ({m / b:.2f}x, {"higher" if higher else "lower"} is better)')
+
+
+# -------------------------------------------------------------------------------------------------
+# Pictures with PIL and numpy only
+# -------------------------------------------------------------------------------------------------
+
+def _palette():
+    """The PASCAL VOC colour map: class k's bits spread over the high bits of R, G, B."""
+    pal = np.zeros((256, 3), np.uint8)
+    for k in range(256):
+        c = k
+        for shift in range(7, -1, -1):
+            pal[k] |= np.array([(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1], np.uint8) << shift
+            c >>= 3
+    return pal
+
+
+PALETTE = _palette()  # its entry 255 (void / padding) is a light cream, unlike any class
+VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
+
+
+def colour_map(x, lo, hi):
+    """(h, w) floats -> (h, w, 3) uint8 along viridis anchors, lo dark ... hi bright."""
+    t = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * (len(VIRIDIS) - 1)
+    i = np.minimum(t.astype(int), len(VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return (VIRIDIS[i] * (1 - f) + VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+def render(task, x, target=False, depth_range=None):
+    """One task map (C, h, w) (raw prediction, or target) -> RGB uint8 (h, w, 3)."""
+    x = x.float()
+    if task in ('semseg', 'human_parts'):
+        labels = x[0].long() if target else x.argmax(0)
+        return PALETTE[labels.clamp(0, 255).numpy()]
+    if task == 'depth':
+        img = colour_map(x[0].numpy(), *depth_range)
+        if target:
+            img[x[0].numpy() <= 0] = 0  # invalid depth in black
+        return img
+    if task == 'normals':
+        n = F.normalize(x, dim=0)
+        img = ((n.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        img[(x.abs().sum(0) == 0).numpy()] = 0  # invalid normals in black
+        return img
+    p = x[0] if target else torch.sigmoid(x[0])  # edge, sal: probability as grey
+    return np.repeat((p.clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)
+
+
+def denormalise(image):
+    """(3, h, w) ImageNet-normalised -> (h, w, 3) uint8 RGB."""
+    x = image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def draw_panel(image, preds, targets=None):
+    """The input, then one column per task: ground truth above the prediction (or predictions only)."""
+    h, w = image.shape[-2:]
+    label_h = 14
+    tasks = list(preds)
+    rows = 1 if targets is None else 2
+    canvas = Image.new('RGB', ((1 + len(tasks)) * w, rows * (h + label_h)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    canvas.paste(Image.fromarray(denormalise(image)), (0, label_h))
+    draw.text((2, 1), 'input', fill='black')
+    if targets is not None:
+        draw.text((2, h + label_h + 1), 'top: ground truth', fill='black')
+        draw.text((2, h + label_h + 13), 'bottom: prediction', fill='black')
+    for c, t in enumerate(tasks, 1):
+        depth_range = None
+        if t == 'depth':  # one scale for ground truth and prediction
+            ref = targets[t][targets[t] > 0] if targets is not None else preds[t]
+            depth_range = (ref.min().item(), ref.max().item()) if ref.numel() else (0.0, 10.0)
+        cells = ([render(t, targets[t][None] if targets[t].ndim == 2 else targets[t], True, depth_range)]
+                 if targets is not None else []) + [render(t, preds[t], False, depth_range)]
+        for r, cell in enumerate(cells):
+            canvas.paste(Image.fromarray(cell), (c * w, r * (h + label_h) + label_h))
+            draw.text((c * w + 2, r * (h + label_h) + 1), t if r == 0 else f'{t} (prediction)', fill='black')
+    return canvas
+
+
+def draw_gates(gates, taps, cell=28):
+    """Mean gate weight per task (block of the grid), tap (row) and candidate (column: experts, then
+    M = the memory slot, absent at the first tap) as a heatmap with the values written in."""
+    tasks = list(gates[0])
+    n_cols = max(len(g[tasks[0]]) for g in gates)
+    left, top, gap = 56, 30, 16
+    block_w = n_cols * cell
+    canvas = Image.new('RGB', (left + len(tasks) * (block_w + gap), top + len(gates) * cell + 4), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for r, b in enumerate(taps):
+        draw.text((4, top + r * cell + 8), f'block {b}', fill='black')
+    for k, t in enumerate(tasks):
+        x0 = left + k * (block_w + gap)
+        draw.text((x0, 2), t, fill='black')
+        for c in range(n_cols):
+            draw.text((x0 + c * cell + 8, 16), 'M' if c == n_cols - 1 else str(c + 1), fill='black')
+        for r, tap in enumerate(gates):
+            for c, v in enumerate(tap[t]):  # the first tap has no memory column
+                shade = int(255 * (1 - min(1.0, v * 2)))  # 0.5 or more = darkest
+                box = (x0 + c * cell, top + r * cell, x0 + (c + 1) * cell - 2, top + (r + 1) * cell - 2)
+                draw.rectangle(box, fill=(shade, shade, 255))
+                draw.text((box[0] + 2, box[1] + 8), f'{v:.2f}'[1:] if v < 1 else '1.0',
+                          fill='black' if shade > 120 else 'white')
+    return canvas
+
+
+# -------------------------------------------------------------------------------------------------
+# Predictions on a user's images, benchmark
+# -------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+
+@torch.no_grad()
+def predict(model, source, out_dir, device, amp_dtype):
+    """Each image is resized to fit the network size (aspect kept), normalised, padded at the
+    bottom / right, run, and its predictions cropped back: one panel PNG per image in out_dir."""
+    files = ([source] if os.path.isfile(source) else
+             sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS)))
+    if not files:
+        fail(f'--predict {source}: no images ({", ".join(IMAGE_EXTS)}) there')
+    H, W = model.backbone.grid[0] * PATCH, model.backbone.grid[1] * PATCH
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval()
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert('RGB')
+                s = min(H / im.height, W / im.width)
+                h, w = max(1, min(H, round(im.height * s))), max(1, min(W, round(im.width * s)))
+                x = torch.from_numpy(np.array(im.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
+        except OSError as e:
+            fail(f'{path}: cannot read the image ({e})')
+        x = (x.float() / 255 - mean) / std
+        x = F.pad(x, (0, W - w, 0, H - h))[None].to(device)  # (1, 3, H, W), padding 0 after normalising
+        with autocast(device, amp_dtype):
+            outputs = model(x)
+        preds = {t: o[0, :, :h, :w].float().cpu() for t, o in outputs.items()}
+        dest = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
+        draw_panel(x[0, :, :h, :w].cpu(), preds).save(dest)
+        log(f'{path} -> {dest}')
+
+
+def random_batch(tasks, batch_size, size, device):
+    """Random inputs and targets in the contract's formats (for --benchmark: no data needed)."""
+    B, (H, W) = batch_size, size
+    batch = {'image': torch.randn(B, 3, H, W, device=device)}
+    for t, c in tasks.items():
+        if t in ('semseg', 'human_parts'):
+            batch[t] = torch.randint(0, c, (B, H, W), device=device)
+        elif t == 'depth':
+            batch[t] = torch.rand(B, 1, H, W, device=device) * 5 + 0.5
+        elif t == 'normals':
+            batch[t] = F.normalize(torch.randn(B, 3, H, W, device=device), dim=1)
+        else:
+            batch[t] = (torch.rand(B, 1, H, W, device=device) < 0.1).float()
+    return batch
+
+
+def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
+    """Median time of training steps and of inference at the configured backbone, size and batch;
+    the backbone's share is forward_features alone against the whole forward."""
+    model = build_model(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg['lr'])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = MultiTaskLoss(model.tasks)
+    batch = random_batch(model.tasks, cfg['batch_size'], cfg['img_size'], device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def timed(fn):
+        times = []
+        for i in range(warmup + runs):
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[warmup:])
+
+    def train_step():
+        with autocast(device, amp_dtype):
+            total, _ = loss_fn(model(batch['image']), batch)
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg['clip'])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def inference(backbone_only=False):
+        with torch.no_grad(), autocast(device, amp_dtype):
+            if backbone_only:
+                model.backbone.forward_features(batch['image'], model.taps)
+            else:
+                model(batch['image'])
+
+    model.train()
+    t_train = timed(train_step)
+    model.eval()
+    t_infer = timed(inference)
+    t_backbone = timed(lambda: inference(backbone_only=True))
+    if device.type == 'cuda':
+        peak = f'{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB (CUDA max_memory_allocated)'
+    else:  # Linux reports ru_maxrss in KiB
+        peak = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (peak RSS of the process)'
+    B = cfg['batch_size']
+    print(f'benchmark: {cfg["backbone"]} backbone, {cfg["img_size"][0]}x{cfg["img_size"][1]}, batch {B}, '
+          f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, {device}, {why}; median of {runs} after {warmup} warm-up')
+    print(f'train:     {B / t_train:8.2f} img/s  ({t_train * 1000:.1f} ms per step)')
+    print(f'inference: {B / t_infer:8.2f} img/s  ({t_infer * 1000:.1f} ms per batch)')
+    share = min(1.0, t_backbone / t_infer)
+    print(f'inference time: backbone {100 * share:.0f}%, MMoE + heads {100 * (1 - share):.0f}%')
+    print(f'peak memory: {peak}')
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------
+
+def find_checkpoint(args, out_dir):
+    if args.checkpoint:
+        return args.checkpoint
+    for name in ('best.pt', 'last.pt'):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
+    what = '--eval-only' if args.eval_only else '--predict'
+    fail(f'{what} needs a checkpoint: pass --checkpoint PATH (none in {out_dir})')
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    modes = [m for m in ('eval_only', 'predict', 'benchmark') if getattr(args, m)]
+    if len(modes) > 1:
+        fail(f'--{modes[0].replace("_", "-")} and --{modes[1].replace("_", "-")} cannot be combined')
+    if modes and args.resume is not None:
+        fail(f'--resume continues training; --{modes[0].replace("_", "-")} reads --checkpoint PATH')
+    if args.checkpoint and not (args.eval_only or args.predict):
+        fail('--checkpoint is read by --eval-only and --predict; to continue training use --resume PATH')
+
+    if args.benchmark:
+        cfg = resolve_config(args)
+        check_config(cfg)
+        device = pick_device(args.device)
+        amp_dtype, _, why = pick_precision(cfg['amp'], device)
+        benchmark(cfg, device, amp_dtype, why)
+        return
+
+    ckpt = None
+    default_out = os.path.join('runs', args.dataset or 'synthetic')
+    if args.resume is not None:
+        path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
+        ckpt = load_checkpoint(path)
+        out_dir = args.out_dir or os.path.dirname(path) or '.'
+    elif args.eval_only or args.predict:
+        path = find_checkpoint(args, args.out_dir or default_out)
+        ckpt = load_checkpoint(path)
+        out_dir = args.out_dir or (os.path.dirname(path) or '.')
+    else:
+        out_dir = args.out_dir or default_out
+        if os.path.isfile(os.path.join(out_dir, 'last.pt')):
+            fail(f'{out_dir} already holds a run (last.pt): continue it with --resume, or pass another --out-dir')
+    cfg = resolve_config(args, ckpt['config'] if ckpt else None)
+    cfg['out_dir'] = out_dir
+    check_config(cfg, fresh=ckpt is None)
+    if args.predict and not os.path.exists(args.predict):
+        fail(f'--predict {args.predict}: no such file or folder')
+
+    if args.eval_only or args.predict:
+        device = pick_device(cfg['device'])
+        amp_dtype, _, why = pick_precision(cfg['amp'], device)
+        model = build_model(cfg).to(device)
+        model.load_state_dict(ckpt['model'])
+        print(f'{path}: step {ckpt["step"]}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
+        if args.predict:
+            predict(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device, amp_dtype)
+        else:
+            (val_ds,) = open_datasets(cfg, splits=('val',))
+            loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'],
+                                       seed=cfg['seed'])
+            os.makedirs(out_dir, exist_ok=True)
+            evaluate_and_log(model, loader, cfg, device, amp_dtype, ckpt['step'], tag=path)
+        return
+
+    device, world, rank = setup_distributed(cfg['device'])
+    try:
+        train(cfg, args, ckpt, device, world, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
