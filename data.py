@@ -490,7 +490,7 @@ def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0)
 # one ray per pixel is cast with slab tests, vectorised over pixels (one box at a time).
 # -------------------------------------------------------------------------------------------------
 
-GENERATOR_VERSION = 2  # bump when the scenes change, so cached folders are regenerated
+GENERATOR_VERSION = 3  # bump when the scenes change, so cached folders are regenerated
 NYUD_INTRINSICS = (518.8, 519.5, 325.6, 253.7, 640, 480)  # fx, fy, cx, cy at width x height
 
 # look per class: texture kind, base RGB (None = random hue per scene), colour jitter
@@ -790,8 +790,12 @@ def render_scene(rng, size):
         else:
             kind, colour = _look(NYU40_CLASSES[classes[i] - 1], rng)
         albedo[m] = _albedo(kind, colour, uv[m], rng)
-    # lighting: ambient + Lambert from a ceiling point light, with box shadows, gentle fall-off
-    light = np.array([rng.uniform(0.5, room[0] - 0.5), room[1] - 0.05, rng.uniform(0.5, room[2] - 0.5)], np.float32)
+    # lighting: ambient + Lambert from a lamp 10 cm above the lens (a flash, a head-mounted lamp),
+    # with box shadows and a near inverse-square fall-off. A light at the camera makes brightness
+    # fall with distance and with the surface's angle to the view: a depth and orientation cue a
+    # small model learns from scratch in minutes. With a ceiling light instead, the quick start's
+    # depth RMSE stayed at 0.75x the mean-depth predictor's (now about half) and normals at 25 deg.
+    light = (pos + [0, 0.1, 0]).astype(np.float32)
     point = pos.astype(np.float32) + t[:, None] * dirs  # (N, 3) world
     to_light = light - point
     dist = np.linalg.norm(to_light, axis=1)
@@ -799,7 +803,7 @@ def render_scene(rng, size):
     # shadow rays, cast from the light towards each point (one origin, so the cone culling works)
     _, blocker, _, _, _ = _cast(light, -to_light, room, boxes, t_max=1 - 1e-4)
     lit = blocker < 0
-    shade = rng.uniform(0.25, 0.4) + rng.uniform(0.6, 0.9) * lambert * lit / (1 + (dist / 5) ** 2)
+    shade = rng.uniform(0.1, 0.2) + rng.uniform(1.0, 1.3) * lambert * lit / (1 + (dist / 2) ** 2)
     tint = 1 + rng.normal(0, 0.04, 3)
     noise = 2.5 * rng.standard_normal(albedo.shape, dtype=np.float32)  # sensor noise, in grey levels
     image = np.clip((albedo * shade[:, None] * tint.astype(np.float32)) ** (1 / 1.2) * 255 + noise, 0, 255)
