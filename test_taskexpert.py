@@ -837,12 +837,15 @@ def test_data_synthetic_geometry_is_consistent(tmp_path):
 
 def test_data_synthetic_light_at_the_camera_darkens_with_distance():
     # the lamp sits on the camera: on the floor (one surface, one albedo) farther is darker
+    checked = 0
     for i in range(4):
         s = data.render_scene(np.random.default_rng([3, i]), (60, 80))
         floor = (s['labels'] == data.NYU40_CLASSES.index('floor') + 1) & (s['depth'] > 0)
         if floor.sum() > 200:
             r = np.corrcoef(s['image'][floor].mean(-1), s['depth'][floor])[0, 1]
             assert r < -0.5, (i, r)
+            checked += 1
+    assert checked >= 2  # the scenes drawn do show enough floor to judge
 
 
 def test_data_synthetic_is_reproducible_and_cached(tmp_path):
