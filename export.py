@@ -37,11 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import IMAGENET_MEAN, IMAGENET_STD, NYU40_CLASSES, render_scene
-from taskexpert import PATCH
-from train import build_model, load_checkpoint
+from taskexpert import CLASS_MAP_TASKS, PATCH, TaskExpert, postprocess
 
-CLASS_MAP_TASKS = ('semseg', 'human_parts')
-NORMALS_EPS = 1e-4  # the smallest normal fp16 number is 6e-5: a raw normal shorter than this has no direction
 VOC_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
     'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
@@ -65,14 +62,6 @@ def find_checkpoint(root='runs'):
     return best if os.path.isfile(best) else os.path.join(run, 'last.pt')
 
 
-def load_model(path):
-    """A train.py checkpoint -> (TaskExpert in eval mode, its config dict, its training step)."""
-    ckpt = load_checkpoint(path)
-    model = build_model(ckpt['config'])
-    model.load_state_dict(ckpt['model'])
-    return model.eval(), ckpt['config'], ckpt['step']
-
-
 # -------------------------------------------------------------------------------------------------
 # The exported module: normalisation folded in, outputs post-processed for apps
 # -------------------------------------------------------------------------------------------------
@@ -88,23 +77,6 @@ def at_size(model, img_size):
 
 def output_names(tasks, probabilities):
     return [n for t in tasks for n in ((t, t + '_prob') if probabilities and t in CLASS_MAP_TASKS else (t,))]
-
-
-def postprocess(raw, probabilities):
-    """Raw head outputs (dict task -> (B, C_t, H, W)) -> dict output name -> what an app wants."""
-    out = {}
-    for task, x in raw.items():
-        if task in CLASS_MAP_TASKS:
-            out[task] = x.argmax(1).to(torch.int32)  # (B, H, W)
-            if probabilities:
-                out[task + '_prob'] = x.softmax(1)  # (B, C, H, W)
-        elif task == 'normals':
-            out[task] = F.normalize(x, dim=1, eps=NORMALS_EPS)  # (B, 3, H, W) unit vectors
-        elif task in ('edge', 'sal'):
-            out[task] = x.sigmoid()  # (B, 1, H, W) probabilities
-        else:  # depth: the head already predicts metres
-            out[task] = x
-    return out
 
 
 class AppModel(nn.Module):
@@ -297,11 +269,13 @@ def disk_size(path):
 
 
 def export_onnx(app, img_size, path, meta, descriptions):
-    """Export with the dynamo exporter (opset 20), batch dynamic, all weights in the one file."""
+    """Export with the dynamo exporter at opset 20 (pinned: its default in torch 2.13, the version tested),
+    batch dynamic, all weights in the one file."""
     import onnx
     example = torch.from_numpy(check_images(2, img_size))  # batch 2: a batch-1 example fixes the batch to 1
-    program = torch.onnx.export(app, (example,), dynamo=True, input_names=['image'], output_names=app.output_names,
-                                dynamic_shapes=({0: torch.export.Dim('batch')},), external_data=False)
+    program = torch.onnx.export(app, (example,), dynamo=True, opset_version=20, input_names=['image'],
+                                output_names=app.output_names, dynamic_shapes=({0: torch.export.Dim('batch')},),
+                                external_data=False)
     program.model.metadata_props.update(meta)
     program.model.graph.inputs[0].doc_string = meta['input'] + ', float32 (B, 3, H, W)'
     for value in program.model.graph.outputs:
@@ -586,8 +560,8 @@ def main():
                                             'each checked against PyTorch.')
     p.add_argument('--target', nargs='+', choices=['onnx', 'coreml', 'all'], default=['all'],
                    help='what to export: onnx, coreml, or several (all = onnx coreml; default all)')
-    p.add_argument('--checkpoint', help='train.py checkpoint (default: the newest run under runs/, its best.pt, '
-                                        'else its last.pt)')
+    p.add_argument('--checkpoint', help='a model trained by train.py, .pt or .safetensors (default: the newest run '
+                                        'under runs/, its best.pt, else its last.pt)')
     p.add_argument('--out-dir', help='folder for the exported files (default: the checkpoint\'s folder)')
     p.add_argument('--img-size', nargs=2, type=int, metavar=('H', 'W'),
                    help='fixed input size, multiples of 16 (default: the training size)')
@@ -606,7 +580,11 @@ def main():
         raise SystemExit(f'export.py: no checkpoint (best.pt / last.pt) under runs/: {NO_CHECKPOINT}')
     if not os.path.isfile(path):
         raise SystemExit(f'export.py: --checkpoint {path} does not exist: {NO_CHECKPOINT}')
-    model, config, step = load_model(path)
+    try:
+        model = TaskExpert.from_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'export.py: {e}') from None
+    config, step = model.config, model.step
     img_size = tuple(args.img_size or config['img_size'])
     if img_size[0] % PATCH or img_size[1] % PATCH or min(img_size) <= 0:
         raise SystemExit(f'export.py: --img-size {img_size[0]} {img_size[1]} must be positive multiples of {PATCH}')

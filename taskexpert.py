@@ -13,14 +13,17 @@ prediction of each task. Everything else below is our reconstruction, exposed as
 Notation (as in the paper): X_l tokens after backbone block l, (B, N, C) with N = (H/16)(W/16);
 T tasks; E experts; D expert width; Z_e expert features; g_t gate of task t; M_t memory of task t.
 """
+import json
 import math
 import os
+import re
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
 
@@ -29,6 +32,7 @@ TASKS = {
     'nyud': {'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1},
     'pascal': {'semseg': 21, 'human_parts': 7, 'sal': 1, 'normals': 3, 'edge': 1},
 }
+TASK_SET = {'nyud': 'nyud', 'pascal': 'pascal', 'synthetic': 'nyud'}  # train.py's --dataset -> key of TASKS
 
 # -------------------------------------------------------------------------------------------------
 # ViT backbone (Dosovitskiy et al.), parameter names and arithmetic as timm's VisionTransformer, so
@@ -319,6 +323,29 @@ class TaskExpert(nn.Module):
         # the memory after the last MMoE feeds every task's final prediction (paper Fig. 2)
         return {t: head(memory[t], grid, x.shape[-2:]) for t, head in self.heads.items()}
 
+    @classmethod
+    def from_config(cls, config):
+        """An untrained model from train.py's settings (its config.json, or the 'config' saved with a
+        trained model): the dataset's tasks and the model keys; the other settings are ignored."""
+        return cls(TASKS[TASK_SET[config['dataset']]], backbone=config['backbone'],
+                   img_size=tuple(config['img_size']), num_experts=config['num_experts'],
+                   expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
+                   memory_write=config['memory_write'])
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A trained model from train.py's best.safetensors (weights only) or a .pt checkpoint, on the
+        CPU in eval mode; its settings and training step as model.config and model.step. Raises
+        FileNotFoundError / ValueError with a one-line message (see read_checkpoint)."""
+        ckpt = read_checkpoint(path)
+        model = cls.from_config(ckpt['config'])
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as e:  # torch lists every key on its own line
+            raise ValueError(f'{path}: the weights do not fit its config ({str(e).splitlines()[0]})') from None
+        model.config, model.step = ckpt['config'], ckpt['step']
+        return model.eval()
+
 
 # -------------------------------------------------------------------------------------------------
 # ImageNet-pretrained ViT checkpoints as people have them (timm / hub .pth .bin .safetensors, .npz)
@@ -350,16 +377,47 @@ def _read_npz(path, depth):
     return sd
 
 
-def load_pretrained(model, path):
-    """Load an ImageNet ViT checkpoint into model.backbone, strictly.
+HUB_ID = re.compile(r'[\w-][\w.-]*(/[\w-][\w.-]*)?')  # a hub repository: owner/name, or a bare timm name
+WEIGHT_FILES = ('.pth', '.pt', '.bin', '.safetensors', '.npz')
+
+
+def pretrained_file(name):
+    """An ImageNet checkpoint as train.py's --pretrained names it -> a local file: the path itself, else
+    the model.safetensors of that Hugging Face hub repository (a bare timm name such as
+    vit_large_patch16_384.augreg_in21k_ft_in1k is timm/<name>), fetched once into the hub's cache by
+    huggingface_hub, an optional dependency. Raises FileNotFoundError, in one line that says how to
+    fetch the file by hand when the package is missing or the hub out of reach."""
+    if os.path.isfile(name):
+        return name
+    if name.endswith(WEIGHT_FILES) or not HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f'{name}: file not found')
+    repo = name if '/' in name else f'timm/{name}'
+    file = repo.split('/')[1] + '.safetensors'
+    by_hand = (f'download it with `curl -L -o {file} https://huggingface.co/{repo}/resolve/main/model.safetensors` '
+               f'and pass --pretrained {file}')
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FileNotFoundError(f'{name}: not a file; to fetch {repo} from the Hugging Face hub `pip install '
+                                f'huggingface_hub`, or {by_hand}') from None
+    try:
+        return hf_hub_download(repo_id=repo, filename='model.safetensors')
+    except Exception as e:  # offline, no such repository, no model.safetensors there: one remedy for all
+        why = str(e).strip().partition('\n')[0]
+        raise FileNotFoundError(f'{name}: cannot fetch model.safetensors of {repo} from the Hugging Face hub '
+                                f'({type(e).__name__}: {why}); {by_hand}') from None
+
+
+def load_pretrained(model, name):
+    """Load an ImageNet ViT checkpoint (a file or a hub id, see pretrained_file) into model.backbone,
+    strictly.
 
     Accepts a timm state dict (.pth/.pt/.bin, possibly wrapped in {'model': ...} or {'state_dict':
     ...}, keys possibly prefixed 'module.' or '_orig_mod.'), a .safetensors file, or Google's .npz.
     The classifier ('head.*', 'fc_norm.*') is dropped; every other key must match in name and
     shape, except pos_embed, which is resampled (bicubic, fp32) to the model's training grid.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'pretrained checkpoint {path} does not exist')
+    path = pretrained_file(name)
     vit = model.backbone
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
@@ -387,6 +445,87 @@ def load_pretrained(model, path):
         if v.shape != own[k].shape:
             raise ValueError(f'{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}')
     vit.load_state_dict(clean, strict=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Trained models: the files train.py writes, and predictions post-processed as apps want them
+# (the one post-processing, shared by predict() and export.py's exported models)
+# -------------------------------------------------------------------------------------------------
+
+def read_checkpoint(path):
+    """A trained model's file -> dict: 'model' (state dict), 'config' (train.py's settings), 'step'.
+    train.py writes two kinds: .pt, the full training state (torch.load weights_only=True; also
+    'optimizer', 'scaler', 'rng' and 'best', to resume), and best.safetensors, the weights alone with
+    'config', 'step' and 'metrics' (its evaluation) as JSON strings in the file's metadata.
+    Raises FileNotFoundError / ValueError with a one-line message."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} not found')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                meta = f.metadata() or {}
+                ckpt = {'model': {k: f.get_tensor(k) for k in f.keys()},
+                        **{k: json.loads(v) for k, v in meta.items() if k in ('config', 'step', 'metrics')}}
+        else:
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torn, truncated or foreign file
+        why = str(e).strip().partition('\n')[0]
+        raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {why})') from None
+    if not isinstance(ckpt, dict) or not {'model', 'config', 'step'} <= ckpt.keys():
+        raise ValueError(f'{path} is not a model trained by train.py (no model/config/step); '
+                         'ImageNet backbone weights go to train.py --pretrained')
+    return ckpt
+
+
+CLASS_MAP_TASKS = ('semseg', 'human_parts')
+NORMALS_EPS = 1e-4  # the smallest normal fp16 number is 6e-5: a raw normal shorter than this has no direction
+
+
+def postprocess(raw, probabilities=False):
+    """Raw head outputs (dict task -> (B, C_t, H, W)) -> dict output name -> what an app wants."""
+    out = {}
+    for task, x in raw.items():
+        if task in CLASS_MAP_TASKS:
+            out[task] = x.argmax(1).to(torch.int32)  # (B, H, W)
+            if probabilities:
+                out[task + '_prob'] = x.softmax(1)  # (B, C, H, W)
+        elif task == 'normals':
+            out[task] = F.normalize(x, dim=1, eps=NORMALS_EPS)  # (B, 3, H, W) unit vectors
+        elif task in ('edge', 'sal'):
+            out[task] = x.sigmoid()  # (B, 1, H, W) probabilities
+        else:  # depth: the head already predicts metres
+            out[task] = x
+    return out
+
+
+@torch.no_grad()
+def predict(model, image, probabilities=False):
+    """One RGB image of any size (a PIL image, or an (H, W, 3) uint8 array) -> the model's predictions
+    at that size, post-processed: dict name -> numpy array, semseg / human_parts int32 (H, W) class
+    ids (with probabilities=True also '<task>_prob' float32 (C, H, W)), depth float32 (1, H, W)
+    metres, normals float32 (3, H, W) unit vectors, edge / sal float32 (1, H, W) probabilities.
+
+    As in evaluation, the image is normalised and padded at the bottom / right to the network size
+    (the training size, model.backbone.grid x 16); an image larger than that is first shrunk to fit
+    (aspect kept, bilinear). The raw outputs of the content are resized (bilinear) to (H, W), then
+    post-processed: memory grows with classes x H x W (~2 GB for NYUD's 40 at 12 megapixels).
+    Runs on the model's device, in eval mode, under the caller's torch.autocast if any."""
+    from data import to_tensors  # here: data.py imports this module
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'predict: an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
+        image = Image.fromarray(image)
+    image = image.convert('RGB')
+    H, W = model.backbone.grid[0] * PATCH, model.backbone.grid[1] * PATCH
+    s = min(1.0, H / image.height, W / image.width)
+    h, w = min(H, max(1, round(image.height * s))), min(W, max(1, round(image.width * s)))
+    fitted = image if s == 1 else image.resize((w, h), Image.BILINEAR)
+    x = to_tensors({'image': np.asarray(fitted)}, (H, W))['image'][None]  # (1, 3, H, W)
+    raw = model.eval()(x.to(next(model.parameters()).device))
+    raw = {t: F.interpolate(o[..., :h, :w].float(), size=(image.height, image.width), mode='bilinear',
+                            align_corners=False) for t, o in raw.items()}  # (1, C_t, image H, image W)
+    return {name: v[0].cpu().numpy() for name, v in postprocess(raw, probabilities).items()}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import onnx
@@ -25,7 +26,8 @@ import export
 import train
 from taskexpert import (EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter,
                         SaliencyMeter, SegMeter, TaskExpert, _maximum_matching, delta_m, load_pretrained,
-                        make_meters, resample_pos_embed, sincos_pos_embed, thin)
+                        make_meters, postprocess, predict, pretrained_file, read_checkpoint, resample_pos_embed,
+                        sincos_pos_embed, thin)
 
 
 # ==================================================================================================
@@ -135,6 +137,74 @@ def test_model_checkpoint_with_missing_or_misshapen_key_fails_clearly(tmp_path):
     torch.save(sd, tmp_path / 'shape.pth')
     with pytest.raises(ValueError, match=r'blocks\.0\.mlp\.fc1\.weight'):
         load_pretrained(model, str(tmp_path / 'shape.pth'))
+
+
+def _fake_hub(monkeypatch, download):
+    """huggingface_hub as an installed package whose hf_hub_download is `download` (no network)."""
+    hub = types.ModuleType('huggingface_hub')
+    hub.hf_hub_download = download
+    monkeypatch.setitem(sys.modules, 'huggingface_hub', hub)
+
+
+def _offline(repo_id, filename):
+    raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+
+
+_HUB_NAME = 'vit_tiny_patch16_384.augreg_in21k_ft_in1k'
+_BY_HAND = (f'curl -L -o {_HUB_NAME}.safetensors https://huggingface.co/timm/{_HUB_NAME}/resolve/main/model.safetensors'
+            f'` and pass --pretrained {_HUB_NAME}.safetensors')
+
+
+def test_model_pretrained_hub_id_resolves_offline(tmp_path, monkeypatch):
+    src = _tiny(TASKS['nyud'])
+    from safetensors.torch import save_file
+    save_file(_timm_layout_checkpoint(src), str(tmp_path / 'model.safetensors'))
+    asked = []
+
+    def download(repo_id, filename):  # what the hub cache returns: a local path
+        asked.append((repo_id, filename))
+        return str(tmp_path / 'model.safetensors')
+    _fake_hub(monkeypatch, download)
+    model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
+    load_pretrained(model, _HUB_NAME)  # a bare timm name is timm/<name>
+    assert pretrained_file('someone/my_vit') == str(tmp_path / 'model.safetensors')
+    assert asked == [(f'timm/{_HUB_NAME}', 'model.safetensors'), ('someone/my_vit', 'model.safetensors')]
+    torch.testing.assert_close(model.backbone.blocks[11].mlp.fc2.weight, src.backbone.blocks[11].mlp.fc2.weight)
+    with pytest.raises(FileNotFoundError, match='file not found'):  # a path is not a hub id: nothing fetched
+        pretrained_file(str(tmp_path / 'vit_large_patch16_384.pth'))
+    assert len(asked) == 2
+    # offline, or huggingface_hub not installed: one line with the command to fetch the file by hand
+    _fake_hub(monkeypatch, _offline)
+    with pytest.raises(FileNotFoundError) as offline:
+        pretrained_file(_HUB_NAME)
+    monkeypatch.setitem(sys.modules, 'huggingface_hub', None)  # makes `import huggingface_hub` fail
+    with pytest.raises(FileNotFoundError) as missing:
+        pretrained_file(_HUB_NAME)
+    assert 'pip install huggingface_hub' in str(missing.value) and 'connect' in str(offline.value)
+    for e in (offline, missing):
+        assert _BY_HAND in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_model_predict_any_image_size_post_processed(tmp_path):
+    model = _tiny(TASKS['nyud']).eval()
+    rgb = np.random.default_rng(0).integers(0, 256, (*_MODEL_SIZE, 3), dtype=np.uint8)
+    # at the network size: the plain forward pass, post-processed as the exported models are
+    got = predict(model, rgb)
+    with torch.no_grad():
+        ref = postprocess(model(data.to_tensors({'image': rgb}, _MODEL_SIZE)['image'][None]))
+    assert list(got) == list(TASKS['nyud'])
+    for name, r in ref.items():
+        np.testing.assert_array_equal(got[name], r[0].numpy())
+    # larger than the network (shrunk to fit, then back) and smaller (padded): maps at the image's size
+    for h, w in ((100, 150), (40, 30)):
+        out = predict(model, Image.fromarray(rgb).resize((w, h)), probabilities=True)
+        assert out['semseg'].shape == (h, w) and out['semseg'].dtype == np.int32
+        assert out['semseg_prob'].shape == (40, h, w) and (out['semseg'] == out['semseg_prob'].argmax(0)).all()
+        assert out['depth'].shape == out['edge'].shape == (1, h, w) and out['normals'].shape == (3, h, w)
+        np.testing.assert_allclose(np.linalg.norm(out['normals'], axis=0), 1, atol=1e-5)
+        assert 0 <= out['edge'].min() and out['edge'].max() <= 1
+    with pytest.raises(ValueError, match='uint8'):
+        predict(model, rgb.astype(np.float32))
 
 
 def test_model_loads_google_npz(tmp_path):
@@ -914,8 +984,11 @@ def _train_run(tmp_path_factory):
 
 def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
     run = _train_run / 'run'
-    for name in ('config.json', 'train.jsonl', 'metrics.jsonl', 'last.pt', 'best.pt', 'gates.png'):
+    for name in ('config.json', 'train.jsonl', 'metrics.jsonl', 'last.pt', 'best.pt', 'best.safetensors', 'gates.png',
+                 'curves.png'):
         assert (run / name).is_file(), name
+    with Image.open(run / 'curves.png') as im:  # a column per task: loss above the main metric
+        assert im.size == (4 * 250, 2 * 150)
     assert len(os.listdir(run / 'vis')) == 2  # both val images drawn
     evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
@@ -983,7 +1056,7 @@ def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_p
     with pytest.raises(OSError):
         train.save_checkpoint(str(path), model, opt, scaler, 2, [train.rng_state()], {'dataset': 'nyud'}, None)
     assert os.listdir(tmp_path) == ['last.pt']  # no temporary file left behind
-    assert train.load_checkpoint(str(path))['step'] == 1
+    assert read_checkpoint(str(path))['step'] == 1
 
 
 def test_train_non_finite_loss_is_skipped_then_stops(_train_run, tmp_path, monkeypatch, capsys):
@@ -1052,19 +1125,56 @@ def test_train_missing_dataset_prints_download_help(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
-def test_train_eval_only_and_predict(_train_run, tmp_path, capsys):
-    ckpt = str(_train_run / 'run' / 'best.pt')
-    train.main(['--eval-only', '--checkpoint', ckpt, '--out-dir', str(tmp_path / 'eval')])
+def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypatch, capsys):
+    """best.safetensors: the weights alone, with settings, step and metrics; the same model as best.pt,
+    read by --eval-only, by --predict (the predict API's maps, saved) and by export.py; not resumable."""
+    run = _train_run / 'run'
+    shared, full = str(run / 'best.safetensors'), torch.load(run / 'best.pt', weights_only=True)
+    model = TaskExpert.from_checkpoint(shared)
+    assert model.step == full['step'] and model.config == full['config'] and not model.training
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        got, ref = model(x), TaskExpert.from_checkpoint(str(run / 'best.pt'))(x)
+    assert all(torch.equal(got[t], ref[t]) for t in ref)
+    assert os.path.getsize(shared) < 0.4 * os.path.getsize(run / 'best.pt')  # no Adam moments, no RNG states
+    # --eval-only: the metrics the run logged at that step, which the file's metadata also holds
+    train.main(['--eval-only', '--checkpoint', shared, '--out-dir', str(tmp_path / 'eval')])
     line = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
-    assert line['eval_only'] == ckpt and 'semseg' in line and 'edge' in line
+    logged = [e for e in map(json.loads, open(run / 'metrics.jsonl')) if e['step'] == model.step][0]
+    assert line['eval_only'] == shared and {t: line[t] for t in model.tasks} == {t: logged[t] for t in model.tasks}
+    assert read_checkpoint(shared)['metrics'] == {t: logged[t] for t in model.tasks}
+    # --predict: per image a panel (at most the network size) and the maps at the image's size
     photos = tmp_path / 'photos'
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photos / 'a.jpg')
-    Image.fromarray(np.zeros((200, 120, 3), np.uint8)).save(photos / 'b.png')
-    train.main(['--predict', str(photos), '--checkpoint', ckpt, '--out-dir', str(tmp_path / 'pred')])
-    assert sorted(os.listdir(tmp_path / 'pred')) == ['a.png', 'b.png']
-    with Image.open(tmp_path / 'pred' / 'a.png') as im:  # 50x70 fits 64x96 as 64x90: input + 4 tasks
-        assert im.size == (5 * 90, 14 + 64)
+    Image.fromarray(np.linspace(0, 255, 200 * 120 * 3).astype(np.uint8).reshape(200, 120, 3)).save(photos / 'b.png')
+    train.main(['--predict', str(photos), '--checkpoint', shared, '--out-dir', str(tmp_path / 'pred')])
+    assert sorted(os.listdir(tmp_path / 'pred')) == ['a.npz', 'a.png', 'b.npz', 'b.png']
+    with Image.open(tmp_path / 'pred' / 'a.png') as a, Image.open(tmp_path / 'pred' / 'b.png') as b:
+        assert a.size == (5 * 70, 14 + 50) and b.size == (5 * 38, 14 + 64)  # input + 4 tasks; b shrunk to fit 64x96
+    for name, size in (('a.jpg', (50, 70)), ('b.png', (200, 120))):
+        with Image.open(photos / name) as im:
+            api = predict(model, im)
+        saved = np.load(tmp_path / 'pred' / name.replace(name[-4:], '.npz'))
+        assert sorted(saved.files) == sorted(api) and api['semseg'].shape == api['depth'].shape[1:] == size
+        for k in api:
+            np.testing.assert_array_equal(saved[k], api[k])
+    # export.py: ONNX from the weights-only file, checked against PyTorch
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', shared, '--target', 'onnx',
+                                      '--out-dir', str(tmp_path / 'onnx')])
+    export.main()
+    assert 'check passed' in capsys.readouterr().out
+    props = {p.key: p.value for p in onnx.load(tmp_path / 'onnx' / 'taskexpert_synthetic_tiny_64x96.onnx').metadata_props}
+    assert props['step'] == str(model.step)
+    code, msg = _train_error(['--resume', shared, '--out-dir', str(tmp_path / 'resumed')], capsys)
+    assert code != 0 and 'weights alone' in msg and '\n' not in msg
+
+
+def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monkeypatch, capsys):
+    _fake_hub(monkeypatch, _offline)
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'out', '--pretrained', _HUB_NAME), capsys)
+    assert code != 0 and _BY_HAND in msg and '\n' not in msg, msg
+    assert not (tmp_path / 'out').exists()
 
 
 def test_train_benchmark_prints_its_numbers(capsys):
@@ -1131,6 +1241,7 @@ def test_export_onnx_matches_pytorch_at_another_batch(dataset, tmp_path):
     assert props['tasks'] == ','.join(TASKS[dataset]) and props['input_size'] == '64x96'
     assert proto.graph.input[0].name == 'image'
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
+    assert {o.domain: o.version for o in proto.opset_import}[''] == 20  # the pinned opset
 
 
 @pytest.fixture(scope='module')
@@ -1215,11 +1326,11 @@ def test_export_checkpoint_found_and_rebuilt(_export_checkpoint, tmp_path):
     os.utime(tmp_path / 'runs' / 'old' / 'last.pt', (0, 0))
     path = export.find_checkpoint(str(tmp_path / 'runs'))
     assert path == str(tmp_path / 'runs' / 'new' / 'best.pt')
-    loaded, config, step = export.load_model(path)
+    loaded = TaskExpert.from_checkpoint(path)
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x)['depth'], model(x)['depth'])
-    assert config['dataset'] == 'nyud' and step == 5
+    assert loaded.config['dataset'] == 'nyud' and loaded.step == 5
 
 
 def test_export_install_swaps_a_package_folder(tmp_path):

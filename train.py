@@ -1,17 +1,19 @@
 """Train, evaluate and run TaskExpert (DESIGN.md section 6).
 
     python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
-    python train.py --dataset nyud --pretrained vit_large_patch16_384.pth   # the paper recipe
+    python train.py --dataset nyud --pretrained vit_large_patch16_384.augreg_in21k_ft_in1k   # the paper recipe
     torchrun --nproc_per_node=4 train.py --dataset pascal --pretrained ...   # DistributedDataParallel
     python train.py --resume runs/nyud/last.pt                               # continue exactly
     python train.py --eval-only --checkpoint runs/nyud/best.pt
-    python train.py --predict my_photos/ --checkpoint runs/nyud/best.pt
+    python train.py --predict my_photos/ --checkpoint runs/nyud/best.safetensors
     python train.py --benchmark --backbone large --img-size 448 576
 
 What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings),
 train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: every metric and the
-gate diagnostics), last.pt and best.pt (best = highest semseg mIoU on the val split), vis/ (panels of
-a few val images: ground truth next to prediction per task) and gates.png (mean gate weights).
+gate diagnostics), curves.png (losses and main metrics so far), last.pt (the full state, to resume),
+best.pt and best.safetensors (best = highest semseg mIoU on the val split; the latter the weights
+alone, to share), vis/ (panels of a few val images: ground truth next to prediction per task) and
+gates.png (mean gate weights).
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
 randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
@@ -31,6 +33,7 @@ import sys
 import time
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,8 +41,9 @@ from PIL import Image, ImageDraw
 
 import data
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate
-from taskexpert import (LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASKS, VIT_PRESETS, MultiTaskLoss, TaskExpert,
-                        load_pretrained, make_meters)
+from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
+                        MultiTaskLoss, TaskExpert, load_pretrained, make_meters, postprocess, predict,
+                        read_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # Settings: every flag defaults to None and is resolved after parsing, from COMMON, then the
@@ -65,7 +69,6 @@ DATASET_DEFAULTS = {
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
 }
-TASK_SET = {'nyud': 'nyud', 'pascal': 'pascal', 'synthetic': 'nyud'}  # synthetic = NYUD layout
 MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write')
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
@@ -100,12 +103,15 @@ def make_parser():
     a('--out-dir', help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
     a('--resume', nargs='?', const='', metavar='PATH',
       help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
-    a('--checkpoint', metavar='PATH', help='weights for --eval-only / --predict (default: <out-dir>/best.pt)')
+    a('--checkpoint', metavar='PATH', help='model for --eval-only / --predict, .pt or .safetensors '
+      '(default: <out-dir>/best.pt)')
     a('--eval-only', action='store_true', help='evaluate --checkpoint on the val split and exit')
-    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images and write panels')
+    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel (.png) '
+      'and the predictions at its size (.npz)')
     a('--benchmark', action='store_true', help='time training and inference on random inputs and exit')
-    a('--pretrained', metavar='PATH', help='ImageNet ViT checkpoint for the backbone (timm .pth/.bin/'
-      '.safetensors or .npz), e.g. vit_large_patch16_384')
+    a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
+      '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
+      '(= timm/<name>; fetched with huggingface_hub)')
     a('--device', help='auto (default: cuda if available), cpu, cuda or cuda:N')
     a('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
       help='CUDA autocast: auto (default) = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU')
@@ -159,9 +165,8 @@ def resolve_config(args, ckpt_config=None):
     return cfg
 
 
-def check_config(cfg, fresh=True):
-    """Reject bad settings with one line, before anything is written. fresh: a new run (not one
-    loaded from a checkpoint, which does not read --pretrained again)."""
+def check_config(cfg):
+    """Reject bad settings with one line, before anything is written."""
     h, w = cfg['img_size']
     if h <= 0 or w <= 0 or h % PATCH or w % PATCH:
         fail(f'--img-size {h} {w}: both must be positive multiples of {PATCH}')
@@ -185,16 +190,6 @@ def check_config(cfg, fresh=True):
     taps = cfg['taps']
     if any(not 1 <= t <= depth for t in taps) or taps != sorted(set(taps)):
         fail(f'--taps {" ".join(map(str, taps))}: must be increasing blocks in 1..{depth} for {cfg["backbone"]}')
-    if fresh and cfg['pretrained'] and not os.path.isfile(cfg['pretrained']):
-        fail(f'--pretrained {cfg["pretrained"]}: file not found')
-
-
-def build_model(config):
-    """Settings dict (config.json or a checkpoint's 'config') -> TaskExpert. export.py uses this."""
-    return TaskExpert(TASKS[TASK_SET[config['dataset']]], backbone=config['backbone'],
-                      img_size=tuple(config['img_size']), num_experts=config['num_experts'],
-                      expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
-                      memory_write=config['memory_write'])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -244,24 +239,26 @@ def set_rng_state(s):
     random.setstate((version, tuple(state), gauss_next))
 
 
-def load_checkpoint(path):
-    """A checkpoint written by train.py -> its dict: 'model' (state dict), 'optimizer', 'scaler',
-    'step', 'rng' (one entry per training process), 'config' (settings, see build_model), 'best'."""
-    if not os.path.isfile(path):
-        fail(f'checkpoint {path} not found')
+def loaded(read, path):
+    """read(path), read_checkpoint or TaskExpert.from_checkpoint, with its exception as the one-line error."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torn, truncated or foreign file
-        fail(f'checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})')
-    if not isinstance(ckpt, dict) or not {'model', 'config', 'step'} <= ckpt.keys():
-        fail(f'{path} is not a train.py checkpoint (no model/config/step); for ImageNet weights use --pretrained')
-    return ckpt
+        return read(path)
+    except (OSError, ValueError) as e:
+        fail(str(e))
 
 
 def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best):
     ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'step': step, 'rng': rng, 'config': config, 'best': best}
     atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def save_weights(path, model, step, config, metrics):
+    """The model to share: its weights alone as .safetensors, with the settings, the training step and
+    the metrics of its evaluation as JSON strings in the metadata (taskexpert.read_checkpoint reads it)."""
+    meta = {'config': json.dumps(config), 'step': json.dumps(step), 'metrics': json.dumps(metrics)}
+    blob = safetensors.torch.save(model.state_dict(), meta)
+    atomic_write(path, lambda f: f.write(blob))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -414,6 +411,13 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + '\n')
 
 
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def truncate_jsonl(path, step):
     """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
     if os.path.isfile(path):
@@ -432,7 +436,7 @@ def train(cfg, args, ckpt, device, world, rank):
         fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
 
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
-    model = build_model(cfg).to(device)
+    model = TaskExpert.from_config(cfg).to(device)
     if cfg['pretrained'] and ckpt is None:
         try:
             load_pretrained(model, cfg['pretrained'])
@@ -547,8 +551,12 @@ def train(cfg, args, ckpt, device, world, rank):
                 save_checkpoint(os.path.join(out, 'last.pt'), model, optimizer, scaler, step, rng, cfg, best)
                 if improved:
                     save_checkpoint(os.path.join(out, 'best.pt'), model, optimizer, scaler, step, rng, cfg, best)
-                log(f'saved {out}/last.pt' + (f' and best.pt (semseg {key} {value:.2f})' if improved else
+                    save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results)
+                log(f'saved {out}/last.pt' + (f' and best.pt, best.safetensors (semseg {key} {value:.2f})'
+                                              if improved else
                                               f' (best.pt: semseg {key} {best["value"]:.2f} at step {best["step"]})'))
+                logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
+                draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
                 if cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
                     compare_with_trivial(results, val_loader, cfg, step)
             if world > 1:
@@ -615,7 +623,8 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
     vis = os.path.join(cfg['out_dir'], 'vis')
     os.makedirs(vis, exist_ok=True)
     for image, targets, preds, id_ in kept:
-        draw_panel(image, preds, targets).save(os.path.join(vis, f'{id_}.png'))
+        maps = {t: m[0] for t, m in postprocess({t: p[None] for t, p in preds.items()}).items()}
+        draw_panel(denormalise(image), maps, targets).save(os.path.join(vis, f'{id_}.png'))
     draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
     return results
 
@@ -692,24 +701,22 @@ def colour_map(x, lo, hi):
     return (VIRIDIS[i] * (1 - f) + VIRIDIS[i + 1] * f).astype(np.uint8)
 
 
-def render(task, x, target=False, depth_range=None):
-    """One task map (C, h, w) (raw prediction, or target) -> RGB uint8 (h, w, 3)."""
+def render(task, x, depth_range=None):
+    """One task map, ground truth or post-processed prediction (class ids (h, w) or (1, h, w); metres or
+    probabilities (1, h, w); unit normals (3, h, w); a tensor or an array) -> RGB uint8 (h, w, 3)."""
+    x = torch.as_tensor(x)
+    if task in CLASS_MAP_TASKS:
+        return PALETTE[x.reshape(x.shape[-2:]).long().clamp(0, 255).numpy()]
     x = x.float()
-    if task in ('semseg', 'human_parts'):
-        labels = x[0].long() if target else x.argmax(0)
-        return PALETTE[labels.clamp(0, 255).numpy()]
     if task == 'depth':
         img = colour_map(x[0].numpy(), *depth_range)
-        if target:
-            img[x[0].numpy() <= 0] = 0  # invalid depth in black
+        img[x[0].numpy() <= 0] = 0  # invalid depth in black
         return img
     if task == 'normals':
-        n = F.normalize(x, dim=0)
-        img = ((n.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+        img = ((x.permute(1, 2, 0).numpy().clip(-1, 1) + 1) * 127.5).astype(np.uint8)
         img[(x.abs().sum(0) == 0).numpy()] = 0  # invalid normals in black
         return img
-    p = x[0] if target else torch.sigmoid(x[0])  # edge, sal: probability as grey
-    return np.repeat((p.clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)
+    return np.repeat((x[0].clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)  # edge, sal: grey
 
 
 def denormalise(image):
@@ -718,15 +725,16 @@ def denormalise(image):
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
-def draw_panel(image, preds, targets=None):
-    """The input, then one column per task: ground truth above the prediction (or predictions only)."""
-    h, w = image.shape[-2:]
+def draw_panel(rgb, preds, targets=None):
+    """The input (h, w, 3) uint8, then one column per task: ground truth above the prediction (or
+    predictions only), each map (see render) shown at the input's size."""
+    h, w = rgb.shape[:2]
     label_h = 14
     tasks = list(preds)
     rows = 1 if targets is None else 2
     canvas = Image.new('RGB', ((1 + len(tasks)) * w, rows * (h + label_h)), 'white')
     draw = ImageDraw.Draw(canvas)
-    canvas.paste(Image.fromarray(denormalise(image)), (0, label_h))
+    canvas.paste(Image.fromarray(rgb), (0, label_h))
     draw.text((2, 1), 'input', fill='black')
     if targets is not None:
         draw.text((2, h + label_h + 1), 'top: ground truth', fill='black')
@@ -734,13 +742,44 @@ def draw_panel(image, preds, targets=None):
     for c, t in enumerate(tasks, 1):
         depth_range = None
         if t == 'depth':  # one scale for ground truth and prediction
-            ref = targets[t][targets[t] > 0] if targets is not None else preds[t]
+            ref = torch.as_tensor(targets[t] if targets is not None else preds[t])
+            ref = ref[ref > 0]
             depth_range = (ref.min().item(), ref.max().item()) if ref.numel() else (0.0, 10.0)
-        cells = ([render(t, targets[t][None] if targets[t].ndim == 2 else targets[t], True, depth_range)]
-                 if targets is not None else []) + [render(t, preds[t], False, depth_range)]
+        cells = [render(t, m[t], depth_range) for m in ((targets, preds) if targets is not None else (preds,))]
         for r, cell in enumerate(cells):
-            canvas.paste(Image.fromarray(cell), (c * w, r * (h + label_h) + label_h))
+            canvas.paste(Image.fromarray(cell).resize((w, h), Image.NEAREST), (c * w, r * (h + label_h) + label_h))
             draw.text((c * w + 2, r * (h + label_h) + 1), t if r == 0 else f'{t} (prediction)', fill='black')
+    return canvas
+
+
+def draw_curves(train_log, evals, tasks, w=250, h=150):
+    """One column per task: its training loss over the steps (train.jsonl records, unweighted) above its
+    main val metric over the run's evaluations (metrics.jsonl records), with the ranges written in."""
+    canvas = Image.new('RGB', (len(tasks) * w, 2 * h), 'white')
+    draw = ImageDraw.Draw(canvas)
+    colour = tuple(VIRIDIS[1].astype(int))
+    for c, t in enumerate(tasks):
+        key, higher = MAIN_METRIC[t]
+        for r, (title, points) in enumerate([
+                (f'{t} loss (train)', [(e['step'], e[t]) for e in train_log if t in e]),
+                (f'{t} {key} (val, {"higher" if higher else "lower"} is better)',
+                 [(e['step'], e[t][key]) for e in evals if t in e and 'eval_only' not in e])]):
+            x0, y0, x1, y1 = c * w + 46, r * h + 18, (c + 1) * w - 12, (r + 1) * h - 18  # the plot area
+            draw.text((c * w + 4, r * h + 3), title, fill='black')
+            draw.rectangle((x0, y0, x1, y1), outline=(190, 190, 190))
+            points = [(s, v) for s, v in points if math.isfinite(v)]
+            if not points:
+                continue
+            (s0, s1), (v0, v1) = ((min(a), max(a)) for a in zip(*points))
+            xy = [(x0 + (x1 - x0) * (s - s0) / max(s1 - s0, 1), y1 - (y1 - y0) * (v - v0) / max(v1 - v0, 1e-12))
+                  for s, v in points]
+            draw.line(xy, fill=colour, width=2)
+            for x, y in xy if r else []:  # a dot per evaluation
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+            draw.text((c * w + 4, y0 - 4), f'{v1:.3g}', fill='black')
+            draw.text((c * w + 4, y1 - 8), f'{v0:.3g}', fill='black')
+            draw.text((x0, y1 + 3), f'step {s0}', fill='black')
+            draw.text((x1 - 6 * len(str(s1)), y1 + 3), str(s1), fill='black')
     return canvas
 
 
@@ -777,35 +816,27 @@ def draw_gates(gates, taps, cell=28):
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
-@torch.no_grad()
-def predict(model, source, out_dir, device, amp_dtype):
-    """Each image is resized to fit the network size (aspect kept), normalised, padded at the
-    bottom / right, run, and its predictions cropped back: one panel PNG per image in out_dir."""
+def predict_images(model, source, out_dir, device, amp_dtype):
+    """--predict: each image's predictions at its own size (taskexpert.predict) as <name>.npz, and a
+    panel <name>.png of the input and every task, shrunk to the network size if larger."""
     files = ([source] if os.path.isfile(source) else
              sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS)))
     if not files:
         fail(f'--predict {source}: no images ({", ".join(IMAGE_EXTS)}) there')
-    H, W = model.backbone.grid[0] * PATCH, model.backbone.grid[1] * PATCH
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     os.makedirs(out_dir, exist_ok=True)
-    model.eval()
     for path in files:
         try:
             with Image.open(path) as im:
                 im = im.convert('RGB')
-                s = min(H / im.height, W / im.width)
-                h, w = max(1, min(H, round(im.height * s))), max(1, min(W, round(im.width * s)))
-                x = torch.from_numpy(np.array(im.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
         except OSError as e:
             fail(f'{path}: cannot read the image ({e})')
-        x = (x.float() / 255 - mean) / std
-        x = F.pad(x, (0, W - w, 0, H - h))[None].to(device)  # (1, 3, H, W), padding 0 after normalising
         with autocast(device, amp_dtype):
-            outputs = model(x)
-        preds = {t: o[0, :, :h, :w].float().cpu() for t, o in outputs.items()}
-        dest = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '.png')
-        draw_panel(x[0, :, :h, :w].cpu(), preds).save(dest)
-        log(f'{path} -> {dest}')
+            maps = predict(model, im)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        np.savez_compressed(stem + '.npz', **maps)
+        im.thumbnail((model.backbone.grid[1] * PATCH, model.backbone.grid[0] * PATCH))  # a photo's panel would be huge
+        draw_panel(np.asarray(im), maps).save(stem + '.png')
+        log(f'{path} -> {stem}.png, .npz')
 
 
 def random_batch(tasks, batch_size, size, device):
@@ -827,7 +858,7 @@ def random_batch(tasks, batch_size, size, device):
 def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
     """Median time of training steps and of inference at the configured backbone, size and batch;
     the backbone's share is forward_features alone against the whole forward."""
-    model = build_model(cfg).to(device)
+    model = TaskExpert.from_config(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['lr'])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -916,40 +947,41 @@ def main(argv=None):
         benchmark(cfg, device, amp_dtype, why)
         return
 
-    ckpt = None
+    ckpt, model = None, None  # a resumed run's full state; the trained model of --eval-only / --predict
     default_out = os.path.join('runs', args.dataset or 'synthetic')
     if args.resume is not None:
         path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
-        ckpt = load_checkpoint(path)
+        ckpt = loaded(read_checkpoint, path)
+        if 'optimizer' not in ckpt:
+            fail(f'--resume {path}: holds the weights alone; resuming needs the full state of a last.pt')
         out_dir = args.out_dir or os.path.dirname(path) or '.'
     elif args.eval_only or args.predict:
         path = find_checkpoint(args, args.out_dir or default_out)
-        ckpt = load_checkpoint(path)
+        model = loaded(TaskExpert.from_checkpoint, path)
         out_dir = args.out_dir or (os.path.dirname(path) or '.')
     else:
         out_dir = args.out_dir or default_out
         if os.path.isfile(os.path.join(out_dir, 'last.pt')):
             fail(f'{out_dir} already holds a run (last.pt): continue it with --resume, or pass another --out-dir')
-    cfg = resolve_config(args, ckpt['config'] if ckpt else None)
+    cfg = resolve_config(args, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
-    check_config(cfg, fresh=ckpt is None)
+    check_config(cfg)
     if args.predict and not os.path.exists(args.predict):
         fail(f'--predict {args.predict}: no such file or folder')
 
-    if args.eval_only or args.predict:
+    if model is not None:  # --eval-only or --predict
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
-        model = build_model(cfg).to(device)
-        model.load_state_dict(ckpt['model'])
-        print(f'{path}: step {ckpt["step"]}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
+        model.to(device)
+        print(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
         if args.predict:
-            predict(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device, amp_dtype)
+            predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device, amp_dtype)
         else:
             (val_ds,) = open_datasets(cfg, splits=('val',))
             loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'],
                                        seed=cfg['seed'])
             os.makedirs(out_dir, exist_ok=True)
-            evaluate_and_log(model, loader, cfg, device, amp_dtype, ckpt['step'], tag=path)
+            evaluate_and_log(model, loader, cfg, device, amp_dtype, model.step, tag=path)
         return
 
     device, world, rank = setup_distributed(cfg['device'])
