@@ -11,8 +11,10 @@ image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w)
 (h, w, 3).
 """
 import colorsys
+import contextlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -21,7 +23,7 @@ import scipy.ndimage
 import torch
 from PIL import Image
 
-from taskexpert import TASKS, thin
+from taskexpert import PATCH, TASKS, thin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +60,42 @@ _SEE_README = "get the dataset as described in README.md, section 'Datasets'"
 
 class DataError(FileNotFoundError, ValueError):
     """A dataset folder, split file or sample file that is missing or unreadable (one-line message)."""
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, fsync, then rename over `path`: a crash at any
+    moment leaves either the old file or the new one, never a torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_temporaries(folder):
+    """Delete the temporary files of atomic_write calls that a kill interrupted (.<name>.tmp<pid>).
+    Only for a folder that no other process is writing into."""
+    for name in os.listdir(folder):
+        if re.fullmatch(r'\..+\.tmp\d+', name):
+            os.remove(os.path.join(folder, name))
+
+
+def _progress(done, n, what):
+    """'what: done/n' on stderr, rewritten in place about 100 times in all (so a log file gets few lines)."""
+    if done % max(1, n // 100) == 0 or done == n:
+        print(f'\r{what}: {done}/{n}', end='\n' if done == n else '', file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -337,13 +375,54 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
         sample, meta = self.load(i)
         if self.train:
             sample, meta['size'] = augment(sample, self.size, self.rng, meta.get('has_human', False))
-        elif meta['size'][0] > self.size[0] or meta['size'][1] > self.size[1]:
-            path = self.path('image', self.ids[i])
-            raise ValueError(f'{path}: image {meta["size"]} is larger than the network size {self.size}; '
-                             f'pass a larger size')
+        else:
+            self._check_fits(i, *meta['size'])
         out = to_tensors(sample, self.size)
         out['meta'] = meta
         return out
+
+    def _check_fits(self, i, h, w, most=None):
+        """Without augmentation (whose crop fits any image to the network) an image is only padded:
+        it must not be larger than the network size. most: the split's largest (h, w), for the advice."""
+        if h > self.size[0] or w > self.size[1]:
+            fit = [-(-max(x, s) // PATCH) * PATCH for x, s in zip(most or (h, w), self.size)]
+            raise DataError(f'{self.path("image", self.ids[i])}: image {h}x{w} is larger than the network size '
+                            f'{self.size[0]}x{self.size[1]}; pass --img-size {fit[0]} {fit[1]} or larger')
+
+    def check(self, workers=0, rank=0, world=1):
+        """Read every sample once (this process's share: every world-th from rank), as training and
+        evaluation will, so a damaged file, an out-of-range label, a map of the wrong size or an image
+        larger than the network stops the run with one line (DataError) before its first step rather
+        than at the step, or the evaluation, that first reads it. Progress on stderr for 200+ samples.
+        Without augmentation the error names the largest image, so one --img-size fits them all."""
+        share = range(rank, len(self), world)
+        loader = torch.utils.data.DataLoader(_Probe(self), batch_size=None, sampler=share, num_workers=workers)
+        most, too_large = (0, 0), None  # the largest height and width; (i, h, w) of a first image too large
+        for done, (i, problem, (h, w)) in enumerate(loader, 1):
+            if problem:
+                raise DataError(problem)
+            most = max(most[0], h), max(most[1], w)
+            if too_large is None and (h > self.size[0] or w > self.size[1]):
+                too_large = i, h, w
+            if rank == 0 and len(share) >= 200:
+                _progress(done, len(share), f'checking {self.split} ({self.root})')
+        if too_large and not self.train:
+            self._check_fits(*too_large, most=most)
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Sample i of a reader -> (i, the problem with it or '', its (h, w)). A problem comes back as a
+    value, not an exception, so that one read in a worker process stays one line."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __getitem__(self, i):
+        try:
+            _, meta = self.reader.load(i)
+        except DataError as e:
+            return i, str(e), (0, 0)
+        return i, '', meta['size']
 
 
 class NYUD(_MultiTaskDataset):
@@ -835,15 +914,17 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
     marker = os.path.join(root, 'synthetic.json')
     if os.path.isfile(marker):
         with open(marker) as f:
-            done = json.load(f)
+            try:
+                done = json.load(f)
+            except ValueError:  # cut short by a kill or a full disk (before it was written atomically)
+                done = {}
         if done.get('complete') and all(done.get(k) == v for k, v in params.items()):
             return root
     elif os.path.isdir(os.path.join(root, 'gt_sets')):
         raise DataError(f'{root}: holds a dataset that make_synthetic did not write; choose another folder')
     for folder in ('images', 'segmentation', 'depth', 'normals', 'edge', 'gt_sets'):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
-    with open(marker, 'w') as f:
-        json.dump(dict(params, complete=False), f)
+    atomic_write(marker, lambda f: f.write(json.dumps(dict(params, complete=False)).encode()))
     n = n_train + n_val
     ids = [f'{i:0{max(4, len(str(n - 1)))}d}' for i in range(n)]
     for i, id_ in enumerate(ids):
@@ -855,12 +936,10 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
         rgb = np.round((s['normals'] + 1) / 2 * 255).astype(np.uint8)  # n = 2 v / 255 - 1
         Image.fromarray(rgb).save(os.path.join(root, 'normals', id_ + '.png'), **png)
         Image.fromarray(s['edge'] * 255).save(os.path.join(root, 'edge', id_ + '.png'), **png)
-        if (i + 1) % max(1, n // 100) == 0 or i + 1 == n:  # at most ~100 updates, also in a log file
-            print(f'\rsynthetic scenes: {i + 1}/{n} written to {root}', end='', file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        _progress(i + 1, n, f'synthetic scenes written to {root}')
     for split, part in (('train', ids[:n_train]), ('val', ids[n_train:])):
         with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'w') as f:
             f.write(''.join(f'{id_}\n' for id_ in part))
-    with open(marker, 'w') as f:  # last: the folder is complete
-        json.dump(dict(params, complete=True, intrinsics=list(s['intrinsics'])), f)
+    # last: the folder is complete
+    atomic_write(marker, lambda f: f.write(json.dumps(dict(params, complete=True, intrinsics=list(s['intrinsics']))).encode()))
     return root

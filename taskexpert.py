@@ -452,11 +452,12 @@ def load_pretrained(model, name):
 # (the one post-processing, shared by predict() and export.py's exported models)
 # -------------------------------------------------------------------------------------------------
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """A trained model's file -> dict: 'model' (state dict), 'config' (train.py's settings), 'step'.
     train.py writes two kinds: .pt, the full training state (torch.load weights_only=True; also
     'optimizer', 'scaler', 'rng' and 'best', to resume), and best.safetensors, the weights alone with
     'config', 'step' and 'metrics' (its evaluation) as JSON strings in the file's metadata.
+    mmap (.pt): tensors stay in the file until used, to read the plain data of a large checkpoint.
     Raises FileNotFoundError / ValueError with a one-line message."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} not found')
@@ -468,7 +469,7 @@ def read_checkpoint(path):
                 ckpt = {'model': {k: f.get_tensor(k) for k in f.keys()},
                         **{k: json.loads(v) for k, v in meta.items() if k in ('config', 'step', 'metrics')}}
         else:
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torn, truncated or foreign file
         why = str(e).strip().partition('\n')[0]
         raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {why})') from None

@@ -531,31 +531,31 @@ def test_metrics_delta_m():
 _DATA_H, _DATA_W = 6, 8
 
 
-def _data_nyud_sample(k):
+def _data_nyud_sample(k, h=_DATA_H, w=_DATA_W):
     """Image, stored labels (0 void, 1..40), depth (0 invalid), normals png, edge png of sample k."""
     rng = np.random.default_rng(k)
-    image = rng.integers(0, 256, (_DATA_H, _DATA_W, 3), dtype=np.uint8)
-    seg = np.ones((_DATA_H, _DATA_W), np.uint8)  # wall
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    seg = np.ones((h, w), np.uint8)  # wall
     seg[:, 4:] = 40
     seg[0, 0] = 0  # void
-    depth = np.full((_DATA_H, _DATA_W), 2.5, np.float32)
+    depth = np.full((h, w), 2.5, np.float32)
     depth[1, 1] = 0  # invalid
     normal = np.array([0.6, 0.0, -0.8])  # unit, pointing right and at the camera
-    normals = np.tile(np.round((normal + 1) / 2 * 255).astype(np.uint8), (_DATA_H, _DATA_W, 1))
+    normals = np.tile(np.round((normal + 1) / 2 * 255).astype(np.uint8), (h, w, 1))
     normals[2, 2] = 0  # black fill = invalid
-    edge = np.zeros((_DATA_H, _DATA_W), np.uint8)
+    edge = np.zeros((h, w), np.uint8)
     edge[:, 3:5] = 255
     return image, seg, depth, normals, edge
 
 
-def _data_write_nyud_tree(root, splits=(('train', ('0001', '0002')), ('val', ('0003',)))):
+def _data_write_nyud_tree(root, splits=(('train', ('0001', '0002')), ('val', ('0003',))), size=(_DATA_H, _DATA_W)):
     for folder in ('images', 'segmentation', 'depth', 'normals', 'edge', 'gt_sets'):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     for split, ids in splits:
         with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'w') as f:
             f.write('\n'.join(ids) + '\n')
         for id_ in ids:
-            image, seg, depth, normals, edge = _data_nyud_sample(int(id_))
+            image, seg, depth, normals, edge = _data_nyud_sample(int(id_), *size)
             Image.fromarray(image).save(os.path.join(root, 'images', id_ + '.png'))
             Image.fromarray(seg).save(os.path.join(root, 'segmentation', id_ + '.png'))
             np.save(os.path.join(root, 'depth', id_ + '.npy'), depth)
@@ -937,6 +937,10 @@ def test_data_synthetic_is_reproducible_and_cached(tmp_path):
     json.dump(dict(info, complete=False), open(os.path.join(a, 'synthetic.json'), 'w'))
     data.make_synthetic(a, n_train=2, n_val=1, size=(30, 40), seed=7)
     assert os.path.exists(image)
+    open(os.path.join(a, 'synthetic.json'), 'w').close()  # a marker cut short by a kill or a full disk
+    os.remove(image)
+    data.make_synthetic(a, n_train=2, n_val=1, size=(30, 40), seed=7)
+    assert os.path.exists(image) and json.load(open(os.path.join(a, 'synthetic.json')))['complete']
     # a folder holding some other dataset is never overwritten
     with pytest.raises(data.DataError, match='did not write'):
         data.make_synthetic(_data_write_nyud_tree(tmp_path / 'real'), n_train=1, n_val=1)
@@ -1092,11 +1096,171 @@ def _train_error(argv, capsys):
     (['--no-such-flag'], 'unrecognized arguments'),
     (['--loss-weights', 'sal=2'], '--loss-weights sal=2.0: needs a task of synthetic'),
     (['--loss-weights', 'depth=x'], "'depth=x' is not TASK=WEIGHT"),
+    (['--loss-weights', 'depth=nan'], '--loss-weights depth=nan'),
+    (['--lr', 'nan'], '--lr nan'),
+    (['--lr', 'inf'], '--lr inf'),
+    (['--clip', 'nan'], '--clip nan'),
+    (['--seed', '-1'], '--seed -1'),
 ])
 def test_train_bad_flags_give_one_line_errors(argv, expected, tmp_path, capsys):
-    code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out')], capsys)
+    code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out'), '--data-root', str(tmp_path / 'data')], capsys)
     assert code != 0 and expected in msg and '\n' not in msg, msg
     assert not (tmp_path / 'out').exists()  # nothing written
+
+
+def _train_nyud_args(data_root, out_dir, *extra):
+    """A tiny run on a NYUD-layout fixture at 16x16: one step, evaluated at once."""
+    return ['--dataset', 'nyud', '--data-root', str(data_root), '--out-dir', str(out_dir), '--img-size', '16', '16',
+            '--backbone', 'tiny', '--taps', '6', '12', '--num-experts', '2', '--expert-dim', '16',
+            '--batch-size', '2', '--max-iters', '1', '--eval-every', '1', '--workers', '0', *extra]
+
+
+def _train_damage(path, kind):
+    if kind == 'truncated png':
+        blob = open(path, 'rb').read()
+        open(path, 'wb').write(blob[:len(blob) // 2])
+    elif kind == 'zero-byte npy':
+        open(path, 'wb').close()
+    elif kind == 'label 41':
+        Image.fromarray(np.full((_DATA_H, _DATA_W), 41, np.uint8)).save(path)
+    else:  # a normals map one row taller than its image
+        Image.fromarray(np.full((_DATA_H + 1, _DATA_W, 3), 128, np.uint8)).save(path)
+
+
+@pytest.mark.parametrize('split, workers', [('train', '0'), ('val', '1')])  # val: read in a worker process
+@pytest.mark.parametrize('kind, file', [('truncated png', 'images/{}.png'), ('zero-byte npy', 'depth/{}.npy'),
+                                        ('label 41', 'segmentation/{}.png'), ('wrong-size normals', 'normals/{}.png')])
+def test_train_damaged_data_file_stops_before_step_1(kind, file, split, workers, tmp_path, capsys):
+    root = _data_write_nyud_tree(tmp_path / 'data')
+    path = os.path.join(root, file.format('0001' if split == 'train' else '0003'))
+    _train_damage(path, kind)
+    code, msg = _train_error(_train_nyud_args(root, tmp_path / 'run', '--workers', workers), capsys)
+    assert code != 0 and path in msg and '\n' not in msg, msg
+    assert 'step 1' not in capsys.readouterr().out and not (tmp_path / 'run').exists()
+
+
+def test_train_img_size_smaller_than_the_data_stops_at_start(tmp_path, capsys):
+    root = _data_write_nyud_tree(tmp_path / 'data', size=(20, 24))  # larger than --img-size 16 16
+    code, msg = _train_error(_train_nyud_args(root, tmp_path / 'run'), capsys)
+    assert code != 0 and '--img-size 32 32' in msg and '0003.png' in msg and '\n' not in msg, msg
+    assert 'step 1' not in capsys.readouterr().out and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('kill', ['evaluation', 'second save'])
+def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_path, monkeypatch):
+    """Killed at step 3 during the evaluation, or while writing the second checkpoint file: nothing on
+    disk names best weights that were never saved, and the resumed run ends as an uninterrupted one."""
+    run, calls = tmp_path / 'run', []
+    target = 'evaluate_and_log' if kill == 'evaluation' else 'save_checkpoint'
+    original = getattr(train, target)
+
+    def dies(*a, **k):
+        calls.append(a)
+        if len(calls) == (1 if kill == 'evaluation' else 2):
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(train, target, dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_train_tiny_args(_train_run / 'data', run, '--max-iters', '6', '--eval-every', '3'))
+    monkeypatch.setattr(train, target, original)
+    for name in ('last.pt', 'best.pt'):
+        best = torch.load(run / name, weights_only=True)['best'] if (run / name).exists() else None
+        assert best is None or ((run / 'best.pt').exists() and
+                                torch.load(run / 'best.pt', weights_only=True)['step'] == best['step']), name
+    train.main(['--resume', str(run / 'last.pt')])
+    mine, full = (torch.load(r / 'best.pt', weights_only=True) for r in (run, _train_run / 'run'))
+    assert mine['best'] == full['best'] and mine['step'] == mine['best']['step']
+    assert train.read_checkpoint(str(run / 'best.safetensors'))['step'] == mine['step']
+    assert [r['loss'] for r in _train_losses(run)] == [r['loss'] for r in _train_losses(_train_run / 'run')]
+    evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
+    assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
+
+
+def test_train_resume_drops_a_torn_last_log_line(_train_run, tmp_path, capsys):
+    run = tmp_path / 'run'
+    shutil.copytree(_train_run / 'run', run)
+    for name in ('train.jsonl', 'metrics.jsonl'):  # the last line cut by a kill or a full disk
+        with open(run / name, 'a') as f:
+            f.write('{"step": 7, "loss": 0.12')
+    (run / '.last.pt.tmp4242').write_bytes(b'PK half a checkpoint')  # left by a killed checkpoint write
+    train.main(['--resume', str(run / 'last.pt'), '--max-iters', '7'])
+    out = capsys.readouterr().out
+    assert 'train.jsonl line 7' in out and 'metrics.jsonl line 4' in out, out
+    assert [r['step'] for r in _train_losses(run)] == list(range(1, 8))
+    evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
+    assert [e['step'] for e in evals if 'semseg' in e] == [3, 6, 7]
+    assert not (run / '.last.pt.tmp4242').exists()
+
+
+def test_train_non_finite_model_at_an_evaluation_step(_train_run, tmp_path, monkeypatch, capsys):
+    build, forwards = TaskExpert.from_config, []
+
+    def diverging(config):  # the weights turn NaN during step 3, an evaluation step
+        model = build(config)
+
+        def poison(module, inputs):
+            forwards.append(module.training)
+            if forwards.count(True) == 3:
+                with torch.no_grad():
+                    next(module.parameters()).fill_(float('nan'))
+        model.register_forward_pre_hook(poison)
+        return model
+
+    monkeypatch.setattr(TaskExpert, 'from_config', diverging)
+    run = tmp_path / 'run'
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', run, '--max-iters', '20', '--eval-every', '3'),
+                             capsys)
+    out = capsys.readouterr().out
+    assert code != 0 and '5 non-finite steps in a row at step 7' in msg and '\n' not in msg, msg
+    assert 'step 3: the last 1 step(s) were non-finite: evaluation skipped' in out, out
+    assert not (run / 'last.pt').exists()  # NaN weights never replace a checkpoint
+    assert not (run / 'metrics.jsonl').exists()  # nothing evaluated
+
+
+def test_train_one_run_per_out_dir(_train_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / 'run'
+    args = _train_tiny_args(_train_run / 'data', run, '--max-iters', '6', '--eval-every', '3')
+    save, refusals, busy = train.save_checkpoint, [], []
+
+    def save_while_another_starts(path, *a, **k):  # a second fresh run, then a --resume of this one
+        if path.endswith('last.pt') and not busy:
+            busy.append(path)
+            refusals.append(_train_error(['--resume', path] if os.path.exists(path) else args, capsys))
+            busy.pop()
+        save(path, *a, **k)
+
+    monkeypatch.setattr(train, 'save_checkpoint', save_while_another_starts)
+    train.main(args)
+    monkeypatch.setattr(train, 'save_checkpoint', save)
+    assert len(refusals) == 2
+    for code, msg in refusals:
+        assert code != 0 and 'in use by another run' in msg and f'pid {os.getpid()}' in msg and '\n' not in msg, msg
+    assert [r['step'] for r in _train_losses(run)] == list(range(1, 7))  # one run's lines, once each
+    assert not (run / 'train.lock').exists()
+    (run / 'train.lock').write_text('pid 999999 on a-crashed-host\n')  # left by a killed run: stale
+    train.main(['--resume', str(run / 'last.pt'), '--max-iters', '7'])
+    assert 'stale' in capsys.readouterr().out and not (run / 'train.lock').exists()
+
+
+def test_train_bad_checkpoints_and_a_full_disk_give_one_line_errors(_train_run, tmp_path, monkeypatch, capsys):
+    junk = tmp_path / 'vit.pth'
+    junk.write_bytes(b'\x80\x02 not a checkpoint')
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'a', '--pretrained', str(junk)), capsys)
+    assert code != 0 and str(junk) in msg and '\n' not in msg, msg
+    ckpt = torch.load(_train_run / 'run' / 'last.pt', weights_only=True)
+    ckpt['config']['expert_dim'] = 16  # edited by hand: the weights no longer fit
+    torch.save(ckpt, tmp_path / 'edited.pt')
+    for argv in (['--eval-only', '--checkpoint', str(tmp_path / 'edited.pt')], ['--resume', str(tmp_path / 'edited.pt')]):
+        code, msg = _train_error(argv, capsys)
+        assert code != 0 and 'edited.pt' in msg and 'do not fit' in msg and '\n' not in msg, msg
+
+    def full_disk(*a, **k):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', full_disk)
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'b', '--max-iters', '3'), capsys)
+    assert code != 0 and 'No space left on device' in msg and '\n' not in msg, msg
 
 
 def test_train_loss_weights_flag_changes_only_the_named_tasks():

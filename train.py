@@ -13,7 +13,8 @@ train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: eve
 gate diagnostics), curves.png (losses and main metrics so far), last.pt (the full state, to resume),
 best.pt and best.safetensors (best = highest semseg mIoU on the val split; the latter the weights
 alone, to share), vis/ (panels of a few val images: ground truth next to prediction per task) and
-gates.png (mean gate weights).
+gates.png (mean gate weights). While it trains, train.lock holds the folder (its pid and host): a
+second run on it is refused.
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
 randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
@@ -23,11 +24,13 @@ restored from the RNG states saved in the checkpoint.
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
 import random
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, collate
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, collate
 from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
                         MultiTaskLoss, TaskExpert, load_pretrained, make_meters, postprocess, predict,
                         read_checkpoint)
@@ -173,14 +176,15 @@ def check_config(cfg):
     for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'num_experts', 'expert_dim'):
         if cfg[k] < 1:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
-    if cfg['lr'] <= 0:
-        fail(f'--lr {cfg["lr"]}: must be positive')
-    for k in ('weight_decay', 'clip', 'warmup', 'workers'):
-        if cfg[k] < 0:
-            fail(f'--{k.replace("_", "-")} {cfg[k]}: must not be negative')
+    for k in ('lr', 'clip'):  # (comparisons written so that NaN fails them)
+        if not 0 < cfg[k] < math.inf:
+            fail(f'--{k} {cfg[k]}: must be a positive, finite number')
+    for k in ('weight_decay', 'warmup', 'workers', 'seed'):
+        if not 0 <= cfg[k] < math.inf:
+            fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
     tasks = TASKS[TASK_SET[cfg['dataset']]]
     for t, w in cfg['loss_weights'].items():
-        if t not in tasks or w < 0:
+        if t not in tasks or not 0 <= w < math.inf:
             fail(f'--loss-weights {t}={w}: needs a task of {cfg["dataset"]} ({", ".join(tasks)}) and a weight >= 0')
     if 'scenes' in cfg and cfg['dataset'] != 'synthetic':
         fail('--scenes applies to --dataset synthetic only')
@@ -195,28 +199,6 @@ def check_config(cfg):
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, loadable with torch.load(weights_only=True)
 # -------------------------------------------------------------------------------------------------
-
-def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, fsync, then rename over `path`: a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
 
 def rng_state():
     """This process's RNG states as tensors and plain data (weights_only-loadable)."""
@@ -247,7 +229,17 @@ def loaded(read, path):
         fail(str(e))
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best):
+def load_weights(model, ckpt, path):
+    """ckpt['model'] into the model made from ckpt['config'] (to resume); one line if they disagree (a
+    config edited by hand, or weights of another model)."""
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:  # its message lists every missing, unexpected or misshapen key
+        fail(f'{path}: its weights do not fit its config ({str(e).splitlines()[-1].strip()[:200]}); '
+             f'restore the checkpoint as train.py wrote it')
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best=None):
     ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'step': step, 'rng': rng, 'config': config, 'best': best}
     atomic_write(path, lambda f: torch.save(ckpt, f))
@@ -315,9 +307,13 @@ def open_datasets(cfg, splits=('train', 'val')):
         if dist.is_initialized():
             dist.barrier()
     reader = data.PASCALContext if cfg['dataset'] == 'pascal' else data.NYUD
+    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     try:
-        return [reader(root, split=s, train=s == 'train' and cfg['augment'], size=size, seed=cfg['seed'])
+        sets = [reader(root, split=s, train=s == 'train' and cfg['augment'], size=size, seed=cfg['seed'])
                 for s in splits]
+        for ds in sets:  # every file read once now: a bad one stops the run before its first step
+            ds.check(cfg['workers'], *share)
+        return sets
     except DataError as e:
         if not os.path.isdir(root) or 'split file not found' in str(e):
             print(f'train.py: error: {cfg["dataset"]} data not found at {root} (--data-root)\n{data.DOWNLOAD_HELP}',
@@ -419,11 +415,23 @@ def read_jsonl(path):
 
 
 def truncate_jsonl(path, step):
-    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get('step', 0) <= step]
-        atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+    """Drop log lines past `step` (written after the checkpoint a run resumes from); -> the records
+    kept. A line that does not parse, as a last one cut short by a kill or a full disk, is dropped
+    with a warning rather than blocking the resume."""
+    if not os.path.isfile(path):
+        return []
+    keep = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log(f'warning: {path} line {n} is cut short or damaged (a kill or a full disk): dropped')
+                continue
+            if record.get('step', 0) <= step:
+                keep.append((line.rstrip('\n') + '\n', record))
+    atomic_write(path, lambda f: f.write(''.join(line for line, _ in keep).encode()))
+    return [record for _, record in keep]
 
 
 def train(cfg, args, ckpt, device, world, rank):
@@ -431,6 +439,11 @@ def train(cfg, args, ckpt, device, world, rank):
     amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
     if cfg['batch_size'] % world:
         fail(f'--batch-size {cfg["batch_size"]} must be divisible by the {world} processes')
+    if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
+        for name in ('last.pt', 'best.pt'):
+            if os.path.isfile(os.path.join(out, name)):
+                fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
+                     f'or pass another --out-dir')
     train_ds, val_ds = open_datasets(cfg)
     if len(train_ds) < cfg['batch_size']:
         fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
@@ -440,18 +453,22 @@ def train(cfg, args, ckpt, device, world, rank):
     if cfg['pretrained'] and ckpt is None:
         try:
             load_pretrained(model, cfg['pretrained'])
-        except (KeyError, ValueError, OSError, RuntimeError) as e:
-            fail(f'--pretrained: {e.args[0] if e.args else e}')
+        except (KeyError, ValueError, FileNotFoundError) as e:  # its one-line messages name the file
+            fail(f'--pretrained: {e.args[0]}')
+        except Exception as e:  # a damaged file: whatever its reader (zip, pickle, safetensors) raises
+            why = str(e).strip().split('\n')[0].split('. ')[0]
+            fail(f'--pretrained {cfg["pretrained"]}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); '
+                 'download it again')
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
     step, best = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        load_weights(model, ckpt, args.resume or os.path.join(out, 'last.pt'))
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
-        step, best = ckpt['step'], ckpt['best']
+        step = ckpt['step']
         set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
     ddp = model  # the module that trains; evaluation and checkpoints use `model` itself
     if world > 1:
@@ -466,22 +483,32 @@ def train(cfg, args, ckpt, device, world, rank):
     if ckpt is not None:
         log(f'resuming at step {step} of {cfg["max_iters"]}')
     log('config ' + json.dumps(cfg))
-    if step >= cfg['max_iters']:
-        log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
-        return
 
+    val_loader = data.build_loader(val_ds, max(1, cfg['batch_size'] // world), train=False,
+                                   workers=cfg['workers'], seed=cfg['seed'])
     if is_main():
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-        for name in ('train.jsonl', 'metrics.jsonl'):  # a fresh run starts new logs, a resumed one trims
-            truncate_jsonl(os.path.join(out, name), step)
+        # a fresh run starts new logs, a resumed one trims them to its step
+        truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
+        evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
+        # the best record is read from best.pt, the one file that holds it: it names weights that exist
+        best_pt = os.path.join(out, 'best.pt')
+        best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
+        if ckpt is not None:  # killed after last.pt was saved, before its evaluation or best.pt: finish them
+            done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
+            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step,
+                                     rng=ckpt['rng'], config=cfg)
+            best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best,
+                                          {t: done[-1][t] for t in model.tasks} if done else None)
+    if step >= cfg['max_iters']:
+        log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
+        return
     sampler = StepBatches(len(train_ds), cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'])
     loader = torch.utils.data.DataLoader(
         SeededSamples(train_ds, cfg['seed']), batch_sampler=sampler, num_workers=cfg['workers'],
         collate_fn=collate, pin_memory=device.type == 'cuda', persistent_workers=False,
         generator=torch.Generator().manual_seed(cfg['seed']))  # never touch the global RNG
-    val_loader = data.build_loader(val_ds, max(1, cfg['batch_size'] // world), train=False,
-                                   workers=cfg['workers'], seed=cfg['seed'])
 
     model.train()
     bad = 0  # consecutive non-finite steps
@@ -500,7 +527,8 @@ def train(cfg, args, ckpt, device, world, rank):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         skipped = None
         if finite.item() == 0:
-            bad_tasks = [t for t, v in per_task.items() if not torch.isfinite(v)] or ['another process']
+            bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
+                         ['another process' if world > 1 else 'the weighted sum of the tasks'])
             skipped = f'non-finite loss in {", ".join(bad_tasks)}'
         else:
             scaler.scale(total).backward()
@@ -542,23 +570,17 @@ def train(cfg, args, ckpt, device, world, rank):
                 rng = [None] * world
                 dist.all_gather_object(rng, rng_state())
             if is_main():
-                results = evaluate_and_log(model, val_loader, cfg, device, amp_dtype, step)
-                key, _ = MAIN_METRIC['semseg']
-                value = results['semseg'][key]
-                improved = best is None or value > best['value']
-                if improved:
-                    best = {'metric': f'semseg {key}', 'value': value, 'step': step}
-                save_checkpoint(os.path.join(out, 'last.pt'), model, optimizer, scaler, step, rng, cfg, best)
-                if improved:
-                    save_checkpoint(os.path.join(out, 'best.pt'), model, optimizer, scaler, step, rng, cfg, best)
-                    save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results)
-                log(f'saved {out}/last.pt' + (f' and best.pt, best.safetensors (semseg {key} {value:.2f})'
-                                              if improved else
-                                              f' (best.pt: semseg {key} {best["value"]:.2f} at step {best["step"]})'))
-                logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
-                draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
-                if cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
-                    compare_with_trivial(results, val_loader, cfg, step)
+                save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler,
+                                         step=step, rng=rng, config=cfg)
+                weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
+                if weights_ok:  # saved before the evaluation, so a failing evaluation loses no training
+                    save(os.path.join(out, 'last.pt'))
+                    log(f'saved {out}/last.pt')
+                if bad:  # the outputs may be non-finite, which the meters cannot score
+                    log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
+                        ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
+                else:
+                    best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best)
             if world > 1:
                 dist.barrier()
             model.train()
@@ -627,6 +649,31 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
         draw_panel(denormalise(image), maps, targets).save(os.path.join(vis, f'{id_}.png'))
     draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
     return results
+
+
+def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, best, results=None):
+    """Evaluate the checkpoint just saved at `step` (unless its `results` are known: logged before a
+    kill); when semseg improves on `best`, write it as best.safetensors, then as best.pt with the best
+    record; -> the best record. save(path, best=...) writes the full checkpoint of `step`. Only best.pt
+    holds the record (last.pt is written before its evaluation) and it is written last, so the record
+    always names weights that exist."""
+    evaluated, out = results is None, cfg['out_dir']
+    if evaluated:
+        results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step)
+    key, _ = MAIN_METRIC['semseg']
+    value = results['semseg'][key]
+    if best is None or value > best['value']:
+        best = {'metric': f'semseg {key}', 'value': value, 'step': step}
+        save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results)
+        save(os.path.join(out, 'best.pt'), best=best)
+        log(f'saved {out}/best.safetensors and best.pt (semseg {key} {value:.2f})')
+    else:
+        log(f'best.pt: semseg {key} {best["value"]:.2f} at step {best["step"]}')
+    logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
+    draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
+    if evaluated and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
+        compare_with_trivial(results, loader, cfg, step)
+    return best
 
 
 def trivial_scores(loader, tasks, dataset):
@@ -919,6 +966,60 @@ def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
 # Command line
 # -------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def hold_out_dir(out_dir):
+    """Hold <out_dir>/train.lock, a file naming the owner's pid and host, with an exclusive flock for
+    the run's lifetime: a second run or a --resume on the folder is refused meanwhile. The kernel drops
+    a flock when its process dies, however it dies, so a lock file left by a killed run is stale and
+    taken over. No other run writes here then: leftover temporary files are removed."""
+    import fcntl  # POSIX (Linux, macOS)
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, 'train.lock')
+    while True:
+        f = open(path, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or 'just starting'
+            f.close()
+            fail(f'{out_dir} is in use by another run ({owner}; {path}): wait for it to end, or pass another --out-dir')
+        with contextlib.suppress(FileNotFoundError):  # (else its last holder removed it as we opened it)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        f.close()
+    f.seek(0)
+    if stale := f.read().strip():
+        log(f'note: {path} was left by a run that did not end cleanly ({stale}): stale, taken over')
+    f.truncate(0)
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    data.remove_temporaries(out_dir)
+    try:
+        yield
+    finally:
+        os.remove(path)  # before unlocking: a process that opened it meanwhile finds it gone and retries
+        f.close()
+        if created:
+            with contextlib.suppress(OSError):  # only if empty: a run refused for bad input leaves nothing
+                os.rmdir(out_dir)
+
+
+@contextlib.contextmanager
+def one_line_errors(out_dir):
+    """A full disk, an unwritable --out-dir, or a data file damaged after the start-up check: one line,
+    not a traceback. What was saved stays intact (atomic checkpoints; logs trimmed on --resume)."""
+    try:
+        yield
+    except DataError as e:  # raised in a loader worker, it is a traceback whose last line is ours
+        fail(str(e).strip().splitlines()[-1].removeprefix(f'{DataError.__module__}.DataError: '))
+    except OSError as e:
+        where = str(e.filename or out_dir)
+        ours = os.path.abspath(where).startswith(os.path.abspath(out_dir))
+        fail(f'{where}: {e.strerror or e}' + ('; free some space or pass another --out-dir' if ours else ''))
+
+
 def find_checkpoint(args, out_dir):
     if args.checkpoint:
         return args.checkpoint
@@ -961,8 +1062,6 @@ def main(argv=None):
         out_dir = args.out_dir or (os.path.dirname(path) or '.')
     else:
         out_dir = args.out_dir or default_out
-        if os.path.isfile(os.path.join(out_dir, 'last.pt')):
-            fail(f'{out_dir} already holds a run (last.pt): continue it with --resume, or pass another --out-dir')
     cfg = resolve_config(args, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
     check_config(cfg)
@@ -974,19 +1073,22 @@ def main(argv=None):
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         model.to(device)
         print(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
-        if args.predict:
-            predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device, amp_dtype)
-        else:
-            (val_ds,) = open_datasets(cfg, splits=('val',))
-            loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'],
-                                       seed=cfg['seed'])
-            os.makedirs(out_dir, exist_ok=True)
-            evaluate_and_log(model, loader, cfg, device, amp_dtype, model.step, tag=path)
+        with one_line_errors(out_dir):
+            if args.predict:
+                predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device,
+                               amp_dtype)
+            else:
+                (val_ds,) = open_datasets(cfg, splits=('val',))
+                loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'],
+                                           seed=cfg['seed'])
+                os.makedirs(out_dir, exist_ok=True)
+                evaluate_and_log(model, loader, cfg, device, amp_dtype, model.step, tag=path)
         return
 
     device, world, rank = setup_distributed(cfg['device'])
-    try:
-        train(cfg, args, ckpt, device, world, rank)
+    try:  # rank 0 alone writes the outputs, so it alone holds the out-dir
+        with one_line_errors(out_dir), hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
+            train(cfg, args, ckpt, device, world, rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
