@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 # Output channels of each task's head, per dataset (the synthetic scenes use the NYUD layout).
 TASKS = {
@@ -176,9 +178,10 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.data, grid, self.grid))
         self.grid = tuple(grid)
 
-    def forward_features(self, x, taps=()):
-        """(B, 3, H, W) -> (tokens after the final norm (B, 1 + N, C) as timm's forward_features,
-        [X_l for l in taps] each (B, N, C) without the class token)."""
+    def forward_features(self, x, taps, recompute=False):
+        """(B, 3, H, W) -> [X_l for l in taps], each (B, N, C) without the class token. The blocks
+        after the last tap are not run: nothing reads them. recompute: activation checkpointing,
+        each block keeps only its input for backward and runs again there."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         x = self.patch_embed(x)  # (B, N, C)
         pos = self.pos_embed
@@ -186,11 +189,12 @@ class VisionTransformer(nn.Module):
             pos = resample_pos_embed(pos, grid, self.grid)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos  # (B, 1 + N, C)
         tapped = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
+        for i, blk in enumerate(self.blocks[:max(taps)]):
+            # (drop-path masks are drawn again in the recomputation from the same saved RNG state)
+            x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
             if i + 1 in taps:
                 tapped.append(x[:, 1:])
-        return self.norm(x), tapped
+        return tapped
 
 
 def _init_vit_weights(m):
@@ -230,14 +234,26 @@ class MMoE(nn.Module):
         n_candidates = num_experts if first else num_experts + 1
         self.gates = nn.ModuleDict({t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
 
+    def expert_features(self, h):
+        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype. Under CUDA
+        autocast LayerNorm runs in fp32; the result is cast back once, so the T gated sums below
+        share one low-precision copy instead of each casting (and saving) its own."""
+        z = F.layer_norm(h, (self.D,), eps=1e-6) * self.expert_norm_weight + self.expert_norm_bias
+        return F.gelu(z).to(h.dtype)
+
     def forward(self, x, memory):
         """x: X_l (B, N, C); memory: dict task -> M_t (B, N, D), or None at the first MMoE.
         Returns (new memory dict task -> (B, N, D), gate weights dict task -> (B, N, E or E+1))."""
         B, N, _ = x.shape
-        z = self.experts(x).reshape(B, N, self.E, self.D)
-        z = F.layer_norm(z, (self.D,), eps=1e-6) * self.expert_norm_weight + self.expert_norm_bias
-        z = F.gelu(z)  # (B, N, E, D) = the E task-generic features Z_e
-        context = torch.cat([x, x.mean(dim=1, keepdim=True).expand(-1, N, -1)], dim=-1)  # (B, N, 2C)
+        h = self.experts(x).reshape(B, N, self.E, self.D)  # in the autocast dtype, if any
+        if self.training and torch.is_grad_enabled():
+            # keep only h for backward and recompute LN + GELU there (elementwise, ~free): otherwise
+            # their fp32 inputs and outputs under autocast are saved, 3 copies of (B, N, E, D) in fp32
+            z = checkpoint(self.expert_features, h, use_reentrant=False)
+        else:
+            z = self.expert_features(h)  # (B, N, E, D) = the E task-generic features Z_e
+        # (B, N, 2C), cast once to the dtype the gates compute in (autocast would cast it per task)
+        context = torch.cat([x, x.mean(dim=1, keepdim=True).expand(-1, N, -1)], dim=-1).to(h.dtype)
         new_memory, weights = {}, {}
         for t, gate in self.gates.items():
             logits = gate(context).float()  # (B, N, E[+1]); softmax in fp32 also under autocast
@@ -283,11 +299,15 @@ class TaskExpert(nn.Module):
       gate          'token' (a mixture per token) | 'image' (one mixture per image)
       memory_write  'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
       drop_path     stochastic depth of the backbone (default 0.15 for base/large, 0 for tiny/small)
+      grad_checkpoint  activation checkpointing while training, less memory for more compute, same
+                    numbers: 'off', 'mmoe' (the MMoE modules: +1 % FLOPs) or 'all' (also the backbone
+                    blocks: one more backbone forward, +17 % for ViT-L). Never the heads: their
+                    BatchNorm would update its running statistics twice.
     After a forward pass, `self.gates` holds one dict per tap: task -> gate weights (B, N, E[+1]).
     """
 
     def __init__(self, tasks, backbone='large', img_size=(448, 576), num_experts=8, expert_dim=None,
-                 taps=None, gate='token', memory_write='replace', drop_path=None):
+                 taps=None, gate='token', memory_write='replace', drop_path=None, grad_checkpoint='off'):
         super().__init__()
         if backbone not in VIT_PRESETS:
             raise ValueError(f'unknown backbone {backbone!r}: choose one of {", ".join(VIT_PRESETS)}')
@@ -295,6 +315,8 @@ class TaskExpert(nn.Module):
             raise ValueError(f'image size {tuple(img_size)} must be divisible by {PATCH}')
         if gate not in ('token', 'image') or memory_write not in ('replace', 'add'):
             raise ValueError(f'gate must be token|image and memory_write replace|add, got {gate!r}, {memory_write!r}')
+        if grad_checkpoint not in ('off', 'mmoe', 'all'):
+            raise ValueError(f'grad_checkpoint must be off|mmoe|all, got {grad_checkpoint!r}')
         p = VIT_PRESETS[backbone]
         self.tasks = dict(tasks)
         self.taps = tuple(p['taps'] if taps is None else taps)
@@ -308,17 +330,25 @@ class TaskExpert(nn.Module):
             for i in range(len(self.taps)))
         self.heads = nn.ModuleDict({t: TaskHead(expert_dim, c) for t, c in self.tasks.items()})
         # The final LayerNorm is only there so timm checkpoints load strictly: the MMoEs read the
-        # un-normed block outputs, so it gets no gradient (frozen, which also keeps DDP happy).
+        # un-normed block outputs. Blocks after the last tap feed nothing either: they are not run.
+        # Neither gets a gradient, so both are frozen (DDP fails on trainable parameters without
+        # one) and kept, so that ImageNet checkpoints still load strictly.
         self.backbone.norm.requires_grad_(False)
+        self.backbone.blocks[self.taps[-1]:].requires_grad_(False)
+        self.grad_checkpoint = grad_checkpoint
         self.gates = []
 
     def forward(self, x):
         """x (B, 3, H, W) ImageNet-normalised -> dict task -> raw prediction (B, C_t, H, W)."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
-        _, tapped = self.backbone.forward_features(x, self.taps)
+        recompute = self.grad_checkpoint if self.training and torch.is_grad_enabled() else 'off'
+        tapped = self.backbone.forward_features(x, self.taps, recompute=recompute == 'all')
         memory, self.gates = None, []
         for mmoe, x_l in zip(self.mmoe, tapped):
-            memory, g = mmoe(x_l, memory)
+            if recompute == 'off':
+                memory, g = mmoe(x_l, memory)
+            else:  # keep X_l and the memory for backward, run the MMoE again there
+                memory, g = checkpoint(mmoe, x_l, memory, use_reentrant=False)
             self.gates.append(g)
         # the memory after the last MMoE feeds every task's final prediction (paper Fig. 2)
         return {t: head(memory[t], grid, x.shape[-2:]) for t, head in self.heads.items()}
@@ -345,6 +375,22 @@ class TaskExpert(nn.Module):
             raise ValueError(f'{path}: the weights do not fit its config ({str(e).splitlines()[0]})') from None
         model.config, model.step = ckpt['config'], ckpt['step']
         return model.eval()
+
+
+def count_train_flops(model):
+    """-> (forward, forward + backward) FLOPs of one training image at the model's training size,
+    as torch.utils.flop_counter counts them: matrix products, convolutions and attention (the
+    elementwise ops and the loss are left out, as is usual for MFU). With grad_checkpoint on, the
+    recomputation counts too; MFU counts the model's FLOPs, without it. Build the model on the meta
+    device (`with torch.device('meta'):`) to count ViT-L on any CPU at once."""
+    H, W = (g * PATCH for g in model.backbone.grid)
+    x = torch.zeros(1, 3, H, W, device=model.backbone.pos_embed.device)
+    with FlopCounterMode(display=False) as counter:
+        outputs = model.train()(x)
+        forward = counter.get_total_flops()
+        # the loss's gradient reaches every output, as this sum's does: same backward FLOPs
+        sum(o.float().sum() for o in outputs.values()).backward()
+    return forward, counter.get_total_flops()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -572,7 +618,7 @@ def _balanced_bce(logit, target, pos_weight=None):
     if pos_weight is None:
         w = ((1 - y) * valid).sum() / n.clamp(min=1)  # no positive -> w = 1 -> negatives weigh 0
     else:
-        w = torch.as_tensor(pos_weight, dtype=torch.float32, device=logit.device)
+        w = pos_weight  # a Python float: a tensor made here would be a host-to-device copy every step
     # softplus(-x) = -log sigmoid(x), softplus(x) = -log(1 - sigmoid(x)), both stable
     loss = w * y * F.softplus(-logit) + (1 - w) * (1 - y) * F.softplus(logit)
     return (loss * valid).sum() / n.clamp(min=1)

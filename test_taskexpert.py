@@ -91,6 +91,64 @@ def test_model_every_option_runs_forward_and_backward(opts):
             assert p.grad is not None, f'{name} got no gradient'
 
 
+def test_model_blocks_after_the_last_tap_are_frozen_and_not_run():
+    model = _tiny(TASKS['nyud'], taps=(2, 6)).train()
+    ran = []
+    for i, blk in enumerate(model.backbone.blocks):
+        blk.register_forward_hook(lambda m, a, o, i=i: ran.append(i + 1))
+    out = model(torch.randn(2, 3, *_MODEL_SIZE))
+    sum(o.float().mean() for o in out.values()).backward()
+    assert ran == [1, 2, 3, 4, 5, 6]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n.split('.')[2] for n in frozen if n.startswith('backbone.blocks.')} == {str(i) for i in range(6, 12)}
+    assert all(p.grad is not None for n, p in model.named_parameters() if n not in frozen)  # DDP needs this
+    assert 'backbone.blocks.11.mlp.fc2.weight' in model.state_dict()  # ImageNet checkpoints still load strictly
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_model_grad_checkpoint_gives_the_same_step(autocast):
+    """Recomputation in backward, drop-path masks included, changes memory only: same outputs and
+    gradients, and the heads' BatchNorm statistics are updated once."""
+    x = torch.randn(2, 3, *_MODEL_SIZE)
+    runs = []
+    for mode in ('off', 'mmoe', 'all'):
+        model = _tiny(TASKS['nyud'], drop_path=0.2, grad_checkpoint=mode).train()
+        torch.manual_seed(1)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        sum(o.float().mean() for o in out.values()).backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                     {n: b.clone() for n, b in model.named_buffers()}))
+    for out, grads, buffers in runs[1:]:
+        for t in out:
+            torch.testing.assert_close(out[t], runs[0][0][t], rtol=0, atol=0)
+        assert grads.keys() == runs[0][1].keys()
+        for n, g in grads.items():
+            torch.testing.assert_close(g, runs[0][1][n], rtol=1e-5, atol=1e-7)
+        for n, b in buffers.items():
+            torch.testing.assert_close(b, runs[0][2][n], rtol=0, atol=0)
+
+
+def test_model_mmoe_saves_expert_features_once_in_low_precision():
+    """Under autocast, an MMoE keeps for backward W_e X_l and Z_e in low precision, once for all T
+    tasks (not again in fp32 around LayerNorm and GELU, nor cast once per task), and one copy of the
+    gates' input [X_l ; mean(X_l)]."""
+    mmoe = _tiny(TASKS['nyud']).mmoe[1].train()  # a tap with memory
+    B, N, C, E, D = 2, 24, 192, mmoe.E, mmoe.D
+    memory = {t: torch.randn(B, N, D, dtype=torch.bfloat16) for t in TASKS['nyud']}
+    saved = {}  # storage -> (elements, dtype)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes() // t.element_size(), t.dtype)
+        return t
+
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        new_memory, _ = mmoe(torch.randn(B, N, C), memory)
+    assert [d for n, d in saved.values() if n == B * N * E * D] == [torch.bfloat16] * 2, saved
+    assert [d for n, d in saved.values() if n == B * N * 2 * C] == [torch.bfloat16], saved
+    assert all(m.dtype == torch.bfloat16 for m in new_memory.values())
+
+
 def test_model_other_input_size_and_bf16_autocast():
     model = _tiny(TASKS['nyud']).eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
@@ -1034,15 +1092,112 @@ def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch
 
 
 def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
+    # the last MMoE at block 9 of 12 (blocks 10-12 get no gradient), and 2 accumulated micro-batches
+    # of 1 image per process (DDP all-reduces on the second only)
     args = _train_tiny_args(_train_run / 'data', tmp_path / 'ddp', '--max-iters', '2', '--eval-every', '2',
-                            '--batch-size', '4')  # 2 images per process
+                            '--batch-size', '4', '--accum-steps', '2', '--taps', '3', '6', '9')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train.py', *args], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('TaskExpert on synthetic') == 1  # rank 0 alone logs
+    assert r.stdout.count('warning: DDP on CPUs (gloo)') == 1 and 'BatchNorm normalises each image' in r.stdout
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
     assert ckpt['step'] == 2 and len(ckpt['rng']) == 2  # one RNG state per process
     assert len(_train_losses(tmp_path / 'ddp')) == 2
+
+
+def test_train_resume_across_precisions(_train_run, tmp_path, monkeypatch):
+    """An fp32 (or bf16) checkpoint has no GradScaler state; resuming it with --amp fp16 starts a fresh
+    scale, and an fp16 checkpoint resumes without one. (fp16 autocast needs CUDA: here --amp fp16 is
+    fp32 arithmetic with the GradScaler on, which is what the resume exercises.)"""
+    pick = train.pick_precision
+    monkeypatch.setattr(train, 'pick_precision', lambda amp, device: (None, True, 'test: fp32 with a GradScaler')
+                        if amp == 'fp16' else pick(amp, device))
+    train.main(['--resume', str(_train_run / 'run' / 'last.pt'), '--amp', 'fp16', '--max-iters', '7',
+                '--eval-every', '7', '--out-dir', str(tmp_path / 'fp16')])
+    ckpt = torch.load(tmp_path / 'fp16' / 'last.pt', weights_only=True)
+    assert ckpt['step'] == 7 and ckpt['config']['amp'] == 'fp16' and ckpt['scaler']['scale'] > 0
+    train.main(['--resume', str(tmp_path / 'fp16' / 'last.pt'), '--amp', 'off', '--max-iters', '8',
+                '--eval-every', '8', '--out-dir', str(tmp_path / 'fp32')])
+    ckpt = torch.load(tmp_path / 'fp32' / 'last.pt', weights_only=True)
+    assert ckpt['step'] == 8 and ckpt['scaler'] == {}
+
+
+def test_train_precision_follows_compute_capability(monkeypatch, capsys):
+    """bf16 needs compute capability 8.0 (Ampere): a V100 / T4 trains in fp16 with a GradScaler, even
+    though torch.cuda.is_bf16_supported() says yes there (bf16 emulation)."""
+    gpu = torch.device('cuda:0')
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 0))  # V100
+    assert train.pick_precision('auto', gpu)[:2] == (torch.float16, True)
+    assert train.pick_precision('off', gpu)[:2] == (None, False)
+    code, msg = _train_error_call(lambda: train.pick_precision('bf16', gpu), capsys)
+    assert code != 0 and 'does not support bf16' in msg
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))  # A100
+    assert train.pick_precision('auto', gpu)[:2] == (torch.bfloat16, False)
+    assert train.pick_precision('fp16', gpu)[:2] == (torch.float16, True)
+
+
+def test_train_accumulated_micro_batches_equal_one_batch():
+    """--accum-steps 2 on a batch of 4 gives the step of one batch of 4: same loss, same gradients.
+    The heads' BatchNorm is put in eval mode: in train mode each micro-batch is normalised with its
+    own statistics (as each process under DDP without SyncBatchNorm), which no accumulation can undo.
+    The targets have no void pixel, so that every micro-batch weighs its pixels alike."""
+    cpu = torch.device('cpu')
+    batch = train.random_batch(TASKS['nyud'], 4, _MODEL_SIZE, cpu)
+    steps = []
+    for accum in (1, 2):
+        model = _tiny(TASKS['nyud'], drop_path=0.0).train()
+        for head in model.heads.values():
+            head.bn.eval()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+        scaler = torch.amp.GradScaler('cpu', enabled=False)
+        total, per_task, skipped = train.train_step(model, batch, MultiTaskLoss(model.tasks), optimizer, scaler,
+                                                    {'accum_steps': accum, 'clip': 1e9}, cpu, None, 1)
+        assert skipped is None
+        steps.append((total, per_task, [b - p.detach() for b, p in zip(before, model.parameters())]))
+    (total1, tasks1, grads1), (total2, tasks2, grads2) = steps
+    torch.testing.assert_close(total2, total1, rtol=1e-5, atol=0)
+    for t in tasks1:
+        torch.testing.assert_close(tasks2[t], tasks1[t], rtol=1e-5, atol=0)
+    assert sum(g.abs().sum() for g in grads1) > 0
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_train_startup_warnings(monkeypatch):
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    cfg = train.resolve_config(train.make_parser().parse_args([]))  # synthetic: batch 8, 1 data worker
+    cpu, gpu = torch.device('cpu'), torch.device('cuda:0')
+    assert train.startup_warnings(cfg, cpu, 1) == []
+    assert train.startup_warnings({**cfg, 'batch_size': 4}, gpu, 4) == []  # SyncBatchNorm over 4 images
+    one = train.startup_warnings({**cfg, 'batch_size': 4, 'accum_steps': 4}, gpu, 1)
+    assert len(one) == 1 and 'BatchNorm normalises each image with its own statistics' in one[0]
+    gloo = train.startup_warnings({**cfg, 'batch_size': 2}, cpu, 2)
+    assert len(gloo) == 2 and 'own statistics' in gloo[0] and 'gloo' in gloo[1]
+    many = train.startup_warnings({**cfg, 'workers': 4}, gpu, 4)
+    assert len(many) == 1 and '4 process(es) x --workers 4 data loaders on 8 CPU cores' in many[0]
+
+
+@pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
+def test_train_compiled_step_equals_eager(backend):
+    """--compile: torch.compile captures the model in one graph (fullgraph: no graph break), with
+    activation checkpointing too, and its loss and gradients equal eager ones. aot_eager runs the
+    captured forward and backward graphs as they are (seconds); inductor also generates the kernels
+    that --compile uses (minutes on a CPU: marked slow, run with `pytest -m slow`)."""
+    batch = train.random_batch(TASKS['nyud'], 2, _MODEL_SIZE, torch.device('cpu'))
+    results = []
+    for compiled in (False, True):
+        model = _tiny(TASKS['nyud'], taps=(1, 2), num_experts=2, grad_checkpoint='all' if compiled else 'off').train()
+        run = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+        total, _ = MultiTaskLoss(model.tasks)(run(batch['image']), batch)
+        total.backward()
+        results.append((total, [p.grad for p in model.parameters() if p.requires_grad]))
+    (eager, eager_grads), (comp, comp_grads) = results
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    for g_comp, g_eager in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-3, atol=1e-5)
 
 
 def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_path, monkeypatch):
@@ -1080,8 +1235,12 @@ def test_train_non_finite_loss_is_skipped_then_stops(_train_run, tmp_path, monke
 
 
 def _train_error(argv, capsys):
+    return _train_error_call(lambda: train.main(argv), capsys)
+
+
+def _train_error_call(fn, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(argv)
+        fn()
     msg = str(e.value.code) if isinstance(e.value.code, str) else capsys.readouterr().err.strip()
     return e.value.code, msg
 
@@ -1101,6 +1260,9 @@ def _train_error(argv, capsys):
     (['--lr', 'inf'], '--lr inf'),
     (['--clip', 'nan'], '--clip nan'),
     (['--seed', '-1'], '--seed -1'),
+    (['--batch-size', '6', '--accum-steps', '4'], '--batch-size 6 must split evenly into 1 process(es) x --accum-steps 4'),
+    (['--accum-steps', '0'], '--accum-steps 0: must be at least 1'),
+    (['--flops-only'], '--flops-only applies to --benchmark only'),
 ])
 def test_train_bad_flags_give_one_line_errors(argv, expected, tmp_path, capsys):
     code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out'), '--data-root', str(tmp_path / 'data')], capsys)
@@ -1343,10 +1505,32 @@ def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monke
 
 def test_train_benchmark_prints_its_numbers(capsys):
     train.main(['--benchmark', '--backbone', 'tiny', '--img-size', '32', '48', '--batch-size', '2',
-                '--expert-dim', '32', '--device', 'cpu'])
+                '--expert-dim', '32', '--device', 'cpu', '--accum-steps', '2', '--grad-checkpoint', 'all'])
     out = capsys.readouterr().out
-    for what in ('train:', 'inference:', 'img/s', 'backbone', 'MMoE + heads', 'peak memory'):
+    for what in ('batch 2 in 2 micro-batch(es)', '--grad-checkpoint all', 'forward + backward', 'train:',
+                 'TFLOP/s achieved', 'MFU unknown: no peak for CPU (pass --peak-tflops)', 'inference:', 'img/s',
+                 'backbone', 'MMoE + heads', 'peak memory'):
         assert what in out, out
+
+
+@pytest.mark.parametrize('name, peak', [
+    ('NVIDIA A100-SXM4-80GB', 312), ('NVIDIA A10', 125), ('NVIDIA A10G', None), ('NVIDIA L4', 121),
+    ('NVIDIA L40S', 362), ('NVIDIA H100 80GB HBM3', 989), ('NVIDIA H100 PCIe', 756), ('NVIDIA H200', 989),
+    ('NVIDIA GeForce RTX 4090', 165), ('Tesla V100-SXM2-32GB', 125), ('Tesla T4', 65),
+])
+def test_train_benchmark_peak_of_the_gpu_by_name(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    assert train.peak_tflops(torch.device('cuda:0')) == (peak, name)
+
+
+def test_train_benchmark_counts_vit_large_flops_on_any_machine(capsys):
+    """The paper model (ViT-L, D 768, 448x576) counted on the meta device: ~1.45 TFLOP forward and
+    ~4.34 TFLOP forward + backward per image (backward: twice the forward's matmuls, bar the input
+    gradient of the patch embedding), in seconds and without memory."""
+    train.main(['--benchmark', '--flops-only', '--backbone', 'large', '--img-size', '448', '576'])
+    out = capsys.readouterr().out
+    assert 'D=768' in out and 'forward 1.449 TFLOP, forward + backward 4.344 TFLOP' in out, out
+    assert 'train:' not in out
 
 
 # ==================================================================================================

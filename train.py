@@ -6,7 +6,7 @@
     python train.py --resume runs/nyud/last.pt                               # continue exactly
     python train.py --eval-only --checkpoint runs/nyud/best.pt
     python train.py --predict my_photos/ --checkpoint runs/nyud/best.safetensors
-    python train.py --benchmark --backbone large --img-size 448 576
+    python train.py --benchmark --dataset nyud                         # FLOPs, speed, MFU, memory
 
 What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings),
 train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: every metric and the
@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import socket
 import statistics
@@ -45,8 +46,8 @@ from PIL import Image, ImageDraw
 import data
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, collate
 from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
-                        MultiTaskLoss, TaskExpert, load_pretrained, make_meters, postprocess, predict,
-                        read_checkpoint)
+                        MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained, make_meters, postprocess,
+                        predict, read_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
 # Settings: every flag defaults to None and is resolved after parsing, from COMMON, then the
@@ -57,7 +58,8 @@ from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=1000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', seed=0, amp='auto',
-              device='auto', pretrained=None, loss_weights={})
+              device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
+              compile=False)
 DATASET_DEFAULTS = {
     'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
     'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext'),
@@ -87,7 +89,15 @@ def make_parser():
     a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: large; synthetic: tiny)')
     a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
       help='network input size, divisible by 16 (default: nyud 448 576, pascal 512 512, synthetic 96 128)')
-    a('--batch-size', type=int, help='global batch, split over torchrun processes (default: 4; synthetic: 8)')
+    a('--batch-size', type=int, help='global batch of one optimizer step, split over torchrun processes and '
+      '--accum-steps micro-batches (default: 4; synthetic: 8)')
+    a('--accum-steps', type=int, help='gradient accumulation: each process runs its share of the batch as N '
+      'micro-batches, for the same step with less memory (default: 1)')
+    a('--grad-checkpoint', choices=['off', 'mmoe', 'all'], help='activation checkpointing, less memory for more '
+      'compute: mmoe = the MMoE modules (+1 %% FLOPs), all = also the backbone blocks (+17 %% for ViT-L) '
+      '(default: off)')
+    a('--compile', action=argparse.BooleanOptionalAction, default=None,
+      help='torch.compile the model for training (minutes of compilation at the start; default: off)')
     a('--max-iters', type=int, help='training iterations (default: 40000; synthetic: 1200)')
     a('--lr', type=float, help='Adam learning rate (default: 2e-5; synthetic: 5e-4)')
     a('--weight-decay', type=float, help='Adam weight decay (default: 1e-6)')
@@ -111,7 +121,12 @@ def make_parser():
     a('--eval-only', action='store_true', help='evaluate --checkpoint on the val split and exit')
     a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel (.png) '
       'and the predictions at its size (.npz)')
-    a('--benchmark', action='store_true', help='time training and inference on random inputs and exit')
+    a('--benchmark', action='store_true', help='count the FLOPs, then time training and inference on random '
+      'inputs (--amp, --compile, --grad-checkpoint, --accum-steps select the variant) and exit')
+    a('--flops-only', action='store_true', help='with --benchmark: only count the FLOPs (on the meta device: '
+      'instant for any backbone, e.g. ViT-L on a CPU)')
+    a('--peak-tflops', type=float, help='with --benchmark: the dense bf16 peak of your accelerator in TFLOP/s, '
+      'for the MFU (default: known for common NVIDIA GPUs)')
     a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
       '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
       '(= timm/<name>; fetched with huggingface_hub)')
@@ -121,7 +136,8 @@ def make_parser():
     a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: 0)')
     a('--workers', type=int, help='data-loading processes per training process (default: 4; synthetic: 1)')
     a('--num-experts', type=int, help='experts E per MMoE (default: 8)')
-    a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny ... 768 large; synthetic: 64)')
+    a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny ... 768 large; synthetic '
+      'with its tiny backbone: 64)')
     a('--taps', type=int, nargs='+', metavar='BLOCK', help='1-based backbone blocks carrying an MMoE '
       '(default: 4 evenly spaced, e.g. 6 12 18 24 for large)')
     a('--gate', choices=['token', 'image'], help='gate softmax per token (default) or per image')
@@ -155,10 +171,13 @@ def resolve_config(args, ckpt_config=None):
         if changed:
             fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
                  f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
-        # (checkpoints written before --loss-weights existed trained with the paper's: missing = those)
-        return {**ckpt_config, **given, 'loss_weights': {**ckpt_config.get('loss_weights', {}), **weights}}
+        # (checkpoints written before --loss-weights existed trained with the paper's: missing = those;
+        # training settings added since take their defaults)
+        return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config.get('loss_weights', {}), **weights}}
     dataset = given.get('dataset', 'synthetic')
     cfg = {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}
+    if 'expert_dim' not in given and cfg['backbone'] != DATASET_DEFAULTS[dataset].get('backbone', cfg['backbone']):
+        cfg['expert_dim'] = None  # a row's expert width goes with the row's backbone
     cfg['loss_weights'] = {**{t: LOSS_WEIGHTS[t] for t in TASKS[TASK_SET[dataset]]}, **cfg['loss_weights'], **weights}
     # the model defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
@@ -173,9 +192,13 @@ def check_config(cfg):
     h, w = cfg['img_size']
     if h <= 0 or w <= 0 or h % PATCH or w % PATCH:
         fail(f'--img-size {h} {w}: both must be positive multiples of {PATCH}')
-    for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'num_experts', 'expert_dim'):
+    for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'num_experts', 'expert_dim', 'accum_steps'):
         if cfg[k] < 1:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
+    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun processes
+    if cfg['batch_size'] % (world * cfg['accum_steps']):
+        fail(f'--batch-size {cfg["batch_size"]} must split evenly into {world} process(es) x --accum-steps '
+             f'{cfg["accum_steps"]} micro-batches')
     for k in ('lr', 'clip'):  # (comparisons written so that NaN fails them)
         if not 0 < cfg[k] < math.inf:
             fail(f'--{k} {cfg[k]}: must be a positive, finite number')
@@ -340,6 +363,7 @@ def log(*a, **k):
 
 
 def pick_device(name):
+    """--device -> torch.device; on a GPU also this process's CUDA settings."""
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if name in (None, 'auto'):
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -348,7 +372,17 @@ def pick_device(name):
             fail(f'--device {name}: CUDA is not available here; use --device cpu')
         if name == 'cuda':  # one GPU per torchrun process
             name = f'cuda:{local_rank}'
-    elif name != 'cpu':
+        device = torch.device(name)
+        if device.index >= torch.cuda.device_count():
+            fail(f'--device {name}: this machine has {torch.cuda.device_count()} GPU(s); '
+                 'run at most that many processes (torchrun --nproc_per_node)')
+        # the current device too, so that kernels, NCCL and cached allocations all land on ours
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (--amp off, the fp32 ops) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
+        return device
+    if name != 'cpu':
         fail(f'--device {name}: choose auto, cpu, cuda or cuda:N')
     return torch.device(name)
 
@@ -357,7 +391,9 @@ def pick_precision(amp, device):
     """-> (autocast dtype or None, use a GradScaler, why) for --amp on this device."""
     amp = amp or 'auto'
     if device.type == 'cuda':
-        bf16 = torch.cuda.is_bf16_supported()
+        # bf16 tensor cores from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported()
+        # also says yes on a V100 or T4, where bf16 is only emulated and cuDNN has no bf16 convolutions.
+        bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
         if amp == 'off':
             return None, False, 'fp32 (--amp off)'
         if amp == 'fp16' or (amp == 'auto' and not bf16):
@@ -381,11 +417,7 @@ def setup_distributed(device_flag):
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (nccl) or CPU worker (gloo)."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = pick_device(device_flag)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
     if world > 1:
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
         # rank 0 evaluates alone while the others wait, so allow long evaluations
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 timeout=datetime.timedelta(hours=2))
@@ -434,11 +466,72 @@ def truncate_jsonl(path, step):
     return [record for _, record in keep]
 
 
+def train_step(model, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, world):
+    """One optimizer step on this process's share of the global batch, run as cfg['accum_steps']
+    micro-batches, then unscale, clip and Adam. -> (loss, per-task losses, why the step was skipped
+    or None). Each micro-batch backpropagates its loss / accum_steps: the gradient of the mean
+    micro-batch loss, which DDP averages over the processes in turn, all-reducing once, on the last
+    micro-batch. That equals one step on the whole batch when the micro-batches hold equally many
+    valid pixels per task (the losses are means over valid pixels), BatchNorm aside (it normalises
+    each micro-batch with its own statistics)."""
+    accum = cfg['accum_steps']
+    m = len(batch['image']) // accum
+    total, per_task = 0.0, {}
+    for i in range(accum):
+        micro = {k: v[i * m:(i + 1) * m] for k, v in batch.items()}
+        with model.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
+            with autocast(device, amp_dtype):
+                outputs = model(micro['image'])
+            loss, losses = loss_fn(outputs, micro)
+            scaler.scale(loss / accum).backward()
+        total = total + loss.detach() / accum
+        per_task = {t: per_task.get(t, 0.0) + v.detach() / accum for t, v in losses.items()}
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['clip'])  # of the all-reduced gradients
+    # The step's one host-device sync: is the loss, is the gradient finite? Every process decides
+    # alike: the gradient norm is global, the loss flag all-reduced.
+    finite = torch.stack([total, grad_norm.float()]).isfinite().float()
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    loss_ok, grad_ok = finite.tolist()
+    skipped = None
+    if not loss_ok:  # a non-finite loss is never trained on: every process skips the step together
+        bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
+                     ['another process' if world > 1 else 'the weighted sum of the tasks'])
+        skipped = f'non-finite loss in {", ".join(bad_tasks)}'
+    elif not grad_ok and not scaler.is_enabled():  # under fp16 the GradScaler skips these and backs off
+        skipped = 'non-finite gradient norm'
+    else:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total, per_task, skipped
+
+
+def startup_warnings(cfg, device, world):
+    """Settings known to train slowly or differently from what was likely meant -> lines to print."""
+    lines = []
+    micro = cfg['batch_size'] // (world * cfg['accum_steps'])  # images per process and forward pass
+    synced = device.type == 'cuda' and world > 1  # SyncBatchNorm: statistics over all processes
+    if micro * (world if synced else 1) == 1:
+        lines.append(f'the heads\' BatchNorm normalises each image with its own statistics (--batch-size '
+                     f'{cfg["batch_size"]} over {world} process(es) x --accum-steps {cfg["accum_steps"]}): '
+                     'noisy, and unlike the running statistics used in evaluation; use a larger batch or fewer '
+                     'micro-batches (--grad-checkpoint saves memory instead)')
+    if world > 1 and device.type == 'cpu':
+        lines.append('DDP on CPUs (gloo): each process normalises BatchNorm over its own images (SyncBatchNorm '
+                     'needs CUDA), and it is slow: meant for testing')
+    cores = os.cpu_count() or 1
+    if world * cfg['workers'] > cores:
+        lines.append(f'{world} process(es) x --workers {cfg["workers"]} data loaders on {cores} CPU cores: '
+                     'data loading competes with itself; lower --workers')
+    return lines
+
+
 def train(cfg, args, ckpt, device, world, rank):
     out = cfg['out_dir']
     amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
-    if cfg['batch_size'] % world:
-        fail(f'--batch-size {cfg["batch_size"]} must be divisible by the {world} processes')
     if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
         for name in ('last.pt', 'best.pt'):
             if os.path.isfile(os.path.join(out, name)):
@@ -450,6 +543,7 @@ def train(cfg, args, ckpt, device, world, rank):
 
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
+    model.grad_checkpoint = cfg['grad_checkpoint']  # a training setting, not the model's
     if cfg['pretrained'] and ckpt is None:
         try:
             load_pretrained(model, cfg['pretrained'])
@@ -459,25 +553,37 @@ def train(cfg, args, ckpt, device, world, rank):
             why = str(e).strip().split('\n')[0].split('. ')[0]
             fail(f'--pretrained {cfg["pretrained"]}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); '
                  'download it again')
+    if world > 1 and device.type == 'cuda':
+        # BatchNorm statistics over the global batch, not each GPU's share (the paper's batch 4 on 4
+        # GPUs: one image each); same state dict keys. (gloo has no SyncBatchNorm: on CPUs each process
+        # keeps its own statistics.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    # fused: one kernel for all parameters (and under fp16 the GradScaler's skip test stays on the device)
+    optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
     step, best = 0, None
     if ckpt is not None:
         load_weights(model, ckpt, args.resume or os.path.join(out, 'last.pt'))
         optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
+            scaler.load_state_dict(ckpt['scaler'])
         step = ckpt['step']
         set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
     ddp = model  # the module that trains; evaluation and checkpoints use `model` itself
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if world > 1:  # gradients as views of DDP's all-reduce buckets: one gradient-sized copy less
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+    if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
+        ddp = torch.compile(ddp)
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(train_ds)} train / {len(val_ds)} val images)')
     log(f'device {device} x {world} process(es) | precision: {why} | '
         f'{n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.1f}M trained)')
+    for line in startup_warnings(cfg, device, world):
+        log(f'warning: {line}')
     if not cfg['pretrained'] and cfg['dataset'] != 'synthetic':
         log('note: no --pretrained weights: training from scratch, far below the paper (ImageNet ViT init)')
     if ckpt is not None:
@@ -518,28 +624,7 @@ def train(cfg, args, ckpt, device, world, rank):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g['lr'] = lr
-        with autocast(device, amp_dtype):
-            outputs = ddp(batch['image'])
-        total, per_task = loss_fn(outputs, batch)
-        # a non-finite loss is never trained on: every process skips the step together
-        finite = torch.isfinite(total.detach()).float().reshape(1)
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        skipped = None
-        if finite.item() == 0:
-            bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
-                         ['another process' if world > 1 else 'the weighted sum of the tasks'])
-            skipped = f'non-finite loss in {", ".join(bad_tasks)}'
-        else:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['clip'])  # all-reduced: same on every process
-            if not use_scaler and not torch.isfinite(grad_norm):  # under fp16 the GradScaler skips these
-                skipped = 'non-finite gradient norm'
-            else:
-                scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        total, per_task, skipped = train_step(ddp, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, world)
         step += 1
         if skipped:
             bad += 1
@@ -549,7 +634,7 @@ def train(cfg, args, ckpt, device, world, rank):
         else:
             bad, n_log = 0, n_log + 1
             for t, v in [('loss', total)] + list(per_task.items()):
-                sums[t] = sums.get(t, 0.0) + v.detach()  # read at the next log line, not every step
+                sums[t] = sums.get(t, 0.0) + v  # on the device, read at the next log line
 
         if n_log and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
             dt = time.time() - t_log
@@ -902,19 +987,47 @@ def random_batch(tasks, batch_size, size, device):
     return batch
 
 
-def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
-    """Median time of training steps and of inference at the configured backbone, size and batch;
-    the backbone's share is forward_features alone against the whole forward."""
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, for the MFU;
+# the first name found as a word in torch.cuda.get_device_name() wins. V100 and T4 have no bf16:
+# their fp16 peak.
+PEAK_TFLOPS = [('H200 NVL', 835), ('H200', 989), ('H100 NVL', 835), ('H100 PCIe', 756), ('H100', 989),
+               ('A100', 312), ('L40S', 362), ('L4', 121), ('A10', 125), ('RTX 4090', 165), ('RTX 3090', 71),
+               ('RTX A6000', 155), ('V100', 125), ('T4', 65)]
+
+
+def peak_tflops(device):
+    """-> (peak TFLOP/s, device name) or (None, name) for a device not in PEAK_TFLOPS."""
+    if device.type != 'cuda':
+        return None, 'CPU'
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_TFLOPS if re.search(rf'\b{key}\b', name)), None), name
+
+
+def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3, runs=10):
+    """Counted FLOPs per image, then the median time of training steps (train_step, as in training)
+    and of inference on random inputs at the configured backbone, size, batch and variant (--amp,
+    --compile, --grad-checkpoint, --accum-steps): img/s, achieved TFLOP/s, MFU, peak memory. The
+    backbone's share of inference is forward_features alone against the whole forward."""
+    with torch.device('meta'):  # shapes only: no memory, no arithmetic, any backbone on any machine
+        forward, flops = count_train_flops(TaskExpert.from_config(cfg))  # (no recomputation)
+    B, (H, W) = cfg['batch_size'], cfg['img_size']
+    print(f'benchmark: {cfg["backbone"]} backbone, {H}x{W}, batch {B} in {cfg["accum_steps"]} micro-batch(es), '
+          f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, {device}, {why}, --grad-checkpoint '
+          f'{cfg["grad_checkpoint"]}, compile {"on" if cfg["compile"] else "off"}')
+    print(f'counted per image (torch.utils.flop_counter): forward {forward / 1e12:.4g} TFLOP, forward + backward '
+          f'{flops / 1e12:.4g} TFLOP (matmuls, convolutions, attention; recomputation not counted)')
+    if flops_only:
+        return
     model = TaskExpert.from_config(cfg).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg['lr'])
+    model.grad_checkpoint = cfg['grad_checkpoint']
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
-    batch = random_batch(model.tasks, cfg['batch_size'], cfg['img_size'], device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
+    batch = random_batch(model.tasks, B, cfg['img_size'], device)
+    trained = torch.compile(model) if cfg['compile'] else model
 
     def timed(fn):
+        """-> (median seconds after the warm-up, seconds of the first call)"""
         times = []
         for i in range(warmup + runs):
             if device.type == 'cuda':
@@ -924,17 +1037,7 @@ def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
             if device.type == 'cuda':
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times[warmup:])
-
-    def train_step():
-        with autocast(device, amp_dtype):
-            total, _ = loss_fn(model(batch['image']), batch)
-        scaler.scale(total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, cfg['clip'])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        return statistics.median(times[warmup:]), times[0]
 
     def inference(backbone_only=False):
         with torch.no_grad(), autocast(device, amp_dtype):
@@ -943,23 +1046,30 @@ def benchmark(cfg, device, amp_dtype, why, warmup=3, runs=10):
             else:
                 model(batch['image'])
 
-    model.train()
-    t_train = timed(train_step)
-    model.eval()
-    t_infer = timed(inference)
-    t_backbone = timed(lambda: inference(backbone_only=True))
     if device.type == 'cuda':
-        peak = f'{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f} MiB (CUDA max_memory_allocated)'
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    t_train, t_first = timed(lambda: train_step(trained, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, 1))
+    if device.type == 'cuda':
+        peak_mem = (f'allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB, reserved '
+                    f'{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB (torch.cuda.max_memory_*)')
     else:  # Linux reports ru_maxrss in KiB
-        peak = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (peak RSS of the process)'
-    B = cfg['batch_size']
-    print(f'benchmark: {cfg["backbone"]} backbone, {cfg["img_size"][0]}x{cfg["img_size"][1]}, batch {B}, '
-          f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, {device}, {why}; median of {runs} after {warmup} warm-up')
-    print(f'train:     {B / t_train:8.2f} img/s  ({t_train * 1000:.1f} ms per step)')
-    print(f'inference: {B / t_infer:8.2f} img/s  ({t_infer * 1000:.1f} ms per batch)')
+        peak_mem = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (peak RSS of the process)'
+    model.eval()
+    t_infer, _ = timed(inference)
+    t_backbone, _ = timed(lambda: inference(backbone_only=True))
+    achieved = flops * B / t_train / 1e12
+    known, name = peak_tflops(device)
+    peak = peak or known
+    print(f'train:     {B / t_train:8.2f} img/s  ({t_train * 1000:.1f} ms per step, median of {runs} after {warmup} '
+          f'warm-up; the first took {t_first:.1f} s)')
+    print(f'           {achieved:.3g} TFLOP/s achieved, MFU ' +
+          (f'{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s ({name}, dense bf16 peak)' if peak else
+           f'unknown: no peak for {name} (pass --peak-tflops)'))
+    print(f'inference: {B / t_infer:8.2f} img/s  ({t_infer * 1000:.1f} ms per batch, eager)')
     share = min(1.0, t_backbone / t_infer)
     print(f'inference time: backbone {100 * share:.0f}%, MMoE + heads {100 * (1 - share):.0f}%')
-    print(f'peak memory: {peak}')
+    print(f'peak memory in training: {peak_mem}')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1039,13 +1149,15 @@ def main(argv=None):
         fail(f'--resume continues training; --{modes[0].replace("_", "-")} reads --checkpoint PATH')
     if args.checkpoint and not (args.eval_only or args.predict):
         fail('--checkpoint is read by --eval-only and --predict; to continue training use --resume PATH')
+    if (args.flops_only or args.peak_tflops) and not args.benchmark:
+        fail(f'--{"flops-only" if args.flops_only else "peak-tflops"} applies to --benchmark only')
 
     if args.benchmark:
         cfg = resolve_config(args)
         check_config(cfg)
         device = pick_device(args.device)
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
-        benchmark(cfg, device, amp_dtype, why)
+        benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
         return
 
     ckpt, model = None, None  # a resumed run's full state; the trained model of --eval-only / --predict
