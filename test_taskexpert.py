@@ -1200,6 +1200,21 @@ def test_train_compiled_step_equals_eager(backend):
         torch.testing.assert_close(g_comp, g_eager, rtol=1e-3, atol=1e-5)
 
 
+def test_train_compile_flag_trains_and_saves_plain_keys(_train_run, tmp_path, monkeypatch):
+    """--compile in the training loop, with --accum-steps and --grad-checkpoint: it trains, and its
+    checkpoints hold the model's own keys (no _orig_mod. prefix). The aot_eager backend stands in for
+    inductor, whose kernels take minutes to build on a CPU (test_train_compiled_step_equals_eager)."""
+    compile, compiled = torch.compile, []
+    monkeypatch.setattr(torch, 'compile', lambda model: compiled.append(model) or compile(model, backend='aot_eager'))
+    train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '2', '--eval-every', '2',
+                                '--batch-size', '4', '--accum-steps', '2', '--grad-checkpoint', 'mmoe',
+                                '--taps', '1', '2', '--compile'))
+    ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
+    assert len(compiled) == 1 and ckpt['step'] == 2 and ckpt['config']['accum_steps'] == 2
+    assert set(ckpt['model']) == set(TaskExpert.from_config(ckpt['config']).state_dict())
+    assert all(math.isfinite(r['loss']) for r in _train_losses(tmp_path / 'run'))
+
+
 def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_path, monkeypatch):
     path = tmp_path / 'last.pt'
     model = torch.nn.Linear(2, 2)

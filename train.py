@@ -1015,7 +1015,7 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
           f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, {device}, {why}, --grad-checkpoint '
           f'{cfg["grad_checkpoint"]}, compile {"on" if cfg["compile"] else "off"}')
     print(f'counted per image (torch.utils.flop_counter): forward {forward / 1e12:.4g} TFLOP, forward + backward '
-          f'{flops / 1e12:.4g} TFLOP (matmuls, convolutions, attention; recomputation not counted)')
+          f'{flops / 1e12:.4g} TFLOP (matmuls, convolutions, attention; recomputation not counted)', flush=True)
     if flops_only:
         return
     model = TaskExpert.from_config(cfg).to(device)
