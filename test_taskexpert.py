@@ -1180,17 +1180,16 @@ def test_train_startup_warnings(monkeypatch):
     assert len(many) == 1 and '4 process(es) x --workers 4 data loaders on 8 CPU cores' in many[0]
 
 
-@pytest.mark.parametrize('backend', ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)])
-def test_train_compiled_step_equals_eager(backend):
-    """--compile: torch.compile captures the model in one graph (fullgraph: no graph break), with
-    activation checkpointing too, and its loss and gradients equal eager ones. aot_eager runs the
-    captured forward and backward graphs as they are (seconds); inductor also generates the kernels
-    that --compile uses (minutes on a CPU: marked slow, run with `pytest -m slow`)."""
+@pytest.mark.slow
+def test_train_compiled_step_equals_eager():
+    """--compile: torch.compile (inductor, as --compile runs it) captures the model in one graph
+    (fullgraph: no graph break), with activation checkpointing too, and its loss and gradients equal
+    eager ones. Building the kernels takes minutes on a CPU: run with `pytest -m slow`."""
     batch = train.random_batch(TASKS['nyud'], 2, _MODEL_SIZE, torch.device('cpu'))
     results = []
     for compiled in (False, True):
         model = _tiny(TASKS['nyud'], taps=(1, 2), num_experts=2, grad_checkpoint='all' if compiled else 'off').train()
-        run = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+        run = torch.compile(model, fullgraph=True) if compiled else model
         total, _ = MultiTaskLoss(model.tasks)(run(batch['image']), batch)
         total.backward()
         results.append((total, [p.grad for p in model.parameters() if p.requires_grad]))
@@ -1203,9 +1202,11 @@ def test_train_compiled_step_equals_eager(backend):
 def test_train_compile_flag_trains_and_saves_plain_keys(_train_run, tmp_path, monkeypatch):
     """--compile in the training loop, with --accum-steps and --grad-checkpoint: it trains, and its
     checkpoints hold the model's own keys (no _orig_mod. prefix). The aot_eager backend stands in for
-    inductor, whose kernels take minutes to build on a CPU (test_train_compiled_step_equals_eager)."""
+    inductor, whose kernels take minutes to build on a CPU (test_train_compiled_step_equals_eager);
+    fullgraph: the model is captured without a graph break."""
     compile, compiled = torch.compile, []
-    monkeypatch.setattr(torch, 'compile', lambda model: compiled.append(model) or compile(model, backend='aot_eager'))
+    monkeypatch.setattr(torch, 'compile', lambda model: compiled.append(model) or compile(
+        model, backend='aot_eager', fullgraph=True))
     train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '2', '--eval-every', '2',
                                 '--batch-size', '4', '--accum-steps', '2', '--grad-checkpoint', 'mmoe',
                                 '--taps', '1', '2', '--compile'))
