@@ -1,6 +1,6 @@
 """Data for TaskExpert: NYUD-v2 and PASCAL-Context readers in the published multi-task formats, the
 reference training augmentations, DataLoader helpers, and a synthetic indoor-scene generator that
-writes NYUD-layout data (DESIGN.md section 4).
+writes NYUD-layout data. "The reference" is the ATRC / InvPT data code (README, 'References').
 
 A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / 'human_parts' int64
 (H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
@@ -99,7 +99,7 @@ def _progress(done, n, what):
 
 
 # -------------------------------------------------------------------------------------------------
-# Facts derived from the reference class tables (/work/shared/reference, the InvPT db_info files)
+# Facts derived from the reference class tables (the db_info files of the InvPT PASCAL-Context reader)
 # -------------------------------------------------------------------------------------------------
 
 # NYU-40 class names; the id stored in segmentation/<id>.png is the index here + 1 (0 = void)
@@ -239,7 +239,7 @@ def human_parts_from_anno(path, shape):
 
 
 # -------------------------------------------------------------------------------------------------
-# Augmentations (DESIGN.md section 4): scale, crop, flip, photometric jitter, normalise, pad
+# Augmentations of the reference recipe: scale, crop, flip, photometric jitter, normalise, pad
 # -------------------------------------------------------------------------------------------------
 
 _PAD = {'image': 0, 'depth': 0, 'normals': 0}  # every other (label) key pads with 255 = void
@@ -564,7 +564,7 @@ def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0)
 
 
 # -------------------------------------------------------------------------------------------------
-# Synthetic indoor scenes in the NYUD layout (DESIGN.md section 4, "Synthetic scenes")
+# Synthetic indoor scenes in the NYUD layout (README, 'Quick start')
 # A room is the inside of an axis-aligned box (world y up, metres); furniture are boxes with a yaw;
 # one ray per pixel is cast with slab tests, vectorised over pixels (one box at a time).
 # -------------------------------------------------------------------------------------------------

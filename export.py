@@ -1,4 +1,4 @@
-"""Export a trained TaskExpert for apps: ONNX and Core ML, each checked against PyTorch (DESIGN.md §7).
+"""Export a trained TaskExpert for apps: ONNX and Core ML, each checked against PyTorch.
 
     python export.py --target onnx                    # newest checkpoint under runs/, training size
     python export.py --target onnx coreml --checkpoint runs/nyud/best.pt --img-size 480 640
@@ -43,7 +43,7 @@ VOC_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
     'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 HUMAN_PARTS = ('background', 'head', 'torso', 'upper arms', 'lower arms and hands', 'upper legs',
-               'lower legs and feet')  # the 6 groups of DESIGN.md §4
+               'lower legs and feet')  # the 6 part groups of the InvPT / ATRC PASCAL reader
 NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
 
 # -------------------------------------------------------------------------------------------------

@@ -576,10 +576,11 @@ def predict(model, image, probabilities=False):
 
 
 # -------------------------------------------------------------------------------------------------
-# Losses and metrics (DESIGN.md section 5). Every definition follows the evaluation code that the
-# NYUD-v2 / PASCAL-Context multi-task literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter, and
-# SEISM / Piotr Dollar's edges toolbox for boundaries), so our numbers can sit next to the papers'.
-# Where that code was silent or unusable as is, the choice is said in a comment.
+# Losses and metrics. Every definition follows the evaluation code that the NYUD-v2 / PASCAL-Context
+# multi-task literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter, and SEISM / Piotr Dollar's
+# edges toolbox for boundaries), so our numbers can sit next to the papers'. "The reference" below is
+# that code (README, 'References', with links). Where it was silent or unusable as is, the choice is
+# said in a comment.
 # -------------------------------------------------------------------------------------------------
 
 IGNORE_INDEX = 255  # void / padding label in semseg, human_parts, sal and edge targets
@@ -625,7 +626,7 @@ def _balanced_bce(logit, target, pos_weight=None):
 
 
 class MultiTaskLoss(nn.Module):
-    """Weighted sum of the per-task losses of DESIGN.md section 5; computed in fp32 even under autocast.
+    """Weighted sum of the per-task losses (weights: LOSS_WEIGHTS); computed in fp32 even under autocast.
     `total, per_task = loss_fn(outputs, batch)`; outputs / batch hold task -> (B, C, H, W) tensors.
     A batch with no valid pixel for a task adds a zero (still differentiable) loss, never NaN."""
 
@@ -810,7 +811,7 @@ class SaliencyMeter:
 # CPU core: ~0.6-1.4 s per 425x560 image (6-15 min for the 654 NYUD val images), mostly the exact
 # matchings; the Python port of correspondPixels (pyEdgeEval) takes 20-60 s per image.
 
-# 0.001, 0.01, 0.02, ..., 0.99, 0.999: 101 thresholds (DESIGN.md section 5)
+# 0.001, 0.01, 0.02, ..., 0.99, 0.999: SEISM's 101 thresholds
 EDGE_THRESHOLDS = np.concatenate([[0.001], np.arange(1, 100) / 100, [0.999]])
 
 

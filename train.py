@@ -1,4 +1,4 @@
-"""Train, evaluate and run TaskExpert (DESIGN.md section 6).
+"""Train, evaluate and run TaskExpert.
 
     python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
     python train.py --dataset nyud --pretrained vit_large_patch16_384.augreg_in21k_ft_in1k   # the paper recipe
@@ -51,8 +51,8 @@ from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_
 
 # -------------------------------------------------------------------------------------------------
 # Settings: every flag defaults to None and is resolved after parsing, from COMMON, then the
-# dataset's row, then the flags given. nyud / pascal follow the paper recipe (DESIGN.md section 6);
-# synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
+# dataset's row, then the flags given. nyud / pascal follow the paper recipe (its implementation
+# details; README, 'Training at paper scale'); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
@@ -103,7 +103,7 @@ def make_parser():
     a('--weight-decay', type=float, help='Adam weight decay (default: 1e-6)')
     a('--warmup', type=int, help='linear warm-up iterations before the poly decay (default: 0; synthetic: 50)')
     a('--augment', action=argparse.BooleanOptionalAction, default=None,
-      help='the reference training augmentations: scale, crop, flip, colour (default: on; synthetic: off)')
+      help='the training augmentations of ATRC / InvPT: scale, crop, flip, colour (default: on; synthetic: off)')
     a('--clip', type=float, help='gradient-norm clip (default: 10)')
     a('--loss-weights', type=task_weight, nargs='+', metavar='TASK=W',
       help='per-task loss weights to change, e.g. depth=2 (default: the paper\'s, NYUD semseg 1 depth 1 '
@@ -425,7 +425,7 @@ def setup_distributed(device_flag):
 
 
 # -------------------------------------------------------------------------------------------------
-# Training (DESIGN.md section 6): Adam, poly decay per iteration, gradient clipping, AMP
+# Training (the paper recipe): Adam, poly decay per iteration, gradient clipping, AMP
 # -------------------------------------------------------------------------------------------------
 
 def lr_at(step, cfg):
