@@ -208,19 +208,21 @@ def _init_vit_weights(m):
 # -------------------------------------------------------------------------------------------------
 
 class MMoE(nn.Module):
-    """One MMoE module at backbone block l.
+    """One MMoE module at backbone block l. [paper] = stated in the paper (abstract, Fig. 2);
+    [ours] = our reconstruction where it is silent.
 
-    Experts (shared by all tasks) decompose X_l into E task-generic features
-        Z_e = GELU(LN_e(W_e X_l)),                                  each (B, N, D)
-    and a context-aware gate per task mixes them with the task's memory M_t as an extra expert
-        g_t = softmax(W_t [X_l ; mean_N(X_l)] + b_t)                 over E (+1) candidates
-        F_t = sum_e g_t,e Z_e + g_t,E+1 M_t                          (B, N, D)
-    after which the memory is written, M_t <- F_t ('replace') or M_t + F_t ('add').
-    At the first MMoE the memory is still empty: its gates weigh the E experts only.
+    Experts (shared by all tasks) decompose X_l into E task-generic features          [paper]
+        Z_e = GELU(LN_e(W_e X_l)),                                  each (B, N, D)     [ours]
+    and a gate per task mixes them, per sample, with the task's memory M_t as an extra expert [paper]
+        g_t = softmax(W_t [X_l ; mean_N(X_l)] + b_t)                 over E (+1)       [ours]
+        F_t = sum_e g_t,e Z_e + g_t,E+1 M_t                          (B, N, D)         [paper]
+    after which the memory is written at this MMoE                                     [paper]
+        M_t <- F_t ('replace', default) or M_t + F_t ('add')                           [ours]
+    At the first MMoE the memory is still empty: its gates weigh the E experts only.  [ours]
 
-    Our choices where the paper is silent: experts are Linear -> LayerNorm -> GELU; the gate sees
-    each token together with the image mean (its context); it is softmaxed per token by default or,
-    with gate='image', once per image from the mean of the token logits.
+    Our choices in detail: experts are Linear -> LayerNorm -> GELU; the gate sees each token
+    together with the image mean (its context); it is softmaxed per token by default or, with
+    gate='image', once per image from the mean of the token logits.
     """
 
     def __init__(self, tasks, in_dim, num_experts, expert_dim, first, gate, memory_write):
@@ -271,7 +273,7 @@ class MMoE(nn.Module):
 
 
 class TaskHead(nn.Module):
-    """Per-task decoder on the final memory (our choice; the paper gives no details):
+    """Per-task decoder on the final memory (input: [paper]; design: [ours], the paper gives no details):
     (B, N, D) -> (B, D, H/16, W/16) -> bilinear x4 -> Conv3x3+BN+GELU -> Conv1x1 -> bilinear to (H, W)."""
 
     def __init__(self, dim, out_channels):
@@ -290,12 +292,14 @@ class TaskHead(nn.Module):
 class TaskExpert(nn.Module):
     """ViT backbone + MMoE at the tapped blocks + one head per task on the final memory.
 
-    tasks: dict task -> output channels (see TASKS). Options (defaults = our reading of the paper):
-      backbone      'tiny' | 'small' | 'base' | 'large' (paper: large on NYUD, base on PASCAL)
+    tasks: dict task -> output channels (see TASKS). Options (defaults = our reading of the paper;
+    [paper] / [ours] as in MMoE):
+      backbone      'tiny' | 'small' | 'base' | 'large' ([paper]: large on NYUD, base on PASCAL)
       img_size      training size (H, W), divisible by 16; sets the position-embedding grid
-      num_experts   E, the shared experts per MMoE (paper: 8 by our reading)
-      expert_dim    D, the expert width (default by backbone: 256 tiny/small, 512 base, 768 large)
-      taps          1-based backbone blocks carrying an MMoE (default: 4 evenly spaced, the last one)
+      num_experts   E, the shared experts per MMoE ([ours]: 8)
+      expert_dim    D, the expert width ([ours]: 256 tiny/small, 512 base, 768 large)
+      taps          1-based backbone blocks carrying an MMoE ([paper]: several; [ours]: 4 evenly
+                    spaced, the last one included)
       gate          'token' (a mixture per token) | 'image' (one mixture per image)
       memory_write  'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
       drop_path     stochastic depth of the backbone (default 0.15 for base/large, 0 for tiny/small)
