@@ -701,7 +701,7 @@ def _camera(rng, room, boxes, tries=200):
     position (3,): inside the room, 0.6 m clear of every floor item, looking roughly at the room.
     Returns the boxes too, less any that no candidate position could keep clear of (rare)."""
     # a hand-held camera at chest height, as NYUD's Kinect: a near-constant height gives the image a
-    # cue to the room's metric scale (it did not measurably lower the quick start's depth error)
+    # cue to the room's metric scale
     cand = rng.uniform([0.6, 1.25, 0.6], [room[0] - 0.6, 1.35, room[2] - 0.6], (tries, 3))
     blocked = np.zeros((tries, len(boxes)), bool)
     for k, b in enumerate(boxes):  # candidate in the box frame, (tries, 3)
@@ -872,8 +872,7 @@ def render_scene(rng, size):
     # lighting: ambient + Lambert from a lamp 10 cm above the lens (a flash, a head-mounted lamp),
     # with box shadows and a near inverse-square fall-off. A light at the camera makes brightness
     # fall with distance and with the surface's angle to the view: a depth and orientation cue a
-    # small model learns from scratch in minutes. With a ceiling light instead, the quick start's
-    # depth RMSE stayed at 0.75x the mean-depth predictor's (now about half) and normals at 25 deg.
+    # small model learns from scratch in minutes (README, 'Results').
     light = (pos + [0, 0.1, 0]).astype(np.float32)
     point = pos.astype(np.float32) + t[:, None] * dirs  # (N, 3) world
     to_light = light - point

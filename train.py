@@ -68,8 +68,7 @@ DATASET_DEFAULTS = {
     # No augmentation: from scratch and this short, the random rescaling (which also divides depth by
     # the scale) keeps depth and normals near the input-blind predictors'. Depth weighs 5 instead of
     # 1: at the paper's weights normals and edges (x10, x50) drive the shared backbone and depth
-    # lags (RMSE 0.53x the mean-depth predictor's at 800 steps, 0.51x with x5; 0.47x with 1200
-    # steps). Scenes are generated at the network size.
+    # lags (README, 'Results'). Scenes are generated at the network size.
     'synthetic': dict(img_size=[96, 128], data_root='data/synthetic', backbone='tiny', expert_dim=64,
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
