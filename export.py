@@ -51,7 +51,7 @@ NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --
 # -------------------------------------------------------------------------------------------------
 
 
-def find_checkpoint(root='runs'):
+def newest_checkpoint(root):
     """The newest run folder under root (by its newest checkpoint): its best.pt, else its last.pt."""
     found = glob.glob(os.path.join(root, '**', 'best.pt'), recursive=True) + \
         glob.glob(os.path.join(root, '**', 'last.pt'), recursive=True)
@@ -575,7 +575,7 @@ def main():
     if args.benchmark and 'onnx' not in targets:
         raise SystemExit('export.py: --benchmark times the ONNX model: add onnx to --target')
 
-    path = args.checkpoint or find_checkpoint('runs')
+    path = args.checkpoint or newest_checkpoint('runs')
     if path is None:
         raise SystemExit(f'export.py: no checkpoint (best.pt / last.pt) under runs/: {NO_CHECKPOINT}')
     if not os.path.isfile(path):

@@ -1688,7 +1688,7 @@ def test_export_checkpoint_found_and_rebuilt(_export_checkpoint, tmp_path):
         shutil.copy(checkpoint, tmp_path / 'runs' / run / name)
     os.utime(tmp_path / 'runs' / 'new' / 'best.pt', (1, 1))  # older than new/last.pt, still preferred
     os.utime(tmp_path / 'runs' / 'old' / 'last.pt', (0, 0))
-    path = export.find_checkpoint(str(tmp_path / 'runs'))
+    path = export.newest_checkpoint(str(tmp_path / 'runs'))
     assert path == str(tmp_path / 'runs' / 'new' / 'best.pt')
     loaded = TaskExpert.from_checkpoint(path)
     x = torch.randn(1, 3, 32, 48)
@@ -1723,6 +1723,17 @@ def test_export_without_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['export.py', '--target', 'onnx'])
     with pytest.raises(SystemExit, match='no checkpoint .* under runs/.*python train.py --dataset synthetic'):
         export.main()
+
+
+def test_export_bad_checkpoint_error_names_export_py(tmp_path, monkeypatch):
+    """A damaged checkpoint given to export.py: one line that names export.py and the file."""
+    bad = tmp_path / 'best.pt'
+    bad.write_bytes(b'not a checkpoint')
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(bad), '--target', 'onnx'])
+    with pytest.raises(SystemExit) as e:
+        export.main()
+    assert str(e.value.code).startswith('export.py: ') and str(bad) in str(e.value.code), e.value.code
+    assert '\n' not in str(e.value.code) and 'train.py' not in str(e.value.code).split(':')[0]
 
 
 def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoint, tmp_path, monkeypatch):
