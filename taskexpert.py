@@ -307,6 +307,8 @@ class TaskExpert(nn.Module):
                     blocks: one more backbone forward, +17 % for ViT-L). Never the heads: their
                     BatchNorm would update its running statistics twice.
     After a forward pass, `self.gates` holds one dict per tap: task -> gate weights (B, N, E[+1]).
+    Bad options raise ValueError('<option> <value>: what is wrong'); the scripts turn the option into
+    their flag (img_size -> --img-size) for their one-line error, so each rule lives here only.
     """
 
     def __init__(self, tasks, backbone='large', img_size=(448, 576), num_experts=8, expert_dim=None,
@@ -314,8 +316,8 @@ class TaskExpert(nn.Module):
         super().__init__()
         if backbone not in VIT_PRESETS:
             raise ValueError(f'unknown backbone {backbone!r}: choose one of {", ".join(VIT_PRESETS)}')
-        if img_size[0] % PATCH or img_size[1] % PATCH:
-            raise ValueError(f'image size {tuple(img_size)} must be divisible by {PATCH}')
+        if min(img_size) <= 0 or img_size[0] % PATCH or img_size[1] % PATCH:
+            raise ValueError(f'img_size {img_size[0]} {img_size[1]}: both must be positive and divisible by {PATCH}')
         if gate not in ('token', 'image') or memory_write not in ('replace', 'add'):
             raise ValueError(f'gate must be token|image and memory_write replace|add, got {gate!r}, {memory_write!r}')
         if grad_checkpoint not in ('off', 'mmoe', 'all'):
@@ -324,8 +326,12 @@ class TaskExpert(nn.Module):
         self.tasks = dict(tasks)
         self.taps = tuple(p['taps'] if taps is None else taps)
         if not self.taps or any(not 1 <= l <= p['depth'] for l in self.taps) or list(self.taps) != sorted(set(self.taps)):
-            raise ValueError(f'taps {self.taps} must be increasing blocks in 1..{p["depth"]}')
+            raise ValueError(f'taps {" ".join(map(str, self.taps))}: must be increasing blocks in 1..{p["depth"]} '
+                             f'for the {backbone} backbone')
         expert_dim = expert_dim or p['expert_dim']
+        for name, v in (('num_experts', num_experts), ('expert_dim', expert_dim)):
+            if v < 1:
+                raise ValueError(f'{name} {v}: must be at least 1')
         self.backbone = VisionTransformer(p['embed_dim'], p['depth'], p['num_heads'], img_size,
                                           p['drop_path'] if drop_path is None else drop_path)
         self.mmoe = nn.ModuleList(

@@ -1168,7 +1168,7 @@ def test_train_accumulated_micro_batches_equal_one_batch():
 
 def test_train_startup_warnings(monkeypatch):
     monkeypatch.setattr(os, 'cpu_count', lambda: 8)
-    cfg = train.resolve_config(train.make_parser().parse_args([]))  # synthetic: batch 8, 1 data worker
+    cfg = train.resolve_config(*train.parse_args([]))  # synthetic: batch 8, 1 data worker
     cpu, gpu = torch.device('cpu'), torch.device('cuda:0')
     assert train.startup_warnings(cfg, cpu, 1) == []
     assert train.startup_warnings({**cfg, 'batch_size': 4}, gpu, 4) == []  # SyncBatchNorm over 4 images
@@ -1442,9 +1442,9 @@ def test_train_bad_checkpoints_and_a_full_disk_give_one_line_errors(_train_run, 
 
 
 def test_train_loss_weights_flag_changes_only_the_named_tasks():
-    cfg = train.resolve_config(train.make_parser().parse_args(['--dataset', 'nyud', '--loss-weights', 'normals=2']))
+    cfg = train.resolve_config(*train.parse_args(['--dataset', 'nyud', '--loss-weights', 'normals=2']))
     assert cfg['loss_weights'] == {'semseg': 1.0, 'depth': 1.0, 'normals': 2.0, 'edge': 50.0}  # else the paper's
-    cfg = train.resolve_config(train.make_parser().parse_args(['--dataset', 'pascal']))
+    cfg = train.resolve_config(*train.parse_args(['--dataset', 'pascal']))
     assert cfg['loss_weights'] == {'semseg': 1.0, 'human_parts': 2.0, 'sal': 5.0, 'normals': 10.0, 'edge': 50.0}
 
 

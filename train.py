@@ -50,8 +50,8 @@ from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_
                         predict, read_checkpoint)
 
 # -------------------------------------------------------------------------------------------------
-# Settings: every flag defaults to None and is resolved after parsing, from COMMON, then the
-# dataset's row, then the flags given. nyud / pascal follow the paper recipe (its implementation
+# Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
+# once --dataset is known, so --help shows them), then the flags given. nyud / pascal follow the paper recipe (its implementation
 # details; README, 'Training at paper scale'); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
@@ -72,45 +72,49 @@ DATASET_DEFAULTS = {
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
 }
+SETTINGS = set(COMMON) | {'dataset', 'data_root', 'img_size', 'scenes'}  # what config.json records of the flags
 MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write')
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
 
 
-def make_parser():
+def make_parser(dataset='synthetic', argument_default=None):
+    """The flags, with the settings of `dataset` as their defaults; argument_default=SUPPRESS instead
+    leaves out every flag not given (see parse_args)."""
     p = argparse.ArgumentParser(description='Train, evaluate and run TaskExpert (ICCV 2023) on NYUD-v2, '
                                 'PASCAL-Context or synthetic scenes. Defaults that differ by dataset are '
-                                'resolved after parsing, printed in the banner and saved in config.json.')
+                                'shown for the --dataset given (e.g. --dataset nyud --help) and saved in '
+                                'config.json.', argument_default=argument_default)
     a = p.add_argument
-    a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (default: generated offline), nyud or pascal')
-    a('--data-root', help='dataset folder (default: data/NYUDv2, data/PASCALContext, data/synthetic)')
-    a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: large; synthetic: tiny)')
+    a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (generated offline), nyud or pascal (default: %(default)s)')
+    a('--data-root', help='dataset folder (default: %(default)s)')
+    a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: %(default)s)')
     a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
-      help='network input size, divisible by 16 (default: nyud 448 576, pascal 512 512, synthetic 96 128)')
+      help='network input size, divisible by 16 (default: %(default)s)')
     a('--batch-size', type=int, help='global batch of one optimizer step, split over torchrun processes and '
-      '--accum-steps micro-batches (default: 4; synthetic: 8)')
+      '--accum-steps micro-batches (default: %(default)s)')
     a('--accum-steps', type=int, help='gradient accumulation: each process runs its share of the batch as N '
-      'micro-batches, for the same step with less memory (default: 1)')
+      'micro-batches, for the same step with less memory (default: %(default)s)')
     a('--grad-checkpoint', choices=['off', 'mmoe', 'all'], help='activation checkpointing, less memory for more '
       'compute: mmoe = the MMoE modules (+1 %% FLOPs), all = also the backbone blocks (+17 %% for ViT-L) '
-      '(default: off)')
-    a('--compile', action=argparse.BooleanOptionalAction, default=None,
-      help='torch.compile the model for training (minutes of compilation at the start; default: off)')
-    a('--max-iters', type=int, help='training iterations (default: 40000; synthetic: 1200)')
-    a('--lr', type=float, help='Adam learning rate (default: 2e-5; synthetic: 5e-4)')
-    a('--weight-decay', type=float, help='Adam weight decay (default: 1e-6)')
-    a('--warmup', type=int, help='linear warm-up iterations before the poly decay (default: 0; synthetic: 50)')
-    a('--augment', action=argparse.BooleanOptionalAction, default=None,
-      help='the training augmentations of ATRC / InvPT: scale, crop, flip, colour (default: on; synthetic: off)')
-    a('--clip', type=float, help='gradient-norm clip (default: 10)')
+      '(default: %(default)s)')
+    a('--compile', action=argparse.BooleanOptionalAction,
+      help='torch.compile the model for training (minutes of compilation at the start; default: %(default)s)')
+    a('--max-iters', type=int, help='training iterations (default: %(default)s)')
+    a('--lr', type=float, help='Adam learning rate (default: %(default)s)')
+    a('--weight-decay', type=float, help='Adam weight decay (default: %(default)s)')
+    a('--warmup', type=int, help='linear warm-up iterations before the poly decay (default: %(default)s)')
+    a('--augment', action=argparse.BooleanOptionalAction,
+      help='the training augmentations of ATRC / InvPT: scale, crop, flip, colour (default: %(default)s)')
+    a('--clip', type=float, help='gradient-norm clip (default: %(default)s)')
     a('--loss-weights', type=task_weight, nargs='+', metavar='TASK=W',
       help='per-task loss weights to change, e.g. depth=2 (default: the paper\'s, NYUD semseg 1 depth 1 '
       'normals 10 edge 50, PASCAL semseg 1 human_parts 2 sal 5 normals 10 edge 50; synthetic: depth 5)')
     a('--eval-every', type=int, help='evaluate and save last.pt every N iterations, and at the end '
-      '(default: 1000; synthetic: 400)')
-    a('--log-every', type=int, help='print a progress line every N iterations (default: 20; synthetic: 25)')
+      '(default: %(default)s)')
+    a('--log-every', type=int, help='print a progress line every N iterations (default: %(default)s)')
     a('--scenes', type=int, nargs=2, metavar=('TRAIN', 'VAL'),
-      help='synthetic scenes to generate into --data-root (default: 1000 50)')
+      help='synthetic scenes to generate into --data-root (default: %(default)s)')
     a('--out-dir', help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
     a('--resume', nargs='?', const='', metavar='PATH',
       help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
@@ -128,18 +132,20 @@ def make_parser():
     a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
       '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
       '(= timm/<name>; fetched with huggingface_hub)')
-    a('--device', help='auto (default: cuda if available), cpu, cuda or cuda:N')
+    a('--device', help='auto (cuda if available), cpu, cuda or cuda:N (default: %(default)s)')
     a('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
-      help='CUDA autocast: auto (default) = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU')
-    a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: 0)')
-    a('--workers', type=int, help='data-loading processes per training process (default: 4; synthetic: 1)')
-    a('--num-experts', type=int, help='experts E per MMoE (default: 8)')
-    a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny ... 768 large; synthetic '
-      'with its tiny backbone: 64)')
+      help='CUDA autocast: auto = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU (default: %(default)s)')
+    a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: %(default)s)')
+    a('--workers', type=int, help='data-loading processes per training process (default: %(default)s)')
+    a('--num-experts', type=int, help='experts E per MMoE (default: %(default)s)')
+    a('--expert-dim', type=int, help='expert width D (default: %(default)s; None = by backbone, 256 tiny ... 768 '
+      'large)')
     a('--taps', type=int, nargs='+', metavar='BLOCK', help='1-based backbone blocks carrying an MMoE '
-      '(default: 4 evenly spaced, e.g. 6 12 18 24 for large)')
-    a('--gate', choices=['token', 'image'], help='gate softmax per token (default) or per image')
-    a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace, default) or M + F')
+      '(default: %(default)s = 4 evenly spaced, e.g. 6 12 18 24 for large)')
+    a('--gate', choices=['token', 'image'], help='gate softmax per token or per image (default: %(default)s)')
+    a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace) or M + F (add) (default: %(default)s)')
+    if argument_default is None:
+        p.set_defaults(**{**COMMON, **DATASET_DEFAULTS[dataset], 'dataset': dataset})
     p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
     return p
 
@@ -158,11 +164,24 @@ def fail(msg):
     raise SystemExit(f'train.py: error: {msg}')
 
 
-def resolve_config(args, ckpt_config=None):
-    """Flags -> the full settings dict. A resumed or loaded run starts from its checkpoint's config:
-    its model settings cannot change, its training settings can (e.g. --max-iters to extend it)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k in set(COMMON) | {
-        'dataset', 'data_root', 'img_size', 'scenes'}}
+def parse_args(argv=None):
+    """argv -> (args, given): args with every default of the chosen dataset filled in, given the flags
+    on the command line alone (name -> value), which override a checkpoint's settings."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --dataset first: the defaults
+    pre.add_argument('--dataset')                                        # depend on it
+    try:
+        dataset = pre.parse_known_args(argv)[0].dataset
+    except argparse.ArgumentError:
+        dataset = None
+    p = make_parser(dataset if dataset in DATASET_DEFAULTS else 'synthetic')  # (a bad one: its error below)
+    return p.parse_args(argv), vars(make_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
+
+
+def resolve_config(args, given, ckpt_config=None):
+    """parse_args' (args, given) -> the full settings dict. A resumed or loaded run starts from its
+    checkpoint's config: its model settings cannot change, its training settings can (e.g. --max-iters
+    to extend it)."""
+    given = {k: v for k, v in given.items() if k in SETTINGS}
     weights = dict(given.pop('loss_weights', []))  # the ones given change the defaults, one by one
     if ckpt_config is not None:
         changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
@@ -172,11 +191,13 @@ def resolve_config(args, ckpt_config=None):
         # (checkpoints written before --loss-weights existed trained with the paper's: missing = those;
         # training settings added since take their defaults)
         return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config.get('loss_weights', {}), **weights}}
-    dataset = given.get('dataset', 'synthetic')
-    cfg = {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}
+    dataset = args.dataset
+    # every setting from the flags (argparse holds the defaults), in config.json's order
+    cfg = {k: getattr(args, k) for k in {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}}
     if 'expert_dim' not in given and cfg['backbone'] != DATASET_DEFAULTS[dataset].get('backbone', cfg['backbone']):
         cfg['expert_dim'] = None  # a row's expert width goes with the row's backbone
-    cfg['loss_weights'] = {**{t: LOSS_WEIGHTS[t] for t in TASKS[TASK_SET[dataset]]}, **cfg['loss_weights'], **weights}
+    cfg['loss_weights'] = {**{t: LOSS_WEIGHTS[t] for t in TASKS[TASK_SET[dataset]]},
+                           **DATASET_DEFAULTS[dataset].get('loss_weights', {}), **weights}
     # the model defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
     cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
@@ -186,11 +207,15 @@ def resolve_config(args, ckpt_config=None):
 
 
 def check_config(cfg):
-    """Reject bad settings with one line, before anything is written."""
-    h, w = cfg['img_size']
-    if h <= 0 or w <= 0 or h % PATCH or w % PATCH:
-        fail(f'--img-size {h} {w}: both must be positive multiples of {PATCH}')
-    for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'num_experts', 'expert_dim', 'accum_steps'):
+    """Reject bad settings with one line, before anything is written. The model's own settings are
+    checked by the model (built on the meta device: no memory, no time)."""
+    try:
+        with torch.device('meta'):
+            TaskExpert.from_config(cfg)
+    except ValueError as e:  # '<option> <value>: ...' -> '--<option> <value>: ...'
+        option, _, rest = str(e).partition(' ')
+        fail(f'--{option.replace("_", "-")} {rest}')
+    for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'accum_steps'):
         if cfg[k] < 1:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
     world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun processes
@@ -211,10 +236,6 @@ def check_config(cfg):
         fail('--scenes applies to --dataset synthetic only')
     if cfg['dataset'] == 'synthetic' and min(cfg['scenes']) < 1:
         fail(f'--scenes {cfg["scenes"][0]} {cfg["scenes"][1]}: both must be at least 1')
-    depth = VIT_PRESETS[cfg['backbone']]['depth']
-    taps = cfg['taps']
-    if any(not 1 <= t <= depth for t in taps) or taps != sorted(set(taps)):
-        fail(f'--taps {" ".join(map(str, taps))}: must be increasing blocks in 1..{depth} for {cfg["backbone"]}')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1139,7 +1160,7 @@ def find_checkpoint(args, out_dir):
 
 
 def main(argv=None):
-    args = make_parser().parse_args(argv)
+    args, given = parse_args(argv)
     modes = [m for m in ('eval_only', 'predict', 'benchmark') if getattr(args, m)]
     if len(modes) > 1:
         fail(f'--{modes[0].replace("_", "-")} and --{modes[1].replace("_", "-")} cannot be combined')
@@ -1151,9 +1172,9 @@ def main(argv=None):
         fail(f'--{"flops-only" if args.flops_only else "peak-tflops"} applies to --benchmark only')
 
     if args.benchmark:
-        cfg = resolve_config(args)
+        cfg = resolve_config(args, given)
         check_config(cfg)
-        device = pick_device(args.device)
+        device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
         return
@@ -1172,7 +1193,7 @@ def main(argv=None):
         out_dir = args.out_dir or (os.path.dirname(path) or '.')
     else:
         out_dir = args.out_dir or default_out
-    cfg = resolve_config(args, ckpt['config'] if ckpt else model.config if model else None)
+    cfg = resolve_config(args, given, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
     check_config(cfg)
     if args.predict and not os.path.exists(args.predict):
