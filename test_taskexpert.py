@@ -1044,6 +1044,7 @@ def _train_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy
 def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
     run = _train_run / 'run'
     for name in ('config.json', 'train.jsonl', 'metrics.jsonl', 'last.pt', 'best.pt', 'best.safetensors', 'gates.png',
@@ -1070,6 +1071,7 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
     assert len(losses) == 3 and losses[2] < 0.9 * losses[0], losses
 
 
+@pytest.mark.heavy
 def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch):
     save = train.save_checkpoint
 
@@ -1091,6 +1093,7 @@ def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch
     assert [r['loss'] for r in resumed] == [r['loss'] for r in full]  # bit-identical
 
 
+@pytest.mark.heavy
 def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
     # the last MMoE at block 9 of 12 (blocks 10-12 get no gradient), and 2 accumulated micro-batches
     # of 1 image per process (DDP all-reduces on the second only)
@@ -1199,6 +1202,7 @@ def test_train_compiled_step_equals_eager():
         torch.testing.assert_close(g_comp, g_eager, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_train_compile_flag_trains_and_saves_plain_keys(_train_run, tmp_path, monkeypatch):
     """--compile in the training loop, with --accum-steps and --grad-checkpoint: it trains, and its
     checkpoints hold the model's own keys (no _orig_mod. prefix). The aot_eager backend stands in for
@@ -1458,6 +1462,7 @@ def test_train_refuses_to_overwrite_and_needs_checkpoints(_train_run, tmp_path, 
     assert code != 0 and 'needs a checkpoint' in msg and '\n' not in msg
 
 
+@pytest.mark.heavy
 def test_train_missing_dataset_prints_download_help(tmp_path):
     r = subprocess.run([sys.executable, 'train.py', '--dataset', 'nyud', '--data-root', str(tmp_path / 'none'),
                         '--out-dir', str(tmp_path / 'out')], cwd=HERE, env=ONE_THREAD, capture_output=True,
@@ -1467,6 +1472,7 @@ def test_train_missing_dataset_prints_download_help(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.heavy
 def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypatch, capsys):
     """best.safetensors: the weights alone, with settings, step and metrics; the same model as best.pt,
     read by --eval-only, by --predict (the predict API's maps, saved) and by export.py; not resumable."""
@@ -1519,6 +1525,7 @@ def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monke
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.heavy
 def test_train_benchmark_prints_its_numbers(capsys):
     train.main(['--benchmark', '--backbone', 'tiny', '--img-size', '32', '48', '--batch-size', '2',
                 '--expert-dim', '32', '--device', 'cpu', '--accum-steps', '2', '--grad-checkpoint', 'all'])
@@ -1586,6 +1593,7 @@ def _export_describe(model, dataset, probabilities=False):
                            'test.pt', 0)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
 def test_export_onnx_matches_pytorch_at_another_batch(dataset, tmp_path):
     # pascal also covers the optional softmax outputs and the other gate and memory options
@@ -1622,6 +1630,7 @@ def _export_coreml_packages(tmp_path_factory):
     return model, paths
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('precision', ['fp32', 'fp16'])
 def test_export_coreml_program_matches_pytorch(_export_coreml_packages, precision):
     model, paths = _export_coreml_packages
@@ -1638,6 +1647,7 @@ def test_export_coreml_program_matches_pytorch(_export_coreml_packages, precisio
     assert spec.description.metadata.userDefined['input_size'] == '64x96'
 
 
+@pytest.mark.heavy
 def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages):
     model, paths = _export_coreml_packages
     # the GELU's tanh approximation (what coremltools silently changes): small, but far beyond fp32 rounding
@@ -1710,6 +1720,7 @@ def _export_cli(*args, cwd):
     return subprocess.run([sys.executable, _EXPORT_SCRIPT, *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.heavy
 def test_export_cli_fails_clearly(tmp_path):
     r = _export_cli('--target', 'onnx', '--checkpoint', 'nowhere/best.pt', cwd=tmp_path)
     assert r.returncode != 0 and 'nowhere/best.pt does not exist' in r.stderr
