@@ -4,7 +4,7 @@ writes NYUD-layout data. "The reference" is the ATRC / InvPT data code (README, 
 
 A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / 'human_parts' int64
 (H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
-float32 (3, H, W) unit vectors, all-zero = invalid; 'depth' float32 (1, H, W) metres, 0 = invalid;
+float32 (3, H, W) as stored, 2 v / 255 - 1 (near-unit vectors), all-zero = invalid (padding); 'depth' float32 (1, H, W) metres, 0 = invalid;
 'meta' {'id', 'size': (h, w) of the unpadded content, PASCAL also 'has_human'}.
 Inside this module, before the final conversion, a sample is a dict of numpy arrays in HWC layout:
 image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w), normals float32
@@ -197,12 +197,17 @@ def _check_labels(path, a, top):
 
 
 def decode_normals(rgb):
-    """uint8 (h, w, 3) with n = 2 v / 255 - 1 -> float32 unit normals (h, w, 3), 0 where invalid.
-    A stored normal must be near unit length: black (norm 1.7) or grey (norm ~0) fill is invalid."""
-    n = 2.0 * rgb[..., :3].astype(np.float32) / 255.0 - 1.0
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    valid = (norm > 0.5) & (norm < 1.5)
-    return np.where(valid, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)
+    """uint8 (h, w, 3) -> float32 (h, w, 3) n = 2 v / 255 - 1, not renormalised, no pixel dropped.
+
+    This is what the published pipeline decodes and compares with (github.com/prismformore/
+    Multi-Task-Transformer, InvPT: data/nyud.py decodes 2 v / 255 - 1; losses/loss_functions.py L1Loss
+    takes it as the target of the unit prediction; data/transforms.py AddIgnoreRegions ignores only
+    vectors of length 0; evaluation/eval_normals.py counts every other pixel). So pixels stored black
+    (0, 0, 0) count as -(1, 1, 1) / sqrt(3) and grey (128, 128, 128) as +(1, 1, 1) / sqrt(3) once
+    normalised. An 8-bit file never decodes to the zero vector, which marks padding and PASCAL's
+    masked classes (invalid). NormalsMeter also reports the error over plausible unit normals alone
+    ('strict_mean')."""
+    return (2.0 * rgb[..., :3].astype(np.float32) / 255.0 - 1.0).astype(np.float32)
 
 
 _LAPLACE = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
@@ -254,7 +259,7 @@ def _nearest(a, h, w):
 
 def random_scale(sample, rng, lo=0.5, hi=2.0):
     """Resize everything by one factor s ~ U(lo, hi): bilinear for the image, nearest for the labels
-    (nearest copies unit normals, so they stay unit); depth / s, as the scene looks s times closer."""
+    (nearest copies the stored normal vectors); depth / s, as the scene looks s times closer."""
     s = rng.uniform(lo, hi)
     h0, w0 = sample['image'].shape[:2]
     h, w = max(1, round(h0 * s)), max(1, round(w0 * s))
@@ -313,15 +318,17 @@ def photometric(image, rng):
     return x
 
 
-def augment(sample, size, rng, has_human=False):
+def augment(sample, size, rng):
     """The reference training transforms in order: scale, crop, flip, photometric jitter.
     Returns the sample (image float32 0..255) and its size (h, w) before padding."""
     sample = random_crop(random_scale(sample, rng), size, rng)
     if rng.random() < 0.5:
         sample = hflip(sample)
-    # a person image cropped to no part pixel says nothing about parts: ignore it entirely
+    # a crop without any part pixel (an image without people, or a person cropped away) says
+    # nothing about parts: ignored entirely, as the published training transforms do (InvPT
+    # data/transforms.py, AddIgnoreRegions), instead of teaching the parts head "background" everywhere
     parts = sample.get('human_parts')
-    if has_human and parts is not None and not ((parts > 0) & (parts < 255)).any():
+    if parts is not None and not ((parts > 0) & (parts < 255)).any():
         sample['human_parts'] = np.full_like(parts, 255)
     sample['image'] = photometric(sample['image'], rng)
     return sample, sample['image'].shape[:2]
@@ -374,7 +381,7 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         sample, meta = self.load(i)
         if self.train:
-            sample, meta['size'] = augment(sample, self.size, self.rng, meta.get('has_human', False))
+            sample, meta['size'] = augment(sample, self.size, self.rng)
         else:
             self._check_fits(i, *meta['size'])
         out = to_tensors(sample, self.size)
@@ -427,7 +434,7 @@ class _Probe(torch.utils.data.Dataset):
 
 class NYUD(_MultiTaskDataset):
     """NYUD-v2 as in NYUDv2.tar.gz (ATRC / InvPT layout, see DOWNLOAD_HELP); also the synthetic
-    scenes. semseg 1..40 -> 0..39 with void 0 -> 255; depth metres; normals unit; edge {0, 1}."""
+    scenes. semseg 1..40 -> 0..39 with void 0 -> 255; depth metres; normals as decoded; edge {0, 1}."""
     dataset = 'nyud'
     FILES = {'semseg': ('segmentation', '.png'), 'depth': ('depth', '.npy'),
              'normals': ('normals', '.png'), 'edge': ('edge', '.png')}

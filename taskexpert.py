@@ -661,7 +661,8 @@ class MultiTaskLoss(nn.Module):
             return _balanced_bce(pred, target, self.edge_pos_weight)
         if task == 'normals':
             # reference L1Loss(normalize=True): |unit(pred) - gt| summed over the 3 components, averaged
-            # over valid pixels (its masked_select takes 3 values per pixel but divides by pixels)
+            # over valid pixels (its masked_select takes 3 values per pixel but divides by pixels);
+            # gt is the decoded 2 v / 255 - 1, not renormalised, as there (see data.decode_normals)
             valid = _normals_valid(target)
             err = (F.normalize(pred, p=2, dim=1) - target).abs() * valid
             return err.sum() / valid.sum().clamp(min=1)
@@ -742,16 +743,21 @@ class NormalsMeter:
     """Angular error (degrees) between the unit-normalised prediction and GT over valid pixels: mean,
     rmse, median, and % of pixels under 11.25 / 22.5 / 30 deg (reference eval_normals). All but the
     median are exact sums; the median comes from a histogram of 0.01-deg bins (O(1) memory over the
-    split, exact to +-0.005 deg; np.median of the reference needs every error)."""
+    split, exact to +-0.005 deg; np.median of the reference needs every error).
+
+    Valid = every non-zero GT vector, as the reference counts (see data.decode_normals): NYUD pixels
+    stored black or grey where no normal was computed count too, so 'mean' is comparable with the
+    papers'. 'strict_mean' is the mean error over the pixels whose stored vector is a plausible unit
+    normal (length 0.5 to 1.5), i.e. without that fill: a stricter reading, not the papers' number."""
 
     BIN = 0.01  # degrees
     THRESHOLDS = (11.25, 22.5, 30.0)
 
     def __init__(self):
         self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
-        self.sum = self.sum_sq = 0.0
+        self.sum = self.sum_sq = self.strict_sum = 0.0
         self.below = [0] * len(self.THRESHOLDS)
-        self.n = 0
+        self.n = self.strict_n = 0
 
     def update(self, pred, target):
         pred, target = _batched(pred, target)
@@ -759,7 +765,12 @@ class NormalsMeter:
         valid = _normals_valid(target)[:, 0]
         p, g = F.normalize(pred.double(), dim=1), F.normalize(target, dim=1)
         # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
-        err = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))[valid]
+        err = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))  # (B, H, W)
+        length = target.norm(dim=1)
+        strict = err[valid & (length > 0.5) & (length < 1.5)]
+        self.strict_sum += strict.sum().item()
+        self.strict_n += strict.numel()
+        err = err[valid]
         self.hist += torch.bincount((err / self.BIN).long().clamp(max=len(self.hist) - 1), minlength=len(self.hist))
         self.sum += err.sum().item()
         self.sum_sq += (err ** 2).sum().item()
@@ -774,6 +785,7 @@ class NormalsMeter:
         median = ((torch.searchsorted(cum, ranks, right=True).double() + 0.5) * self.BIN).mean().item()
         out = {'mean': self.sum / n, 'rmse': (self.sum_sq / n) ** 0.5, 'median': median}
         out.update({f'{t:g}': 100 * b / n for t, b in zip(self.THRESHOLDS, self.below)})
+        out['strict_mean'] = self.strict_sum / max(self.strict_n, 1)
         return out
 
 

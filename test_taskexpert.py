@@ -640,12 +640,10 @@ def test_data_nyud_reader_decodes_and_pads(tmp_path):
     # depth in metres, 0 = invalid (and padding)
     assert s['depth'].shape == (1, 8, 16) and s['depth'][0, 1, 1] == 0 and s['depth'][0, 0, 0] == 2.5
     assert (s['depth'][:, _DATA_H:] == 0).all()
-    # normals decoded to unit vectors, the black pixel and the padding invalid (0)
+    # normals decoded as 2 v / 255 - 1 (the published decoding: black stays (-1, -1, -1)); padding 0
     n = s['normals'][:, :_DATA_H, :_DATA_W]
     assert torch.allclose(n[:, 0, 0], torch.tensor([0.6, 0.0, -0.8]), atol=0.01)
-    assert (n[:, 2, 2] == 0).all() and (s['normals'][:, _DATA_H:] == 0).all()
-    norms = n.norm(dim=0)
-    assert torch.allclose(norms[norms > 0], torch.ones(()), atol=1e-5)
+    assert (n[:, 2, 2] == -1).all() and (s['normals'][:, _DATA_H:] == 0).all()
     # edges 0/255 -> {0, 1}, padding 255
     assert set(s['edge'][0, :_DATA_H, :_DATA_W].unique().tolist()) == {0.0, 1.0}
     assert s['edge'][0, 0, 3] == 1 and s['edge'][0, 0, 0] == 0 and (s['edge'][0, _DATA_H:] == 255).all()
@@ -857,6 +855,44 @@ def test_data_pascal_crop_without_parts_is_ignored(tmp_path):
     assert seen == {'ignored', 'kept'}
 
 
+def test_data_nyud_black_and_grey_normals_count_as_the_published_meter_counts(tmp_path):
+    # a NYUD normals file where some normals could not be computed: stored black (0, 0, 0) and grey
+    # (128, 128, 128). The published loss / meter count them as -(1,1,1)/sqrt3 and +(1,1,1)/sqrt3.
+    root = _data_write_nyud_tree(tmp_path, splits=(('val', ('0003',)),))
+    stored = np.tile(np.array([128, 128, 255], np.uint8), (_DATA_H, _DATA_W, 1))  # ~(0, 0, 1)
+    stored[0, :2] = 0  # two black pixels
+    stored[1, :3] = 128  # three grey pixels
+    Image.fromarray(stored).save(os.path.join(root, 'normals', '0003.png'))
+    s = data.NYUD(root, 'val', train=False, size=(8, 16), tasks=('normals',))[0]
+    target = s['normals'][None, :, :_DATA_H, :_DATA_W]
+    pred = torch.zeros_like(target)
+    pred[:, 2] = 1  # every pixel predicts (0, 0, 1)
+    m = NormalsMeter()
+    m.update(pred, target)
+    score = m.score()
+    n_all = _DATA_H * _DATA_W
+    lean = math.degrees(math.acos(1 / math.sqrt(3)))  # (0, 0, 1) vs +(1, 1, 1): 54.7 deg
+    rounding = math.degrees(math.atan(math.sqrt(2) / 255))  # the others, stored (1/255, 1/255, 1): 0.32 deg
+    want = (2 * (180 - lean) + 3 * lean + (n_all - 5) * rounding) / n_all
+    assert score['mean'] == pytest.approx(want, abs=1e-3)
+    assert score['strict_mean'] == pytest.approx(rounding, abs=1e-3)  # only the plausible unit normals
+    assert s['normals'][:, 1, 0].tolist() == pytest.approx([1 / 255] * 3, rel=1e-4)  # grey: not 0, so counted
+    # the loss counts them too, against the decoded vector: L1 over the 3 components per valid pixel
+    loss = MultiTaskLoss({'normals': 3}).task_loss('normals', pred, target)
+    want = (2 * 4 + 3 * (2 / 255 + 254 / 255) + (n_all - 5) * 2 / 255) / n_all  # black: 1+1+2; grey
+    assert loss.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_data_pascal_person_free_training_image_ignores_parts(tmp_path):
+    root = _data_write_pascal_tree(tmp_path)
+    ds = data.PASCALContext(root, 'train', train=True, size=(4, 4), tasks=('human_parts',), seed=0)
+    for seed in range(5):  # whatever the crop, an image without a person says nothing about parts
+        ds.rng = np.random.default_rng(seed)
+        assert (ds[1]['human_parts'] == 255).all()  # 2008_000002: only a cat
+    val = data.PASCALContext(root, 'val', train=False, size=(16, 16), tasks=('human_parts',))
+    assert not (val[0]['human_parts'][:_DATA_PH, :_DATA_PW] == 255).all()  # evaluation skips it by meta
+
+
 def test_data_thin_matches_reference_thinning():
     """Expected output of skimage.morphology.thin (the reference's thinning) on this shape; our
     numpy version agreed with it on 300 random masks when it was written."""
@@ -935,6 +971,7 @@ def test_data_synthetic_geometry_is_consistent(tmp_path):
     for s in ds:
         seg, depth = s['semseg'][:120].numpy(), s['depth'][0, :120].numpy()
         normals, edge = s['normals'][:, :120].numpy().transpose(1, 2, 0), s['edge'][0, :120].numpy()
+        normals = normals / np.linalg.norm(normals, axis=-1, keepdims=True)  # stored as 8-bit, near unit
         valid = depth > 0
         assert valid.mean() > 0.98 and depth[valid].min() >= 0.5 and depth.max() <= 10
         assert (seg != 255).all() and len(np.unique(seg)) >= 3
