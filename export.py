@@ -2,7 +2,8 @@
 
     python export.py --target onnx                    # newest checkpoint under runs/, training size
     python export.py --target onnx coreml --checkpoint runs/nyud/best.pt --img-size 480 640
-    python export.py --target all --fp32 --benchmark  # all = onnx + coreml
+    python export.py --target all --weights int8 --benchmark  # all = onnx + coreml
+    python export.py --target coreml --weights fp16 int8 4bit # one package per weights choice
 
 The app contract (the same for both targets, one fixed input size H x W):
   input 'image'   RGB, values 0-255. ONNX: float32 (B, 3, H, W), any batch B. Core ML: an image
@@ -14,18 +15,25 @@ The app contract (the same for both targets, one fixed input size H x W):
     depth                float32 (B, 1, H, W) metres
     normals              float32 (B, 3, H, W) unit vectors
     edge, sal            float32 (B, 1, H, W) probabilities (sigmoid)
-Every target reports its file, size, time and the check it passed. A target whose export or check
-fails prints why, the other target still runs, and the script exits non-zero. Files are written to a
-temporary path beside the final one and renamed into place only once their check has passed.
+Weights (--weights, see WEIGHTS): ONNX fp32 (default) or int8; Core ML fp32, fp16 (default), int8
+or 4bit. Every file reports its size, time, the check it passed (tolerances fit to its weights) and
+the change of each task's main metric on val images relative to the fp32 PyTorch model. A target
+whose export or check fails prints why, the others still run, and the script exits non-zero. Files
+are written in a work folder '<final name>.tmp-<host>-<pid>' beside the final one and moved into
+place only once their check has passed; a run removes the work folders of killed runs.
 """
 import argparse
+import contextlib
 import copy
+import functools
 import glob
 import json
 import logging
 import os
 import platform
+import re
 import shutil
+import socket
 import statistics
 import sys
 import time
@@ -36,8 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IMAGENET_MEAN, IMAGENET_STD, NYU40_CLASSES, render_scene
-from taskexpert import CLASS_MAP_TASKS, PATCH, TaskExpert, postprocess
+from data import (IMAGENET_MEAN, IMAGENET_STD, NYU40_CLASSES, NYUD, DataError, PASCALContext, make_synthetic,
+                  render_scene)
+from taskexpert import CLASS_MAP_TASKS, MAIN_METRIC, PATCH, TaskExpert, make_meters, postprocess
 
 VOC_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -45,6 +54,36 @@ VOC_CLASSES = (
 HUMAN_PARTS = ('background', 'head', 'torso', 'upper arms', 'lower arms and hands', 'upper legs',
                'lower legs and feet')  # the 6 part groups of the InvPT / ATRC PASCAL reader
 NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
+
+# --weights: how each format stores its weights, in the words written to the file's metadata 'weights'.
+# Weights smaller than coremltools' threshold (2048 values: gates, norms, biases) stay fp16 in every
+# compressed Core ML package. ONNX int8 compresses the MatMul weights (the Linear layers: 88% of the
+# parameters of TaskExpert ViT-B on PASCAL, 93% of ViT-L on NYUD); the convs (heads, patch
+# embedding) stay fp32.
+WEIGHTS = {
+    'onnx': {
+        'fp32': 'fp32',
+        'int8': 'int8 MatMul weights, one scale per output channel (onnxruntime quantize_dynamic), activations '
+                'quantized to uint8 at run time (MatMulInteger); other weights fp32',
+    },
+    'coreml': {
+        'fp32': 'fp32 weights and arithmetic',
+        'fp16': 'fp16 weights and arithmetic',
+        'int8': 'int8 weights, one scale per output channel (coremltools linear_quantize_weights, iOS 17 '
+                'constexpr_affine_dequantize), weights under 2048 values fp16; fp16 arithmetic',
+        '4bit': 'int4 weights in blocks of 32 input channels with one fp16 scale each (coremltools '
+                'linear_quantize_weights, iOS 18 constexpr_blockwise_shift_scale), weights under 2048 values or '
+                'whose second axis 32 does not divide (the patch embedding\'s 3 colours, the position embedding '
+                'unless its tokens are a multiple of 32) fp16; fp16 arithmetic',
+    },
+}
+DEFAULT_WEIGHTS = {'onnx': 'fp32', 'coreml': 'fp16'}
+WEIGHTS_ORDER = ('fp32', 'fp16', 'int8', '4bit')
+NO_WEIGHTS = {  # why a format has no such weights
+    ('onnx', 'fp16'): "onnxruntime's CPU kernels compute in fp32; for a smaller file use int8",
+    ('onnx', '4bit'): "standard ONNX has no 4-bit MatMul (onnxruntime's MatMulNBits is a contrib op); use int8, "
+                      "or --target coreml for 4bit",
+}
 
 # -------------------------------------------------------------------------------------------------
 # Checkpoint -> model
@@ -167,14 +206,23 @@ def describe(config, tasks, probabilities, img_size, checkpoint, step):
 # Comparing an exported model's outputs with PyTorch's
 # -------------------------------------------------------------------------------------------------
 
-# Check tolerances per kind of output and arithmetic of the exported model. An output value passes
+# Check tolerances per kind of output and weights of the exported model. An output value passes
 # if |exported - PyTorch| <= tol * max(1, |PyTorch|): absolute for probabilities and unit normals
-# (at most 1), relative for depths above 1 m. They sit ~10x above the errors measured on tiny models
-# (fp32: 1e-7..2e-5; fp16 run by the Linux checker: 5e-4..4e-3), and far below the errors of a
-# conversion bug (a wrong weight, layout or resize mode changes outputs by a good part of their range).
+# (at most 1), relative for depths above 1 m. fp32 and fp16 sit ~10x above the errors measured on
+# tiny models (fp32: 1e-7..2e-5; fp16 run by the Linux checker: 5e-4..4e-3), and far below the errors
+# of a conversion bug (a wrong weight, layout or resize mode changes outputs by a good part of their
+# range). Quantized weights err by themselves: the int8 and 4bit tolerances sit ~3x above the largest
+# errors measured on the test model and on the synthetic quick start's checkpoint at 96x128 and
+# 448x576 (README, "Smaller files for phones"). One layer's scale off by 1.5x exceeds the int8 ones,
+# off by 2x the 4bit ones. ONNX int8 also rounds each MatMul's input to 8 bits with one scale per
+# tensor, set at run time by the input's range: it errs up to 4x more than weights alone, most on
+# large inputs and the noise frame.
 TOLERANCE = {
     'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
     'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
+    'int8': {'prob': 5e-2, 'depth': 6e-2, 'normals': 0.1, 'logit': 0.15},
+    'int8 dynamic': {'prob': 6e-2, 'depth': 0.2, 'normals': 0.1, 'logit': 0.25},  # ONNX int8
+    '4bit': {'prob': 0.25, 'depth': 0.5, 'normals': 0.5, 'logit': 1.0},
 }
 
 
@@ -229,13 +277,17 @@ def compare(got, ref, raw, tol):
 
 
 # -------------------------------------------------------------------------------------------------
-# Writing files: to a temporary path beside the final one, renamed into place when checked
+# Writing files: in a work folder beside the final path, moved into place when checked
 # -------------------------------------------------------------------------------------------------
 
+WORK_SUFFIX = re.compile(r'\.tmp-(.+)-(\d+)$')  # '<final name>.tmp-<host>-<pid>'
 
-def temp_path(path):
-    base, ext = os.path.splitext(path)
-    return f'{base}.tmp-{os.getpid()}{ext}'
+
+def work_dir(path):
+    """The folder an export of path writes in: beside it (so the final move is a rename), not named
+    like an export (so nobody takes it for one), and naming its host and process, so that a later run
+    can tell whether it was left by a killed one."""
+    return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
 
 
 def remove(path):
@@ -245,16 +297,33 @@ def remove(path):
         os.remove(path)
 
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        pass
+    return True
+
+
+def remove_stale_work(folder):
+    """Remove the work folders that exports killed on this host left in folder -> their names. Those
+    of a process still running (another export now) and of other hosts stay."""
+    stale = [name for name in sorted(os.listdir(folder)) if (m := WORK_SUFFIX.search(name))
+             and m[1] == socket.gethostname() and not alive(int(m[2]))]
+    for name in stale:
+        remove(os.path.join(folder, name))
+    return stale
+
+
 def install(tmp, path):
-    """Rename tmp into place. A .mlpackage is a folder, which os.replace cannot swap over an existing
-    one: the old one is moved aside first and deleted after, so path is always complete or absent."""
+    """Move tmp (a file or a .mlpackage folder, inside work_dir(path)) to path. os.replace cannot swap
+    a folder over an existing one: the old one is moved into the work folder first, so path is always
+    complete or absent."""
     if os.path.isdir(tmp) and os.path.exists(path):
-        old = temp_path(path) + '.old'
-        os.replace(path, old)
-        os.replace(tmp, path)
-        remove(old)
-    else:
-        os.replace(tmp, path)
+        os.replace(path, os.path.join(os.path.dirname(tmp), 'previous'))
+    os.replace(tmp, path)
 
 
 def disk_size(path):
@@ -268,32 +337,77 @@ def disk_size(path):
 # -------------------------------------------------------------------------------------------------
 
 
-def export_onnx(app, img_size, path, meta, descriptions):
+@contextlib.contextmanager
+def quiet(*loggers):
+    """Log messages of these loggers ('' = the root logger) below ERROR are dropped for the duration."""
+    loggers = [logging.getLogger(name) for name in loggers]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
     """Export with the dynamo exporter at opset 20 (pinned: its default in torch 2.13, the version tested),
-    batch dynamic, all weights in the one file."""
+    batch dynamic, all weights in the one file. int8: an fp32 export quantized by onnxruntime: fp32,
+    the file of one made in this run, else one made beside path."""
     import onnx
-    example = torch.from_numpy(check_images(2, img_size))  # batch 2: a batch-1 example fixes the batch to 1
-    program = torch.onnx.export(app, (example,), dynamo=True, opset_version=20, input_names=['image'],
-                                output_names=app.output_names, dynamic_shapes=({0: torch.export.Dim('batch')},),
-                                external_data=False)
-    program.model.metadata_props.update(meta)
-    program.model.graph.inputs[0].doc_string = meta['input'] + ', float32 (B, 3, H, W)'
-    for value in program.model.graph.outputs:
-        value.doc_string = descriptions[value.name]
-    program.save(path, external_data=False)
+    made = weights == 'fp32' or fp32 is None
+    if made:
+        example = torch.from_numpy(check_images(2, img_size))  # batch 2: a batch-1 example fixes the batch to 1
+        program = torch.onnx.export(app, (example,), dynamo=True, opset_version=20, input_names=['image'],
+                                    output_names=app.output_names, dynamic_shapes=({0: torch.export.Dim('batch')},),
+                                    external_data=False)
+        program.model.metadata_props.update(meta, weights=WEIGHTS['onnx']['fp32'])
+        program.model.graph.inputs[0].doc_string = meta['input'] + ', float32 (B, 3, H, W)'
+        for value in program.model.graph.outputs:
+            value.doc_string = descriptions[value.name]
+        fp32 = path if weights == 'fp32' else path + '.fp32'
+        program.save(fp32, external_data=False)
+    if weights == 'int8':
+        quantize_onnx(fp32, path)
+        if made:
+            os.remove(fp32)
+        proto = onnx.load(path)  # the quantizer keeps the metadata and descriptions: only 'weights' changes
+        next(p for p in proto.metadata_props if p.key == 'weights').value = WEIGHTS['onnx']['int8']
+        onnx.save(proto, path)
     onnx.checker.check_model(path, full_check=True)
 
 
-def check_onnx(path, model, probabilities, img_size):
-    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with)."""
+def quantize_onnx(src, dst):
+    """Dynamic int8 quantization: each MatMul with a constant weight (the Linear layers; the attention
+    products have none) becomes MatMulInteger on int8 weights with one scale per output channel, its
+    input quantized to uint8 with one scale per tensor at run time (DynamicQuantizeLinear). All
+    standard ONNX ops. Its logging is silenced: it recommends onnxruntime's pre-processing, which on
+    our graph quantizes the same MatMuls to the same outputs (and whose symbolic shape inference
+    fails on the exporter's Expand nodes)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with quiet(''):
+        quantize_dynamic(src, dst, op_types_to_quantize=['MatMul', 'Gemm'], per_channel=True,
+                         weight_type=QuantType.QInt8)
+
+
+def load_onnx(path, threads=0):
+    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array,
+    computed by onnxruntime on this CPU (with `threads` threads; 0: one per core)."""
     import onnxruntime as ort
-    images = check_images(3, img_size, seed=1)
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {'image': images})))
+    return lambda images: dict(zip(names, session.run(None, {'image': images})))
+
+
+def check_onnx(path, model, probabilities, img_size, weights):
+    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with)."""
+    images = check_images(3, img_size, seed=1)
     ref, raw = reference(model, images, probabilities)
-    lines = compare(got, ref, raw, TOLERANCE['fp32'])
-    return 'onnxruntime CPU vs PyTorch, 3 frames (room, noise, room)', lines
+    lines = compare(load_onnx(path)(images), ref, raw, TOLERANCE['int8 dynamic' if weights == 'int8' else weights])
+    return f'onnxruntime CPU vs PyTorch, {weights} weights, 3 frames (room, noise, room)', lines
 
 
 # -------------------------------------------------------------------------------------------------
@@ -304,37 +418,52 @@ def check_onnx(path, model, probabilities, img_size):
 def import_coremltools():
     """coremltools, without the warnings it logs on import on Linux (no Core ML framework to load,
     torch newer than it was tested with); its conversion warnings still show."""
-    logger = logging.getLogger('coremltools')
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    import coremltools
-    logger.setLevel(level)
+    with quiet('coremltools'):
+        import coremltools
     return coremltools
 
 
-def export_coreml(app, img_size, path, fp16, meta, descriptions):
-    """torch.export -> Core ML ML program (iOS 17+), fp16 weights and compute unless fp16=False."""
+def export_coreml(app, img_size, path, weights, meta, descriptions):
+    """torch.export -> Core ML ML program: fp32, or fp16 arithmetic with fp16, int8 or 4-bit weights
+    (WEIGHTS). iOS 17+, iOS 18+ for 4bit (its block-wise int4 weights)."""
     ct = import_coremltools()
     H, W = img_size
     program = torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
     mlmodel = ct.convert(
-        program, convert_to='mlprogram', minimum_deployment_target=ct.target.iOS17,
-        compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+        program, convert_to='mlprogram',
+        minimum_deployment_target=ct.target.iOS18 if weights == '4bit' else ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT32 if weights == 'fp32' else ct.precision.FLOAT16,
         # scale 1, no bias: the model normalises itself (AppModel), exactly per channel
         inputs=[ct.ImageType(name='image', shape=(1, 3, H, W), color_layout=ct.colorlayout.RGB, scale=1.0,
                              bias=[0.0, 0.0, 0.0])],
         # float32 outputs (else an fp16 program returns Float16), int32 class maps
         outputs=[ct.TensorType(name=n, dtype=np.int32 if n in CLASS_MAP_TASKS else np.float32)
                  for n in app.output_names])
+    if weights in ('int8', '4bit'):
+        mlmodel = quantize_coreml(mlmodel, weights)
     mlmodel.author = 'TaskExpert open implementation (export.py)'
     mlmodel.short_description = (f'TaskExpert (Ye & Xu, ICCV 2023) multi-task dense prediction, ViT-{meta["backbone"]} '
                                  f'trained on {meta["dataset"]}: {meta["tasks"].replace(",", ", ")} from one RGB image')
     mlmodel.version = f'step {meta["step"]}'
-    mlmodel.user_defined_metadata.update(meta)
+    mlmodel.user_defined_metadata.update(meta, weights=WEIGHTS['coreml'][weights])
     mlmodel.input_description['image'] = meta['input'] + ', e.g. a camera frame scaled to that size'
     for name, text in descriptions.items():
         mlmodel.output_description[name] = text.replace('(B, ', '(1, ')
     mlmodel.save(path)
+
+
+def quantize_coreml(mlmodel, weights):
+    """Symmetric linear quantization of the fp16 program's weights: int8 with one scale per output
+    channel, or int4 with one scale per block of 32 input channels (with one per output channel, int4
+    erred 2-4x more on the quick start's model; coremltools' 4-bit k-means palettization needs
+    scikit-learn, not a dependency here). coremltools logs a warning for each weight whose second axis
+    a block does not divide: those stay fp16, as WEIGHTS says, so its warnings are silenced."""
+    import coremltools.optimize.coreml as cto
+    config = (dict(dtype='int8', granularity='per_channel') if weights == 'int8' else
+              dict(dtype='int4', granularity='per_block', block_size=32))
+    with quiet('coremltools', ''):  # it logs those on the root logger too
+        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
+            cto.OpLinearQuantizerConfig(mode='linear_symmetric', **config)))
 
 
 # The Linux check: Core ML cannot run here, but the saved package's ML program can be read back
@@ -407,10 +536,35 @@ def _reduce(fn):
     return run
 
 
+def _per_block(s, shape):
+    """A scale (or offset) with one value per block of a weight of `shape` (same rank, each size
+    dividing the weight's), repeated over its block -> (*shape)."""
+    s = torch.as_tensor(s).float()
+    for d, n in enumerate(shape):
+        s = s.repeat_interleave(n // s.shape[d], d)
+    return s
+
+
+def _affine_dequantize(a):
+    """iOS 16/17 constexpr_affine_dequantize: (q - zero_point) * scale, one zero point and scale per
+    index of `axis` (or one for all)."""
+    q = a['quantized_data'].float()
+    shape = [-1 if d == int(a['axis']) % q.ndim else 1 for d in range(q.ndim)]
+    return (q - torch.as_tensor(a['zero_point']).float().reshape(shape)) * torch.as_tensor(a['scale']).float().reshape(shape)
+
+
+def _blockwise_shift_scale(a):
+    """iOS 18 constexpr_blockwise_shift_scale: (data - offset) * scale, one offset and scale per block."""
+    x = a['data'].float()
+    if 'offset' in a:
+        x = x - _per_block(a['offset'], x.shape)
+    return x * _per_block(a['scale'], x.shape)
+
+
 _GELU = {'EXACT': 'none', 'TANH_APPROXIMATION': 'tanh'}  # MIL gelu mode -> torch's approximate=
 _DTYPES = {'fp16': torch.float16, 'fp32': torch.float32, 'int32': torch.int32, 'bool': torch.bool}
 
-# The MIL ops our converted model contains (iOS 17 opset), each on a dict of its named inputs
+# The MIL ops our converted models contain (iOS 17 and 18 opsets), each on a dict of its named inputs
 MIL_OPS = {
     'add': lambda a: a['x'] + a['y'],
     'mul': lambda a: a['x'] * a['y'],
@@ -440,6 +594,12 @@ MIL_OPS = {
     'reduce_l2_norm': _reduce(lambda x, axes, keep: (x * x).sum(axes, keepdim=keep).sqrt()),
     'reduce_argmax': lambda a: a['x'].argmax(int(a.get('axis', -1)), keepdim=bool(a.get('keep_dims', False))),
     'cast': lambda a: a['x'].to(_DTYPES[a['dtype']]),
+    # iOS 18 (a 4bit package): attention as one op, softmax(q k^T / sqrt(d)) v
+    'scaled_dot_product_attention': lambda a: F.scaled_dot_product_attention(
+        a['query'], a['key'], a['value'], a.get('attn_mask')),
+    # compressed weights, expanded where they are read (the result is rounded to the program's fp16)
+    'constexpr_affine_dequantize': _affine_dequantize,
+    'constexpr_blockwise_shift_scale': _blockwise_shift_scale,
 }
 
 
@@ -482,30 +642,84 @@ def run_mil_program(main, image):
     return {v.name: env[v.name].numpy() for v in main.outputs}
 
 
-def run_coreml(package, images):
-    """The package's outputs for frames (N, 3, H, W), run one at a time (its input is one image) ->
-    dict output name -> (N, ...) array: Core ML itself on macOS (CPU, Apple's kernels), else the ML
-    program interpreter above."""
+def load_coreml(package):
+    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array, the
+    frames run one at a time (the input is one image): Core ML itself on macOS (CPU, Apple's kernels),
+    else the ML program interpreter above."""
     if platform.system() == 'Darwin':
         from PIL import Image
         ct = import_coremltools()
         mlmodel = ct.models.MLModel(package, compute_units=ct.ComputeUnit.CPU_ONLY)
-        outs = [mlmodel.predict({'image': Image.fromarray(im.transpose(1, 2, 0).astype(np.uint8), 'RGB')})
-                for im in images]
+        run = lambda im: mlmodel.predict({'image': Image.fromarray(im.transpose(1, 2, 0).astype(np.uint8), 'RGB')})  # noqa: E731
     else:
         main = load_mil_program(package)
-        outs = [run_mil_program(main, im[None]) for im in images]
-    return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
+        run = lambda im: run_mil_program(main, im[None])  # noqa: E731
+
+    def predict(images):
+        outs = [run(im) for im in images]
+        return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
+    return predict
 
 
-def check_coreml(path, model, probabilities, img_size, fp16):
+def check_coreml(path, model, probabilities, img_size, weights):
     """The saved package vs PyTorch on 2 frames (room, noise)."""
     images = check_images(2, img_size, seed=1)
-    got = run_coreml(path, images)
     ref, raw = reference(model, images, probabilities)
-    lines = compare(got, ref, raw, TOLERANCE['fp16' if fp16 else 'fp32'])
+    lines = compare(load_coreml(path)(images), ref, raw, TOLERANCE[weights])
     how = 'Core ML (CPU)' if platform.system() == 'Darwin' else 'its ML program run by the Linux checker'
-    return f'{how} vs PyTorch, {"fp16" if fp16 else "fp32"}, 2 frames (room, noise)', lines
+    return f'{how} vs PyTorch, {weights} weights, 2 frames (room, noise)', lines
+
+
+# -------------------------------------------------------------------------------------------------
+# What compression costs on real frames: each task's main metric on val images
+# -------------------------------------------------------------------------------------------------
+
+
+def open_val(config, data_root, img_size, tasks):
+    """The val split of data_root, else of the checkpoint's training data (its config's data_root;
+    synthetic scenes are generated there first if missing, by the same call as train.py's), read at
+    the export size -> data.py reader. Raises DataError / ValueError (a missing dataset, images larger
+    than the export size)."""
+    root = data_root or config['data_root']
+    if data_root is None and config['dataset'] == 'synthetic':
+        make_synthetic(root, *config['scenes'], size=tuple(config['img_size']), seed=0)
+    val = (PASCALContext if config['dataset'] == 'pascal' else NYUD)(root, split='val', train=False, size=img_size,
+                                                                      tasks=tuple(tasks))
+    val[0]  # an image larger than the export size fails here, not after the first export
+    return val
+
+
+def as_scores(task, x, channels):
+    """An app output (N, ...) -> what the meters read, the raw head outputs: one-hot scores for a class
+    map, the logit of a probability (the meters apply the sigmoid); depth and normals as they are."""
+    x = torch.from_numpy(np.asarray(x))
+    if task in CLASS_MAP_TASKS:
+        return F.one_hot(x.long(), channels).permute(0, 3, 1, 2).float()  # (N, C, H, W)
+    if task in ('edge', 'sal'):
+        return torch.logit(x.double())
+    return x
+
+
+def main_metrics(predict, val, n, tasks, dataset):
+    """Each task's main metric (MAIN_METRIC) of predict (frames -> app outputs, as load_onnx returns)
+    on the first n images of val, with the meters of training's evaluation -> dict task -> value."""
+    meters = make_meters(tasks, dataset)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i in range(min(n, len(val))):
+        sample = val[i]
+        h, w = sample['meta']['size']
+        image = ((sample['image'] * std + mean) * 255).round().clamp(0, 255)  # (3, H, W) the frame, 0-255
+        out = predict(image[None].numpy())
+        for t, meter in meters.items():
+            if t == 'human_parts' and not sample['meta'].get('has_human', False):
+                continue  # as in training's evaluation: parts count on images with a person only
+            meter.update(as_scores(t, out[t], tasks[t])[..., :h, :w], sample[t][None, ..., :h, :w])
+    return {t: m.score()[MAIN_METRIC[t][0]] for t, m in meters.items()}
+
+
+def metric_change(got, base):
+    """dict task -> value, for a file and for the fp32 PyTorch model -> one line."""
+    return ', '.join(f'{t} {MAIN_METRIC[t][0]} {base[t]:.4g} -> {v:.4g} ({v - base[t]:+.2g})' for t, v in got.items())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -513,32 +727,44 @@ def check_coreml(path, model, probabilities, img_size, fp16):
 # -------------------------------------------------------------------------------------------------
 
 
-def benchmark(app, onnx_path, img_size, runs=20, warmup=3):
-    """Median latency at batch 1 of eager PyTorch (the same AppModel) and of onnxruntime on this CPU.
-    The two alternate run by run, so that other load on the machine slows both alike."""
-    import onnxruntime as ort
+def benchmark(app, files, img_size, runs=20, warmup=3):
+    """files: dict (target, weights) -> path. Median latency at batch 1 of eager PyTorch (the same
+    AppModel) and of each ONNX file in onnxruntime on this CPU, with every file's size. They run in
+    turn, run by run, so that other load on the machine slows all alike, with torch's number of
+    threads (OMP_NUM_THREADS sets it). Core ML runs on Apple devices only: its latency is for Xcode's
+    Core ML performance report."""
     image = check_images(1, img_size)
-    session = ort.InferenceSession(onnx_path, providers=['CPUExecutionProvider'])
-    engines = {'PyTorch eager': lambda: app(torch.from_numpy(image)),
-               'onnxruntime': lambda: session.run(None, {'image': image})}
-    times = {name: [] for name in engines}
+    engines = {('PyTorch eager', 'fp32'): lambda: app(torch.from_numpy(image))}
+    engines.update({k: functools.partial(load_onnx(p, torch.get_num_threads()), image)
+                    for k, p in files.items() if k[0] == 'onnx'})
+    times = {k: [] for k in engines}
     with torch.inference_mode():
         for i in range(warmup + runs):
-            for name, run in engines.items():
+            for k, run in engines.items():
                 t = time.perf_counter()
                 run()
                 if i >= warmup:
-                    times[name].append(time.perf_counter() - t)
-    t_torch, t_ort = (statistics.median(times[name]) for name in engines)
+                    times[k].append(time.perf_counter() - t)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    t_torch = median['PyTorch eager', 'fp32']
     print(f'benchmark: batch 1, {img_size[0]}x{img_size[1]}, median of {runs} runs after {warmup} warm-up, '
-          f'{os.cpu_count()} CPU cores (torch {torch.get_num_threads()} threads, onnxruntime its default): '
-          f'PyTorch eager {1e3 * t_torch:.1f} ms, onnxruntime {1e3 * t_ort:.1f} ms, ratio onnxruntime / '
-          f'PyTorch {t_ort / t_torch:.2f} ({t_torch / t_ort:.2f}x {"faster" if t_ort < t_torch else "slower"})')
+          f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} thread(s) each:\n'
+          f'  PyTorch eager, fp32          {1e3 * t_torch:8.1f} ms')
+    for (target, weights), path in files.items():
+        size = f'  {target} {weights}'.ljust(16) + f'{disk_size(path) / 2 ** 20:7.1f} MiB'
+        if (target, weights) in median:
+            t = median[target, weights]
+            print(f'{size} {1e3 * t:8.1f} ms  ({t_torch / t:.2f}x the speed of PyTorch eager)')
+        else:
+            print(f'{size}  latency: on an Apple device (Xcode\'s Core ML performance report)')
 
 
-def run_target(target, path, export, check):
-    """Export to a temporary path, check it, rename it into place; print the report. -> True if done."""
-    tmp = temp_path(path)
+def run_target(name, path, export, check):
+    """Export in a work folder, check it, move it into place; print the report. -> True if done."""
+    work = work_dir(path)
+    remove(work)  # this process's name: a leftover of an earlier process with the same pid
+    os.makedirs(work)
+    tmp = os.path.join(work, os.path.basename(path))
     t0 = time.perf_counter()
     try:
         export(tmp)
@@ -546,11 +772,12 @@ def run_target(target, path, export, check):
         how, lines = check(tmp)
         install(tmp, path)
     except Exception as e:
-        remove(tmp)
         why = str(e) if isinstance(e, CheckFailed) else traceback.format_exc()
-        print(f'{target}: FAILED ({path} not written): {why}', file=sys.stderr)
+        print(f'{name}: FAILED ({path} not written): {why}', file=sys.stderr)
         return False
-    print(f'{target}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
+    finally:
+        remove(work)
+    print(f'{name}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
           f'check {time.perf_counter() - t0 - t_export:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines))
     return True
 
@@ -565,15 +792,33 @@ def main():
     p.add_argument('--out-dir', help='folder for the exported files (default: the checkpoint\'s folder)')
     p.add_argument('--img-size', nargs=2, type=int, metavar=('H', 'W'),
                    help='fixed input size, multiples of 16 (default: the training size)')
-    p.add_argument('--fp32', action='store_true', help='Core ML weights and arithmetic in fp32 (default fp16)')
+    p.add_argument('--weights', nargs='+', choices=WEIGHTS_ORDER,
+                   help='weights of each exported file, one file per choice and target: ONNX fp32 or int8 '
+                        '(default fp32), Core ML fp32, fp16, int8 or 4bit (default fp16)')
+    p.add_argument('--fp32', dest='weights', action='store_const', const=['fp32'], help='the same as --weights fp32')
     p.add_argument('--probabilities', action='store_true',
                    help='also output <task>_prob, the class probabilities, next to each class map')
+    p.add_argument('--data-root', help='dataset whose val split measures the metric change of each file '
+                                       '(default: the checkpoint\'s training data)')
+    p.add_argument('--val-images', type=int, default=50, metavar='N',
+                   help='val images for the metric change (default 50, the first ones of the split; 0: none)')
     p.add_argument('--benchmark', action='store_true',
-                   help='time the ONNX model in onnxruntime against eager PyTorch on this CPU (batch 1)')
+                   help='time each ONNX file in onnxruntime against eager PyTorch on this CPU (batch 1), '
+                        'with the size of every file')
     args = p.parse_args()
     targets = ['onnx', 'coreml'] if 'all' in args.target else list(dict.fromkeys(args.target))
+    # fp32 first: an int8 ONNX file is then quantized from the fp32 one, not exported again
+    variants = [(t, w) for t in targets for w in WEIGHTS_ORDER if w in (args.weights or [DEFAULT_WEIGHTS[t]])]
+    for t, w in variants:
+        if w not in WEIGHTS[t]:
+            raise SystemExit(f'export.py: --weights {w} with --target {t}: {NO_WEIGHTS[t, w]}')
     if args.benchmark and 'onnx' not in targets:
         raise SystemExit('export.py: --benchmark times the ONNX model: add onnx to --target')
+    if args.val_images < 0:
+        raise SystemExit(f'export.py: --val-images {args.val_images}: must be 0 or more')
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        raise SystemExit(f'export.py: --data-root {args.data_root} is not a folder: pass a dataset folder '
+                         f'(README.md, section Datasets)')
 
     path = args.checkpoint or newest_checkpoint('runs')
     if path is None:
@@ -591,27 +836,45 @@ def main():
     model = at_size(model, img_size)
     app = AppModel(model, args.probabilities)
     meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, step)
+    val = None
+    if args.val_images:
+        try:
+            val = open_val(config, args.data_root, img_size, model.tasks)
+        except (DataError, ValueError) as e:
+            if args.data_root is not None:
+                raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
+            print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
+    for name in remove_stale_work(out_dir):
+        print(f'export.py: removed {name}, the work folder of an export that was killed')
     stem = os.path.join(out_dir, f'taskexpert_{config["dataset"]}_{config["backbone"]}_{img_size[0]}x{img_size[1]}')
     print(f'export.py: {path} ({config["dataset"]}, ViT-{config["backbone"]}), input {img_size[0]}x{img_size[1]}, '
           f'outputs {", ".join(app.output_names)}')
 
-    ok = {}
-    if 'onnx' in targets:
-        ok['onnx'] = run_target(
-            'onnx', stem + '.onnx', lambda tmp: export_onnx(app, img_size, tmp, meta, descriptions),
-            lambda tmp: check_onnx(tmp, model, args.probabilities, img_size))
-    if 'coreml' in targets:
-        fp16 = not args.fp32
-        ok['coreml'] = run_target(
-            'coreml', stem + ('_fp16' if fp16 else '_fp32') + '.mlpackage',
-            lambda tmp: export_coreml(app, img_size, tmp, fp16, meta, descriptions),
-            lambda tmp: check_coreml(tmp, model, args.probabilities, img_size, fp16))
-    if args.benchmark and ok['onnx']:
-        benchmark(app, stem + '.onnx', img_size)
-    if not all(ok.values()):
-        raise SystemExit(f'export.py: failed: {", ".join(t for t, done in ok.items() if not done)}')
+    done, base = {}, None
+    for target, weights in variants:
+        export, check, load = {'onnx': (export_onnx, check_onnx, load_onnx),
+                               'coreml': (export_coreml, check_coreml, load_coreml)}[target]
+        file = stem + ('' if (target, weights) == ('onnx', 'fp32') else f'_{weights}') + \
+            ('.onnx' if target == 'onnx' else '.mlpackage')
+        more = dict(fp32=done.get(('onnx', 'fp32'))) if target == 'onnx' else {}
+        if not run_target(f'{target} {weights}', file,
+                          lambda tmp: export(app, img_size, tmp, weights, meta, descriptions, **more),
+                          lambda tmp: check(tmp, model, args.probabilities, img_size, weights)):
+            continue
+        done[target, weights] = file
+        if val is not None:
+            n = min(args.val_images, len(val))
+            base = base or main_metrics(lambda im: reference(model, im, args.probabilities)[0], val, n, model.tasks,
+                                        config['dataset'])
+            got = main_metrics(load(file), val, n, model.tasks, config['dataset'])
+            print(f'  main metrics on {n} val images of {val.root}, fp32 PyTorch -> this file: {metric_change(got, base)}')
+    if args.benchmark and any(t == 'onnx' for t, _ in done):
+        benchmark(app, done, img_size)
+    failed = [f'{t} {w}' for t, w in variants if (t, w) not in done]
+    if failed:
+        raise SystemExit(f'export.py: failed: {", ".join(failed)}')
 
 
 if __name__ == '__main__':

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -1630,50 +1631,95 @@ def _export_describe(model, dataset, probabilities=False):
                            'test.pt', 0)
 
 
+@pytest.fixture(scope='module')
+def _export_onnx_files(tmp_path_factory):
+    """The nyud tiny model exported to ONNX with fp32 weights, then int8 quantized from that file, as
+    export.py does when asked for both -> (model, {weights: path})."""
+    model = _export_tiny(TASKS['nyud'])
+    app = export.AppModel(model)
+    folder = tmp_path_factory.mktemp('onnx')
+    paths = {w: str(folder / f'model_{w}.onnx') for w in ('fp32', 'int8')}
+    export.export_onnx(app, _EXPORT_SIZE, paths['fp32'], 'fp32', *_export_describe(model, 'nyud'))
+    export.export_onnx(app, _EXPORT_SIZE, paths['int8'], 'int8', *_export_describe(model, 'nyud'), fp32=paths['fp32'])
+    return model, paths
+
+
 @pytest.mark.heavy
-@pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
-def test_export_onnx_matches_pytorch_at_another_batch(dataset, tmp_path):
-    # pascal also covers the optional softmax outputs and the other gate and memory options
-    probabilities = dataset == 'pascal'
-    model = _export_tiny(TASKS[dataset], **(dict(gate='image', memory_write='add') if probabilities else {}))
-    app = export.AppModel(model, probabilities)
-    meta, descriptions = _export_describe(model, dataset, probabilities)
-    path = str(tmp_path / 'model.onnx')
-    export.export_onnx(app, _EXPORT_SIZE, path, meta, descriptions)  # exported with a batch of 2
-    how, lines = export.check_onnx(path, model, probabilities, _EXPORT_SIZE)  # raises if out of tolerance
-    assert '3 frames' in how
-    proto = onnx.load(path)
-    names = [o.name for o in proto.graph.output]
-    assert names == app.output_names and len(lines) == len(names)
-    assert ('semseg_prob' in names) == probabilities and ('human_parts' in names) == (dataset == 'pascal')
+@pytest.mark.parametrize('weights', ['fp32', 'int8'])
+def test_export_onnx_matches_pytorch_at_another_batch(_export_onnx_files, weights):
+    model, paths = _export_onnx_files
+    how, lines = export.check_onnx(paths[weights], model, False, _EXPORT_SIZE, weights)  # raises if out of tolerance
+    assert '3 frames' in how and weights in how  # exported with a batch of 2
+    proto = onnx.load(paths[weights])
+    assert [o.name for o in proto.graph.output] == list(TASKS['nyud']) and len(lines) == 4
+    assert all(o.doc_string for o in proto.graph.output)
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props['tasks'] == ','.join(TASKS[dataset]) and props['input_size'] == '64x96'
+    assert props['tasks'] == ','.join(TASKS['nyud']) and props['input_size'] == '64x96'
+    assert props['weights'] == export.WEIGHTS['onnx'][weights]
     assert proto.graph.input[0].name == 'image'
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
     assert {o.domain: o.version for o in proto.opset_import}[''] == 20  # the pinned opset
+    # int8: each Linear weight stored once, in int8 (no fp32 copy left), the other parameters in fp32;
+    # standard ONNX ops only
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count('MatMulInteger') == (len(linears) if weights == 'int8' else 0)
+    assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
+    stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    expected = fp32_bytes - (3 * sum(m.weight.numel() for m in linears) if weights == 'int8' else 0)
+    assert 0.99 * expected < stored < 1.02 * expected  # (the unused final LayerNorm is not stored)
+
+
+@pytest.mark.heavy
+def test_export_onnx_probabilities_and_options(tmp_path):
+    """pascal: human parts, the optional softmax outputs, the other gate and memory options."""
+    model = _export_tiny(TASKS['pascal'], gate='image', memory_write='add')
+    app = export.AppModel(model, probabilities=True)
+    path = str(tmp_path / 'model.onnx')
+    export.export_onnx(app, _EXPORT_SIZE, path, 'fp32', *_export_describe(model, 'pascal', True))
+    how, lines = export.check_onnx(path, model, True, _EXPORT_SIZE, 'fp32')
+    names = [o.name for o in onnx.load(path).graph.output]
+    assert names == app.output_names and len(lines) == len(names)
+    assert 'semseg_prob' in names and 'human_parts_prob' in names and 'sal' in names
+
+
+@pytest.mark.heavy
+def test_export_onnx_check_catches_a_wrong_scale(_export_onnx_files, tmp_path):
+    """A quantizer bug that keeps the int8 values but stores a wrong scale for one layer (here 1.5x, the
+    first attention's qkv) is caught at the int8 tolerances."""
+    model, paths = _export_onnx_files
+    proto = onnx.load(paths['int8'])
+    qkv = next(n for n in proto.graph.node if n.op_type == 'MatMulInteger')
+    scale = next(i for i in proto.graph.initializer if i.name == qkv.input[1].replace('_quantized', '_scale'))
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 1.5, scale.name))
+    broken = str(tmp_path / 'broken.onnx')
+    onnx.save(proto, broken)
+    with pytest.raises(export.CheckFailed, match='OUT OF TOLERANCE'):
+        export.check_onnx(broken, model, False, _EXPORT_SIZE, 'int8')
 
 
 @pytest.fixture(scope='module')
 def _export_coreml_packages(tmp_path_factory):
-    """The nyud tiny model converted twice, fp32 and fp16 -> (model, {'fp32': path, 'fp16': path})."""
+    """The nyud tiny model converted with each weights choice -> (model, {weights: path})."""
     model = _export_tiny(TASKS['nyud'])
     app = export.AppModel(model)
     meta, descriptions = _export_describe(model, 'nyud')
     folder = tmp_path_factory.mktemp('coreml')
     paths = {}
-    for precision in ('fp32', 'fp16'):
-        paths[precision] = str(folder / f'model_{precision}.mlpackage')
-        export.export_coreml(app, _EXPORT_SIZE, paths[precision], precision == 'fp16', meta, descriptions)
+    for weights in export.WEIGHTS['coreml']:
+        paths[weights] = str(folder / f'model_{weights}.mlpackage')
+        export.export_coreml(app, _EXPORT_SIZE, paths[weights], weights, meta, descriptions)
     return model, paths
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize('precision', ['fp32', 'fp16'])
-def test_export_coreml_program_matches_pytorch(_export_coreml_packages, precision):
+@pytest.mark.parametrize('weights', ['fp32', 'fp16', 'int8', '4bit'])
+def test_export_coreml_program_matches_pytorch(_export_coreml_packages, weights):
     model, paths = _export_coreml_packages
-    how, lines = export.check_coreml(paths[precision], model, False, _EXPORT_SIZE, precision == 'fp16')
-    assert precision in how and len(lines) == 4
-    spec = export.import_coremltools().models.MLModel(paths[precision], skip_model_load=True).get_spec()
+    how, lines = export.check_coreml(paths[weights], model, False, _EXPORT_SIZE, weights)
+    assert weights in how and len(lines) == 4
+    spec = export.import_coremltools().models.MLModel(paths[weights], skip_model_load=True).get_spec()
     assert spec.description.input[0].type.WhichOneof('Type') == 'imageType'
     outputs = {o.name: o for o in spec.description.output}
     assert list(outputs) == list(TASKS['nyud'])
@@ -1682,24 +1728,54 @@ def test_export_coreml_program_matches_pytorch(_export_coreml_packages, precisio
     array = spec.description.output[0].type.multiArrayType
     assert types['semseg'] == array.INT32 and types['depth'] == types['normals'] == types['edge'] == array.FLOAT32
     assert spec.description.metadata.userDefined['input_size'] == '64x96'
+    assert spec.description.metadata.userDefined['weights'] == export.WEIGHTS['coreml'][weights]
+    # the compressed weights are in the program, expanded by the constexpr op of their iOS version
+    ops = {op.op_type for op in export.load_mil_program(paths[weights]).operations}
+    compressed = {'int8': 'constexpr_affine_dequantize', '4bit': 'constexpr_blockwise_shift_scale'}
+    assert {op for op in ops if op.startswith('constexpr')} == ({compressed[weights]} if weights in compressed else set())
+    size = {w: export.disk_size(p) for w, p in paths.items()}
+    assert size['fp16'] < 0.55 * size['fp32'] and size['int8'] < 0.6 * size['fp16'] and size['4bit'] < 0.8 * size['int8']
+
+
+def _export_scale_coreml_weight(package, out, factor):
+    """A copy of an iOS 17 int8 package with the stored scale of its first quantized weight (the patch
+    embedding) times factor, written in place in the weight file (MIL blob: a 64-byte record at the
+    offset the program names: sentinel, dtype, size in bytes, offset of the data)."""
+    shutil.copytree(package, out)
+    spec = export.import_coremltools().models.MLModel(out, skip_model_load=True).get_spec()
+    main = spec.mlProgram.functions['main']
+    op = next(op for op in main.block_specializations[main.opset].operations if op.type == 'constexpr_affine_dequantize')
+    blob = os.path.join(out, 'Data', 'com.apple.CoreML', 'weights', 'weight.bin')
+    with open(blob, 'r+b') as f:
+        raw = bytearray(f.read())
+        size, offset = np.frombuffer(raw, np.uint64, 2, op.attributes['scale'].blobFileValue.offset + 8).astype(int)
+        scale = np.frombuffer(raw, np.float16, size // 2, offset)
+        raw[offset:offset + size] = (scale * factor).astype(np.float16).tobytes()
+        f.seek(0)
+        f.write(raw)
 
 
 @pytest.mark.heavy
-def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages):
+def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages, tmp_path):
     model, paths = _export_coreml_packages
     # the GELU's tanh approximation (what coremltools silently changes): small, but far beyond fp32 rounding
     tanh_gelu = copy.deepcopy(model)
     for block in tanh_gelu.backbone.blocks:
         block.mlp.act = nn.GELU(approximate='tanh')
     with pytest.raises(export.CheckFailed, match='OUT OF TOLERANCE'):  # whichever output shows it most
-        export.check_coreml(paths['fp32'], tanh_gelu, False, _EXPORT_SIZE, fp16=False)
+        export.check_coreml(paths['fp32'], tanh_gelu, False, _EXPORT_SIZE, 'fp32')
     # one perturbed weight of the depth head: caught at fp16 tolerances too
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
         perturbed.heads['depth'].pred.weight[0, :8] += 0.05
-    for precision in ('fp32', 'fp16'):
+    for weights in ('fp32', 'fp16'):
         with pytest.raises(export.CheckFailed, match='depth: .* OUT OF TOLERANCE'):
-            export.check_coreml(paths[precision], perturbed, False, _EXPORT_SIZE, precision == 'fp16')
+            export.check_coreml(paths[weights], perturbed, False, _EXPORT_SIZE, weights)
+    # a quantizer bug: the int8 values right, one layer's stored scale 1.5x
+    broken = str(tmp_path / 'broken.mlpackage')
+    _export_scale_coreml_weight(paths['int8'], broken, 1.5)
+    with pytest.raises(export.CheckFailed, match='OUT OF TOLERANCE'):
+        export.check_coreml(broken, model, False, _EXPORT_SIZE, 'int8')
 
 
 def test_export_compare_allows_ties_only():
@@ -1745,12 +1821,39 @@ def test_export_checkpoint_found_and_rebuilt(_export_checkpoint, tmp_path):
 
 
 def test_export_install_swaps_a_package_folder(tmp_path):
-    final, tmp = tmp_path / 'm.mlpackage', tmp_path / 'm.tmp-1.mlpackage'
-    for folder, text in ((final, 'old'), (tmp, 'new')):
-        folder.mkdir()
+    final = tmp_path / 'm.mlpackage'
+    work = tmp_path / export.work_dir('m.mlpackage')
+    for folder, text in ((final, 'old'), (work / 'm.mlpackage', 'new')):
+        folder.mkdir(parents=True)
         (folder / 'weight.bin').write_text(text)
-    export.install(str(tmp), str(final))
-    assert (final / 'weight.bin').read_text() == 'new' and os.listdir(tmp_path) == ['m.mlpackage']
+    export.install(str(work / 'm.mlpackage'), str(final))
+    assert (final / 'weight.bin').read_text() == 'new'
+    assert sorted(os.listdir(tmp_path)) == sorted(['m.mlpackage', work.name])  # the old one inside the work folder
+
+
+@pytest.mark.heavy
+def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files, tmp_path, capsys):
+    """The main metrics measured on an exported file's outputs (class maps, probabilities) are those
+    training's evaluation gives on the raw outputs of the same model; the synthetic val split is made
+    where the checkpoint's config says, as train.py makes it."""
+    model, paths = _export_onnx_files
+    config = {'dataset': 'synthetic', 'data_root': str(tmp_path / 'synthetic'), 'scenes': [1, 2],
+              'img_size': list(_EXPORT_SIZE)}
+    val = export.open_val(config, None, _EXPORT_SIZE, model.tasks)
+    assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
+    base = export.main_metrics(lambda im: export.reference(model, im, False)[0], val, 2, model.tasks, 'synthetic')
+    results, _, _ = train.evaluate(model, data.build_loader(val, 2, train=False, workers=0), 'synthetic',
+                                   torch.device('cpu'), None)
+    assert base == pytest.approx({t: r[MAIN_METRIC[t][0]] for t, r in results.items()}, rel=1e-4)
+    got = export.main_metrics(export.load_onnx(paths['int8']), val, 2, model.tasks, 'synthetic')
+    line = export.metric_change(got, base)
+    assert all(f'{t} {MAIN_METRIC[t][0]} {base[t]:.4g} -> ' in line for t in TASKS['nyud']), line
+    # the benchmark times each ONNX file next to PyTorch, with every file's size
+    export.benchmark(export.AppModel(model), {('onnx', w): p for w, p in paths.items()}, _EXPORT_SIZE, runs=1,
+                     warmup=0)
+    out = capsys.readouterr().out
+    assert 'PyTorch eager' in out and all(f'onnx {w}' in out for w in paths), out
+    assert out.count(' MiB ') == 2 and out.count('the speed of PyTorch eager') == 2, out
 
 
 def _export_cli(*args, cwd):
@@ -1784,11 +1887,32 @@ def test_export_bad_checkpoint_error_names_export_py(tmp_path, monkeypatch):
     assert '\n' not in str(e.value.code) and 'train.py' not in str(e.value.code).split(':')[0]
 
 
-def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoint, tmp_path, monkeypatch):
-    """A target whose check fails leaves the existing file untouched, the other target still runs."""
+@pytest.mark.parametrize('argv, expected', [
+    (['--target', 'onnx', '--weights', 'fp16'], '--weights fp16 with --target onnx: onnxruntime'),
+    (['--weights', 'int8', '4bit'], '--weights 4bit with --target onnx: standard ONNX has no 4-bit'),
+    (['--target', 'coreml', '--benchmark'], '--benchmark times the ONNX model: add onnx'),
+    (['--data-root', 'nowhere'], '--data-root nowhere is not a folder'),
+    (['--val-images', '-1'], '--val-images -1: must be 0 or more'),
+])
+def test_export_impossible_options_are_one_line_errors(argv, expected, monkeypatch):
+    monkeypatch.setattr(sys, 'argv', ['export.py', *argv])
+    with pytest.raises(SystemExit) as e:
+        export.main()
+    assert str(e.value).startswith('export.py: ') and expected in str(e.value) and '\n' not in str(e.value)
+
+
+def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoint, tmp_path, monkeypatch, capsys):
+    """A target whose check fails leaves the existing file untouched, the other target still runs; the
+    work folders of killed exports are removed, those of a running one kept."""
     shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
     old_onnx = tmp_path / 'taskexpert_nyud_tiny_32x48.onnx'
     old_onnx.write_text('the previous export')
+    finished = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / f'taskexpert_nyud_tiny_32x48_fp16.mlpackage.tmp-{host}-{int(finished.stdout)}'
+    running = tmp_path / f'taskexpert_nyud_tiny_32x48.onnx.tmp-{host}-{os.getppid()}'
+    for work in (killed, running):
+        (work / 'model.mlpackage').mkdir(parents=True)
 
     def write(text):
         def export_fn(app, img_size, path, *args):
@@ -1802,9 +1926,28 @@ def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoin
     monkeypatch.setattr(export, 'check_onnx', failing_check)
     monkeypatch.setattr(export, 'export_coreml', write('a good export'))
     monkeypatch.setattr(export, 'check_coreml', lambda path, *args: ('stub check', ['ok']))
-    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'all'])
-    with pytest.raises(SystemExit, match='failed: onnx'):
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'all',
+                                      '--val-images', '0'])
+    with pytest.raises(SystemExit, match='failed: onnx fp32$'):
         export.main()
     assert old_onnx.read_text() == 'the previous export'
-    assert sorted(os.listdir(tmp_path)) == ['last.pt', 'taskexpert_nyud_tiny_32x48.onnx',
+    assert sorted(os.listdir(tmp_path)) == ['last.pt', 'taskexpert_nyud_tiny_32x48.onnx', running.name,
                                             'taskexpert_nyud_tiny_32x48_fp16.mlpackage']
+    assert f'removed {killed.name}' in capsys.readouterr().out
+
+
+def test_export_int8_onnx_is_quantized_from_the_fp32_file_of_the_same_run(_export_checkpoint, tmp_path, monkeypatch):
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    calls = []
+
+    def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
+        calls.append((weights, fp32 and os.path.basename(fp32), os.path.isfile(fp32 or '')))
+        with open(path, 'w') as f:
+            f.write(weights)
+    monkeypatch.setattr(export, 'export_onnx', export_onnx)
+    monkeypatch.setattr(export, 'check_onnx', lambda path, *args: ('stub check', ['ok']))
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'onnx',
+                                      '--weights', 'int8', 'fp32', '--val-images', '0'])
+    export.main()
+    assert calls == [('fp32', None, False), ('int8', 'taskexpert_nyud_tiny_32x48.onnx', True)]
+    assert (tmp_path / 'taskexpert_nyud_tiny_32x48_int8.onnx').read_text() == 'int8'
