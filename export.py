@@ -423,14 +423,21 @@ def import_coremltools():
     return coremltools
 
 
+@functools.lru_cache(maxsize=1)
+def exported_program(app, img_size):
+    """The app model as coremltools converts it: torch.export at batch 1, decomposed to core ATen ops.
+    Made once per model and size: each Core ML weights choice converts the same program."""
+    H, W = img_size
+    return torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
+
+
 def export_coreml(app, img_size, path, weights, meta, descriptions):
     """torch.export -> Core ML ML program: fp32, or fp16 arithmetic with fp16, int8 or 4-bit weights
     (WEIGHTS). iOS 17+, iOS 18+ for 4bit (its block-wise int4 weights)."""
     ct = import_coremltools()
     H, W = img_size
-    program = torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
     mlmodel = ct.convert(
-        program, convert_to='mlprogram',
+        exported_program(app, tuple(img_size)), convert_to='mlprogram',
         minimum_deployment_target=ct.target.iOS18 if weights == '4bit' else ct.target.iOS17,
         compute_precision=ct.precision.FLOAT32 if weights == 'fp32' else ct.precision.FLOAT16,
         # scale 1, no bias: the model normalises itself (AppModel), exactly per channel
