@@ -221,19 +221,20 @@ class MMoE(nn.Module):
 
     Our choices in detail: experts are Linear -> LayerNorm -> GELU; the gate sees each token
     together with the image mean (its context); it is softmaxed per token by default or, with
-    gate='image', once per image from the mean of the token logits.
+    gate='image', once per image from the mean of the token logits. gate='static' (ablation
+    baseline, first MMoE only) has no gates: every task reads the same fixed mean of the experts.
     """
 
     def __init__(self, tasks, in_dim, num_experts, expert_dim, first, gate, memory_write):
         super().__init__()
         self.E, self.D, self.first = num_experts, expert_dim, first
-        self.gate_mode, self.memory_write = gate, memory_write
+        self.gate_mode, self.memory_write, self.tasks = gate, memory_write, list(tasks)
         # E experts in one Linear, C -> E*D, then a LayerNorm per expert (own affine parameters)
         self.experts = nn.Linear(in_dim, num_experts * expert_dim)
         self.expert_norm_weight = nn.Parameter(torch.ones(num_experts, expert_dim))
         self.expert_norm_bias = nn.Parameter(torch.zeros(num_experts, expert_dim))
         n_candidates = num_experts if first else num_experts + 1
-        self.gates = nn.ModuleDict({t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
+        self.gates = nn.ModuleDict({} if gate == 'static' else {t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
 
     def expert_features(self, h):
         """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype. Under CUDA
@@ -244,7 +245,8 @@ class MMoE(nn.Module):
 
     def forward(self, x, memory):
         """x: X_l (B, N, C); memory: dict task -> M_t (B, N, D), or None at the first MMoE.
-        Returns (new memory dict task -> (B, N, D), gate weights dict task -> (B, N, E or E+1))."""
+        Returns (new memory dict task -> (B, N, D), gate weights dict task -> (B, N, E or E+1);
+        empty for gate='static')."""
         B, N, _ = x.shape
         h = self.experts(x).reshape(B, N, self.E, self.D)  # in the autocast dtype, if any
         if self.training and torch.is_grad_enabled():
@@ -253,6 +255,9 @@ class MMoE(nn.Module):
             z = checkpoint(self.expert_features, h, use_reentrant=False)
         else:
             z = self.expert_features(h)  # (B, N, E, D) = the E task-generic features Z_e
+        if self.gate_mode == 'static':  # one feature shared by all tasks: g_t,e = 1/E, fixed
+            f = z.mean(dim=2)  # (B, N, D)
+            return {t: f for t in self.tasks}, {}
         # (B, N, 2C), cast once to the dtype the gates compute in (autocast would cast it per task)
         context = torch.cat([x, x.mean(dim=1, keepdim=True).expand(-1, N, -1)], dim=-1).to(h.dtype)
         new_memory, weights = {}, {}
@@ -288,6 +293,9 @@ class TaskHead(nn.Module):
         return F.interpolate(x, size=size, mode='bilinear', align_corners=False)  # (B, out, H, W)
 
 
+ABLATIONS = ('none', 'no-memory', 'static')  # TaskExpert(ablation=...): the parts removed
+
+
 class TaskExpert(nn.Module):
     """ViT backbone + MMoE at the tapped blocks + one head per task on the final memory.
 
@@ -306,13 +314,25 @@ class TaskExpert(nn.Module):
                     numbers: 'off', 'mmoe' (the MMoE modules: +1 % FLOPs) or 'all' (also the backbone
                     blocks: one more backbone forward, +17 % for ViT-L). Never the heads: their
                     BatchNorm would update its running statistics twice.
-    After a forward pass, `self.gates` holds one dict per tap: task -> gate weights (B, N, E[+1]).
+      ablation      what to remove, to measure what each part buys (README, Ablation):
+                    'none'       the full model;
+                    'no-memory'  no memory: one MMoE, at the last tap, gates over its E experts and
+                                 the heads read its output (without the memory nothing carries an
+                                 earlier MMoE's output to the heads, so earlier MMoEs are not built);
+                    'static'     no memory and no gates: the same experts at the last tap, averaged
+                                 with fixed weights 1/E into one feature that every head reads. It
+                                 differs from 'no-memory' only by the gates (same experts, same
+                                 width), so the pair measures dynamic per-task assembly and nothing
+                                 else; a single narrower projection would mix in a loss of capacity.
+    After a forward pass, `self.gates` holds one dict per tap: task -> gate weights (B, N, E[+1]);
+    with ablation='static' the one dict is empty.
     Bad options raise ValueError('<option> <value>: what is wrong'); the scripts turn the option into
     their flag (img_size -> --img-size) for their one-line error, so each rule lives here only.
     """
 
     def __init__(self, tasks, backbone='large', img_size=(448, 576), num_experts=8, expert_dim=None,
-                 taps=None, gate='token', memory_write='replace', drop_path=None, grad_checkpoint='off'):
+                 taps=None, gate='token', memory_write='replace', drop_path=None, grad_checkpoint='off',
+                 ablation='none'):
         super().__init__()
         if backbone not in VIT_PRESETS:
             raise ValueError(f'unknown backbone {backbone!r}: choose one of {", ".join(VIT_PRESETS)}')
@@ -322,12 +342,17 @@ class TaskExpert(nn.Module):
             raise ValueError(f'gate must be token|image and memory_write replace|add, got {gate!r}, {memory_write!r}')
         if grad_checkpoint not in ('off', 'mmoe', 'all'):
             raise ValueError(f'grad_checkpoint must be off|mmoe|all, got {grad_checkpoint!r}')
+        if ablation not in ABLATIONS:
+            raise ValueError(f'ablation {ablation}: must be one of {", ".join(ABLATIONS)}')
         p = VIT_PRESETS[backbone]
         self.tasks = dict(tasks)
         self.taps = tuple(p['taps'] if taps is None else taps)
         if not self.taps or any(not 1 <= l <= p['depth'] for l in self.taps) or list(self.taps) != sorted(set(self.taps)):
             raise ValueError(f'taps {" ".join(map(str, self.taps))}: must be increasing blocks in 1..{p["depth"]} '
                              f'for the {backbone} backbone')
+        self.ablation = ablation
+        if ablation != 'none':  # one MMoE, at the last tap: it is the first, so it has no memory slot
+            self.taps = self.taps[-1:]
         expert_dim = expert_dim or p['expert_dim']
         for name, v in (('num_experts', num_experts), ('expert_dim', expert_dim)):
             if v < 1:
@@ -335,7 +360,8 @@ class TaskExpert(nn.Module):
         self.backbone = VisionTransformer(p['embed_dim'], p['depth'], p['num_heads'], img_size,
                                           p['drop_path'] if drop_path is None else drop_path)
         self.mmoe = nn.ModuleList(
-            MMoE(self.tasks, p['embed_dim'], num_experts, expert_dim, i == 0, gate, memory_write)
+            MMoE(self.tasks, p['embed_dim'], num_experts, expert_dim, i == 0,
+                 'static' if ablation == 'static' else gate, memory_write)
             for i in range(len(self.taps)))
         self.heads = nn.ModuleDict({t: TaskHead(expert_dim, c) for t, c in self.tasks.items()})
         # The final LayerNorm is only there so timm checkpoints load strictly: the MMoEs read the
@@ -369,7 +395,8 @@ class TaskExpert(nn.Module):
         return cls(TASKS[TASK_SET[config['dataset']]], backbone=config['backbone'],
                    img_size=tuple(config['img_size']), num_experts=config['num_experts'],
                    expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
-                   memory_write=config['memory_write'])
+                   memory_write=config['memory_write'],
+                   ablation=config.get('ablation', 'none'))  # saved before ablations existed: the full model
 
     @classmethod
     def from_checkpoint(cls, path):

@@ -25,7 +25,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 import data
 import export
 import train
-from taskexpert import (EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter,
+from taskexpert import (ABLATIONS, EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter,
                         SaliencyMeter, SegMeter, TaskExpert, _maximum_matching, delta_m, load_pretrained,
                         make_meters, postprocess, predict, pretrained_file, read_checkpoint, resample_pos_embed,
                         sincos_pos_embed, thin)
@@ -82,6 +82,7 @@ def test_model_samples_are_independent():
 
 @pytest.mark.parametrize('opts', [
     dict(gate='image'), dict(memory_write='add'), dict(num_experts=2), dict(taps=(2, 12)), dict(drop_path=0.1),
+    dict(ablation='no-memory'), dict(ablation='static'),
 ])
 def test_model_every_option_runs_forward_and_backward(opts):
     model = _tiny(TASKS['nyud'], **opts).train()
@@ -148,6 +149,31 @@ def test_model_mmoe_saves_expert_features_once_in_low_precision():
     assert [d for n, d in saved.values() if n == B * N * E * D] == [torch.bfloat16] * 2, saved
     assert [d for n, d in saved.values() if n == B * N * 2 * C] == [torch.bfloat16], saved
     assert all(m.dtype == torch.bfloat16 for m in new_memory.values())
+
+
+def test_model_ablations_remove_what_they_name():
+    models = {a: _tiny(TASKS['nyud'], num_experts=5, ablation=a).eval() for a in ABLATIONS}
+    with torch.no_grad():
+        for m in models.values():
+            m(torch.randn(2, 3, *_MODEL_SIZE))
+    full, no_memory, static = models['none'], models['no-memory'], models['static']
+    # no memory: one MMoE, at the last tap, its gates weigh the 5 experts only; static: no gates at all
+    assert full.taps == (3, 6, 9, 12) and no_memory.taps == static.taps == (12,)
+    assert [g['depth'].shape for g in no_memory.gates] == [(2, 24, 5)] and static.gates == [{}]
+    n_params = {a: sum(p.numel() for p in m.parameters()) for a, m in models.items()}
+    gate_params = sum(p.numel() for p in no_memory.mmoe[0].gates.parameters())
+    assert n_params['static'] == n_params['no-memory'] - gate_params and n_params['no-memory'] < n_params['none']
+    # static = the same experts under fixed uniform gates, one feature shared by every task
+    moe, mean = no_memory.mmoe[0], static.mmoe[0]
+    mean.load_state_dict({k: v for k, v in moe.state_dict().items() if not k.startswith('gates.')})
+    with torch.no_grad():
+        for gate in moe.gates.values():  # zero logits: softmax = 1/E
+            gate.weight.zero_(), gate.bias.zero_()
+        x = torch.randn(2, 24, 192)
+        expected, shared = moe(x, None)[0], mean(x, None)[0]
+    for task in TASKS['nyud']:
+        torch.testing.assert_close(shared[task], expected[task])
+        assert shared[task] is shared['semseg']
 
 
 def test_model_other_input_size_and_bf16_autocast():
@@ -313,6 +339,8 @@ def test_model_rejects_bad_options():
         TaskExpert(TASKS['nyud'], backbone='huge')
     with pytest.raises(ValueError, match='taps'):
         TaskExpert(TASKS['nyud'], backbone='tiny', taps=(3, 13))
+    with pytest.raises(ValueError, match='ablation no-gates: must be one of none, no-memory, static'):
+        TaskExpert(TASKS['nyud'], backbone='tiny', ablation='no-gates')
 
 
 # ==================================================================================================
@@ -1094,6 +1122,9 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
     evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
     assert set(evals[0]['gate_memory']) == {'block12'}  # memory slot exists from the second tap on
+    gates = evals[0]['gates']  # mean weights of the 4 experts, then of the memory
+    assert [len(gates[b]['edge']) for b in ('block6', 'block12')] == [4, 5]
+    assert gates['block12']['edge'][-1] == evals[0]['gate_memory']['block12']['edge']
     ckpt = torch.load(run / 'last.pt', weights_only=True)
     assert ckpt['step'] == 6 and ckpt['config']['img_size'] == [64, 96] and len(ckpt['rng']) == 1
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
@@ -1564,6 +1595,27 @@ def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monke
 
 
 @pytest.mark.heavy
+@pytest.mark.parametrize('ablation', ['no-memory', 'static'])
+def test_train_ablation_trains_evaluates_and_reloads(ablation, _train_run, tmp_path, capsys):
+    run = tmp_path / 'run'
+    train.main(_train_tiny_args(_train_run / 'data', run, '--max-iters', '2', '--eval-every', '2',
+                                '--ablation', ablation))
+    assert json.load(open(run / 'config.json'))['ablation'] == ablation
+    evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
+    assert evals[0]['gate_memory'] == {}  # no memory to read
+    if ablation == 'static':  # no gates: nothing to log or draw
+        assert evals[0]['gates'] == {} and not (run / 'gates.png').exists()
+    else:
+        assert list(evals[0]['gates']) == ['block12'] and len(evals[0]['gates']['block12']['edge']) == 4
+        assert (run / 'gates.png').is_file()
+    train.main(['--eval-only', '--checkpoint', str(run / 'best.pt'), '--out-dir', str(tmp_path / 'eval')])
+    model = TaskExpert.from_checkpoint(str(run / 'best.safetensors'))  # as export.py and predict load it
+    assert model.ablation == ablation and model.taps == (12,)
+    code, msg = _train_error(['--resume', str(run / 'last.pt'), '--ablation', 'none'], capsys)
+    assert code != 0 and f"--ablation none differs from the checkpoint's {ablation}" in msg
+
+
+@pytest.mark.heavy
 def test_train_benchmark_prints_its_numbers(capsys):
     train.main(['--benchmark', '--backbone', 'tiny', '--img-size', '32', '48', '--batch-size', '2',
                 '--expert-dim', '32', '--device', 'cpu', '--accum-steps', '2', '--grad-checkpoint', 'all'])
@@ -1697,6 +1749,21 @@ def test_export_onnx_check_catches_a_wrong_scale(_export_onnx_files, tmp_path):
     onnx.save(proto, broken)
     with pytest.raises(export.CheckFailed, match='OUT OF TOLERANCE'):
         export.check_onnx(broken, model, False, _EXPORT_SIZE, 'int8')
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize('ablation', ['no-memory', 'static'])
+def test_export_ablations_match_pytorch(ablation, tmp_path):
+    model = _export_tiny(TASKS['nyud'], ablation=ablation)
+    app = export.AppModel(model)
+    meta, descriptions = _export_describe(model, 'nyud')
+    path = str(tmp_path / 'model.onnx')
+    export.export_onnx(app, _EXPORT_SIZE, path, 'fp32', meta, descriptions)
+    export.check_onnx(path, model, False, _EXPORT_SIZE, 'fp32')  # raises if out of tolerance
+    if ablation == 'static':  # its one feature feeds every head; no-memory's MMoE is the full model's first
+        path = str(tmp_path / 'model.mlpackage')
+        export.export_coreml(app, _EXPORT_SIZE, path, 'fp32', meta, descriptions)
+        export.check_coreml(path, model, False, _EXPORT_SIZE, 'fp32')
 
 
 @pytest.fixture(scope='module')

@@ -13,7 +13,7 @@ train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: eve
 gate diagnostics), curves.png (losses and main metrics so far), last.pt (the full state, to resume),
 best.pt and best.safetensors (best = highest semseg mIoU on the val split; the latter the weights
 alone, to share), vis/ (panels of a few val images: ground truth next to prediction per task) and
-gates.png (mean gate weights). While it trains, train.lock holds the folder (its pid and host): a
+gates.png (mean gate weights; none with --ablation static). While it trains, train.lock holds the folder (its pid and host): a
 second run on it is refused.
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 
 import data
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, collate
-from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
+from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
                         MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained, make_meters, postprocess,
                         predict, read_checkpoint)
 
@@ -57,8 +57,8 @@ from taskexpert import (CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_
 
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=1000, log_every=20, workers=4, num_experts=8,
-              expert_dim=None, taps=None, gate='token', memory_write='replace', seed=0, amp='auto',
-              device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
+              expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
+              amp='auto', device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
               compile=False)
 DATASET_DEFAULTS = {
     'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
@@ -73,7 +73,8 @@ DATASET_DEFAULTS = {
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
 }
 SETTINGS = set(COMMON) | {'dataset', 'data_root', 'img_size', 'scenes'}  # what config.json records of the flags
-MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write')
+MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write',
+              'ablation')
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
 
@@ -144,6 +145,9 @@ def make_parser(dataset='synthetic', argument_default=None):
       '(default: %(default)s = 4 evenly spaced, e.g. 6 12 18 24 for large)')
     a('--gate', choices=['token', 'image'], help='gate softmax per token or per image (default: %(default)s)')
     a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace) or M + F (add) (default: %(default)s)')
+    a('--ablation', choices=list(ABLATIONS), help='parts to remove, to measure what they buy: none = the full '
+      'model, no-memory = one MMoE at the last tap, gates over its experts, static = no gates either: every '
+      'task reads the mean of the last tap\'s experts (default: %(default)s)')
     if argument_default is None:
         p.set_defaults(**{**COMMON, **DATASET_DEFAULTS[dataset], 'dataset': dataset})
     p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
@@ -184,6 +188,7 @@ def resolve_config(args, given, ckpt_config=None):
     given = {k: v for k, v in given.items() if k in SETTINGS}
     weights = dict(given.pop('loss_weights', []))  # the ones given change the defaults, one by one
     if ckpt_config is not None:
+        ckpt_config = {'ablation': 'none', **ckpt_config}  # checkpoints from before --ablation: the full model
         changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
         if changed:
             fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
@@ -735,23 +740,28 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
     """Evaluate, print every metric, append them to metrics.jsonl, draw panels and gates.png."""
     t0 = time.time()
     results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS)
-    # the memory slot is the last gate candidate at every tap but the first
-    memory = {f'block{b}': {t: g[-1] for t, g in tap.items()} for b, tap in zip(model.taps[1:], gates[1:])}
-    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'gate_memory': memory}
+    # mean gate weight per tap, task and candidate (experts 1..E, then the memory slot at every tap but
+    # the first); the memory slot alone tells how much each task reads the memory. Static: no gates.
+    by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
+              for b, tap in zip(model.taps, gates) if tap}
+    memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
+    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'gate_memory': memory, 'gates': by_tap}
     log(f'eval at step {step} ({len(loader.dataset)} val images, {time.time() - t0:.0f} s):')
     for t, scores in results.items():
         key, higher = MAIN_METRIC[t]
         log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
             f'   [main: {key}, {"higher" if higher else "lower"} is better]')
-    log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
-        f'{b} {sum(v.values()) / len(v):.3f}' for b, v in memory.items()))
+    if memory:
+        log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
+            f'{b} {sum(v.values()) / len(v):.3f}' for b, v in memory.items()))
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), record)
     vis = os.path.join(cfg['out_dir'], 'vis')
     os.makedirs(vis, exist_ok=True)
     for image, targets, preds, id_ in kept:
         maps = {t: m[0] for t, m in postprocess({t: p[None] for t, p in preds.items()}).items()}
         draw_panel(denormalise(image), maps, targets).save(os.path.join(vis, f'{id_}.png'))
-    draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
+    if by_tap:
+        draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
     return results
 
 
@@ -936,12 +946,15 @@ def draw_curves(train_log, evals, tasks, w=250, h=150):
 
 def draw_gates(gates, taps, cell=28):
     """Mean gate weight per task (block of the grid), tap (row) and candidate (column: experts, then
-    M = the memory slot, absent at the first tap) as a heatmap with the values written in."""
+    M = the memory slot, absent at the first tap) as a heatmap with the values written in, and a
+    two-line key below."""
     tasks = list(gates[0])
+    n_experts = len(gates[0][tasks[0]])  # the first tap weighs the experts only
     n_cols = max(len(g[tasks[0]]) for g in gates)
-    left, top, gap = 56, 30, 16
+    left, top, gap, key_h = 56, 30, 16, 30
     block_w = n_cols * cell
-    canvas = Image.new('RGB', (left + len(tasks) * (block_w + gap), top + len(gates) * cell + 4), 'white')
+    height = top + len(gates) * cell + 4
+    canvas = Image.new('RGB', (left + len(tasks) * (block_w + gap), height + key_h), 'white')
     draw = ImageDraw.Draw(canvas)
     for r, b in enumerate(taps):
         draw.text((4, top + r * cell + 8), f'block {b}', fill='black')
@@ -949,7 +962,7 @@ def draw_gates(gates, taps, cell=28):
         x0 = left + k * (block_w + gap)
         draw.text((x0, 2), t, fill='black')
         for c in range(n_cols):
-            draw.text((x0 + c * cell + 8, 16), 'M' if c == n_cols - 1 else str(c + 1), fill='black')
+            draw.text((x0 + c * cell + 8, 16), 'M' if c >= n_experts else str(c + 1), fill='black')
         for r, tap in enumerate(gates):
             for c, v in enumerate(tap[t]):  # the first tap has no memory column
                 shade = int(255 * (1 - min(1.0, v * 2)))  # 0.5 or more = darkest
@@ -957,6 +970,9 @@ def draw_gates(gates, taps, cell=28):
                 draw.rectangle(box, fill=(shade, shade, 255))
                 draw.text((box[0] + 2, box[1] + 8), f'{v:.2f}'[1:] if v < 1 else '1.0',
                           fill='black' if shade > 120 else 'white')
+    draw.text((4, height), 'mean gate weight over the val tokens: each row sums to 1 (darker = more)', fill='black')
+    draw.text((4, height + 13), f'columns 1-{n_experts}: the experts, shared by the tasks' +
+              ('; M: the task\'s memory (still empty at the first tap)' if n_cols > n_experts else ''), fill='black')
     return canvas
 
 
