@@ -13,8 +13,8 @@ train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: eve
 gate diagnostics), curves.png (losses and main metrics so far), last.pt (the full state, to resume),
 best.pt and best.safetensors (best = highest semseg mIoU on the val split; the latter the weights
 alone, to share), vis/ (panels of a few val images: ground truth next to prediction per task) and
-gates.png (mean gate weights; none with --ablation static). While it trains, train.lock holds the folder (its pid and host): a
-second run on it is refused.
+gates.png (mean gate weights; none with --ablation static). While it trains, train.lock holds the
+folder (its pid and host): a second run on it is refused.
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
 randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
