@@ -1047,8 +1047,8 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
         forward, flops = count_train_flops(TaskExpert.from_config(cfg))  # (no recomputation)
     B, (H, W) = cfg['batch_size'], cfg['img_size']
     print(f'benchmark: {cfg["backbone"]} backbone, {H}x{W}, batch {B} in {cfg["accum_steps"]} micro-batch(es), '
-          f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, {device}, {why}, --grad-checkpoint '
-          f'{cfg["grad_checkpoint"]}, compile {"on" if cfg["compile"] else "off"}')
+          f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, --ablation {cfg["ablation"]}, {device}, {why}, '
+          f'--grad-checkpoint {cfg["grad_checkpoint"]}, compile {"on" if cfg["compile"] else "off"}')
     print(f'counted per image (torch.utils.flop_counter): forward {forward / 1e12:.4g} TFLOP, forward + backward '
           f'{flops / 1e12:.4g} TFLOP (matmuls, convolutions, attention; recomputation not counted)', flush=True)
     if flops_only:
