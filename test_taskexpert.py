@@ -3,9 +3,11 @@
 Each part builds its own small fixtures in the real formats; nothing is downloaded."""
 
 import copy
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,10 +27,10 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 import data
 import export
 import train
-from taskexpert import (ABLATIONS, EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, MultiTaskLoss, NormalsMeter,
-                        SaliencyMeter, SegMeter, TaskExpert, _maximum_matching, delta_m, load_pretrained,
-                        make_meters, postprocess, predict, pretrained_file, read_checkpoint, resample_pos_embed,
-                        sincos_pos_embed, thin)
+from taskexpert import (ABLATIONS, EDGE_SUBSETS, EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, EdgePool,
+                        MultiTaskLoss, NormalsMeter, SaliencyMeter, SegMeter, TaskExpert, _edge_nms, _maximum_matching,
+                        _thin_lanes, delta_m, load_pretrained, make_meters, postprocess, predict, pretrained_file,
+                        read_checkpoint, resample_pos_embed, sincos_pos_embed, thin)
 
 
 # ==================================================================================================
@@ -521,6 +523,21 @@ def test_metrics_two_batches_equal_one_batch(task):
     assert whole.score() == pytest.approx(halves.score())
 
 
+def test_metrics_meter_states_of_shards_add_up():
+    # what sharded evaluation relies on: the all-reduced (summed) states of two halves of a split
+    # score like one meter that saw all of it
+    tasks = {**TASKS['pascal'], 'depth': 1}
+    out, batch = _metrics_batch(tasks, B=4, H=20, W=24, seed=5)
+    whole, halves = make_meters(tasks, 'pascal'), [make_meters(tasks, 'pascal') for _ in range(2)]
+    for t in tasks:
+        whole[t].update(out[t], batch[t])
+        for k, part in enumerate(halves):
+            part[t].update(out[t][2 * k:2 * k + 2], batch[t][2 * k:2 * k + 2])
+        for a, b in zip(halves[0][t].state(), halves[1][t].state()):
+            a += b
+        assert halves[0][t].score() == pytest.approx(whole[t].score(), rel=1e-12), t
+
+
 # ---- boundaries -----------------------------------------------------------------------------------
 
 def _metrics_outline(H=48, W=64, top=10, left=12, shift=0):
@@ -563,6 +580,53 @@ def test_metrics_edge_perfect_shifted_and_ignored():
     target[18:32, 28:33] = 255
     assert _metrics_edge_score(spurious, target)['odsF'] == pytest.approx(100.0)
     assert _metrics_edge_score(spurious, gt.astype(np.float32))['odsF'] < 100.0
+
+
+def _metrics_flat_prediction(H=40, W=56, seed=0):
+    """Edge probabilities of an untrained model (nearly flat): its NMS keeps almost every pixel, and
+    the maps of the thresholds are the whole image less 0-4 fading border rings."""
+    rng = np.random.default_rng(seed)
+    return 0.48 + 0.02 * rng.random((H, W))
+
+
+def test_metrics_nested_maps_thinned_at_once_as_one_by_one():
+    rng = np.random.default_rng(0)
+    values = [_edge_nms(_metrics_flat_prediction(seed=1))] + [rng.random((19, 23)) ** p for p in (0.3, 1, 3)]
+    for v in values:
+        level = np.searchsorted(np.sort(rng.choice(EDGE_THRESHOLDS, 40, replace=False)), v, side='right')
+        lanes = _thin_lanes(level, 40)  # bit k: lane k = thin(level > k), all 40 together
+        for k in range(40):
+            assert np.array_equal((lanes >> np.uint64(k)) & np.uint64(1) == 1, thin(level > k)), k
+
+
+def test_metrics_edge_pool_counts_equal_serial():
+    rng = np.random.default_rng(1)
+    preds = [torch.logit(torch.from_numpy(_metrics_flat_prediction(seed=s))).float()[None, None] for s in range(3)]
+    preds.append(torch.from_numpy(np.where(_metrics_outline(40, 56, shift=1), 6.0, -6.0)).float()[None, None])
+    targets = [torch.from_numpy(_metrics_outline(40, 56)).float()[None, None] for _ in preds]
+    targets[1][..., 10:20, :] = 255
+    targets[2] = torch.from_numpy((rng.random((40, 56)) < 0.05).astype(np.float32))[None, None]
+    serial = EdgeMeter(0.011)
+    with EdgePool(2) as pool:
+        parallel = EdgeMeter(0.011, pool)
+        for p, t in zip(preds, targets):
+            serial.update(p, t)
+            parallel.update(p, t)  # returns before the workers are done
+        assert serial.score() == parallel.score() and 0 < serial.score()['odsF'] < 100
+    for a, b in zip(serial.state(), parallel.state()):
+        assert torch.equal(a, b)
+
+
+def test_metrics_pascal_boundaries_on_seism_test_new():
+    name, ids = EDGE_SUBSETS['pascal']
+    ids = sorted(ids)
+    assert name == 'test_new' and len(ids) == 2498
+    # sha256 of the 2,498 ids of SEISM's gt_sets/PASCALContext/test_new.txt, one per line
+    assert hashlib.sha256('\n'.join(ids).encode()).hexdigest() == \
+        '36b2fca3b8f3562bbcbcc7b3a6e305fa57bfbb97266dee347fd831eb4faf5317'
+    assert ids[:3] == ['2008_000003', '2008_000007', '2008_000009'] and ids[-1] == '2010_006061'
+    assert '2008_008203' in ids and '2010_002089' in ids and '2008_000002' not in ids
+    assert 'nyud' not in EDGE_SUBSETS  # NYUD: every val image
 
 
 def test_metrics_maximum_matching_is_exact():
@@ -1090,11 +1154,12 @@ def _train_one_thread():
 
 
 def _train_tiny_args(data_root, out_dir, *extra):
-    """A tiny synthetic run: 6 train / 2 val scenes at 64x96, tiny ViT with 2 taps and narrow experts."""
+    """A tiny synthetic run: 6 train / 2 val scenes at 64x96, tiny ViT with 2 taps and narrow experts;
+    boundaries scored in the training process (a pool of workers costs seconds to start)."""
     return ['--dataset', 'synthetic', '--data-root', str(data_root), '--scenes', '6', '2',
             '--out-dir', str(out_dir), '--img-size', '64', '96', '--backbone', 'tiny', '--taps', '6', '12',
             '--num-experts', '4', '--expert-dim', '32', '--batch-size', '2', '--lr', '1e-3', '--warmup', '2',
-            '--log-every', '1', '--workers', '0', *extra]
+            '--log-every', '1', '--workers', '0', '--eval-workers', '0', *extra]
 
 
 def _train_losses(out_dir):
@@ -1111,7 +1176,7 @@ def _train_run(tmp_path_factory):
 
 
 @pytest.mark.heavy
-def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
+def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path, capsys):
     run = _train_run / 'run'
     for name in ('config.json', 'train.jsonl', 'metrics.jsonl', 'last.pt', 'best.pt', 'best.safetensors', 'gates.png',
                  'curves.png'):
@@ -1134,10 +1199,15 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path):
     for r in _train_losses(run):
         assert r['loss'] == pytest.approx(sum(w * r[t] for t, w in weights.items()), rel=1e-5)
     # 30 steps on 2 scenes: the mean loss of the last 10 steps must be well below the first 10's
+    capsys.readouterr()
     train.main(_train_tiny_args(tmp_path / 'data', tmp_path / 'fit', '--scenes', '2', '1',
                                 '--max-iters', '30', '--eval-every', '30', '--log-every', '10'))
     losses = [r['loss'] for r in _train_losses(tmp_path / 'fit')]
     assert len(losses) == 3 and losses[2] < 0.9 * losses[0], losses
+    # the evaluation says how far it is, then which images its boundary scores cover
+    out = capsys.readouterr().out
+    assert re.search(r'eval: 1/1 images, [\d.]+ img/s, eta 0:00:00\neval at step 30 \(1 val images', out), out
+    assert json.loads(open(tmp_path / 'fit' / 'metrics.jsonl').readline())['edge_images'] == 'all 1 val images'
 
 
 @pytest.mark.heavy
@@ -1287,6 +1357,25 @@ def test_train_compile_flag_trains_and_saves_plain_keys(_train_run, tmp_path, mo
     assert len(compiled) == 1 and ckpt['step'] == 2 and ckpt['config']['accum_steps'] == 2
     assert set(ckpt['model']) == set(TaskExpert.from_config(ckpt['config']).state_dict())
     assert all(math.isfinite(r['loss']) for r in _train_losses(tmp_path / 'run'))
+
+
+@pytest.mark.heavy
+def test_train_torchrun_sharded_eval_equals_one_process(_train_run, tmp_path):
+    # 3 val rooms over 2 processes (1 + 2): each image scored once, sums all-reduced
+    args = ['--eval-only', '--checkpoint', str(_train_run / 'run' / 'best.pt'), '--data-root', str(tmp_path / 'data'),
+            '--scenes', '2', '3', '--workers', '0', '--eval-workers', '0']
+    train.main(args + ['--out-dir', str(tmp_path / 'one'), '--batch-size', '1'])  # the same model batches as:
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'train.py', *args, '--out-dir', str(tmp_path / 'two'), '--batch-size', '2'], cwd=HERE, env=ONE_THREAD,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('eval at step') == 1  # rank 0 alone reports
+    one, two = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('one', 'two'))
+    assert one['edge_images'] == two['edge_images'] == 'all 3 val images'
+    assert one['edge'] == two['edge']  # integer counts: exactly
+    for t in ('semseg', 'depth', 'normals'):  # float sums, added in another order
+        assert two[t] == pytest.approx(one[t], rel=1e-9), t
+    assert two['gate_memory']['block12'] == pytest.approx(one['gate_memory']['block12'], rel=1e-6)
 
 
 def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_path, monkeypatch):
@@ -1555,7 +1644,7 @@ def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypat
     assert all(torch.equal(got[t], ref[t]) for t in ref)
     assert os.path.getsize(shared) < 0.4 * os.path.getsize(run / 'best.pt')  # no Adam moments, no RNG states
     # --eval-only: the metrics the run logged at that step, which the file's metadata also holds
-    train.main(['--eval-only', '--checkpoint', shared, '--out-dir', str(tmp_path / 'eval')])
+    train.main(['--eval-only', '--checkpoint', shared, '--out-dir', str(tmp_path / 'eval'), '--eval-workers', '1'])
     line = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
     logged = [e for e in map(json.loads, open(run / 'metrics.jsonl')) if e['step'] == model.step][0]
     assert line['eval_only'] == shared and {t: line[t] for t in model.tasks} == {t: logged[t] for t in model.tasks}
@@ -1644,6 +1733,17 @@ def test_train_benchmark_counts_vit_large_flops_on_any_machine(capsys):
     out = capsys.readouterr().out
     assert 'D=768' in out and 'forward 1.449 TFLOP, forward + backward 4.344 TFLOP' in out, out
     assert 'train:' not in out
+
+
+def test_train_benchmark_eval_prints_its_numbers(tmp_path, capsys):
+    train.main(['--benchmark-eval', '2', '--data-root', str(tmp_path / 'rooms'), '--backbone', 'tiny', '--taps', '12',
+                '--expert-dim', '16', '--img-size', '432', '560', '--batch-size', '2', '--workers', '0',
+                '--eval-workers', '0'])
+    out = capsys.readouterr().out
+    assert '2 NYUD-size rooms (425x560), untrained tiny backbone' in out, out
+    for what in ('model forward', 'semseg', 'depth', 'normals', 'edge: scoring (CPU, per worker)', 'all meters (wall)',
+                 'total (wall)'):
+        assert re.search(re.escape(what) + r' +[\d.]+ s +[\d.]+ img/s', out), what
 
 
 # ==================================================================================================

@@ -22,6 +22,8 @@ checkpoint sees the same batches as an uninterrupted one; the model's own random
 restored from the RNG states saved in the checkpoint.
 """
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -45,9 +47,9 @@ from PIL import Image, ImageDraw
 
 import data
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, collate
-from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS, VIT_PRESETS,
-                        MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained, make_meters, postprocess,
-                        predict, read_checkpoint)
+from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, EDGE_SUBSETS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS,
+                        VIT_PRESETS, EdgePool, MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained,
+                        make_meters, postprocess, predict, read_checkpoint, update_meters)
 
 # -------------------------------------------------------------------------------------------------
 # Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
@@ -55,14 +57,16 @@ from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, LOSS_WEIGHTS, MAIN_METRIC, P
 # details; README, 'Training at paper scale'); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
+# eval_every: one evaluation costs ~11 s (NYUD) / ~75 s (PASCAL) on 16 cores and a GPU (README, "What an
+# evaluation costs"); 10 and 2 of them stay under 10 % of a 40k-step ViT-L run's ~30 min on one GPU.
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
-              augment=True, clip=10.0, eval_every=1000, log_every=20, workers=4, num_experts=8,
+              augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
               amp='auto', device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
-              compile=False)
+              compile=False, eval_workers=None)
 DATASET_DEFAULTS = {
     'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
-    'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext'),
+    'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext', eval_every=20000),
     # From scratch in minutes on a CPU (no pretrained weights offline): tiny ViT, narrow experts,
     # 96x128 (NYUD's 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs.
     # No augmentation: from scratch and this short it holds depth and normals back. Depth weighs 5
@@ -130,6 +134,9 @@ def make_parser(dataset='synthetic', argument_default=None):
       'instant for any backbone, e.g. ViT-L on a CPU)')
     a('--peak-tflops', type=float, help='with --benchmark: the dense bf16 peak of your accelerator in TFLOP/s, '
       'for the MFU (default: known for common NVIDIA GPUs)')
+    a('--benchmark-eval', type=int, metavar='N', help='time the evaluation (loader, model, every NYUD meter) '
+      'on N NYUD-size rooms written into --data-root (default: data/eval-benchmark) with an untrained model, '
+      'and exit; e.g. --benchmark-eval 654 --backbone tiny')
     a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
       '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
       '(= timm/<name>; fetched with huggingface_hub)')
@@ -138,6 +145,8 @@ def make_parser(dataset='synthetic', argument_default=None):
       help='CUDA autocast: auto = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU (default: %(default)s)')
     a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: %(default)s)')
     a('--workers', type=int, help='data-loading processes per training process (default: %(default)s)')
+    a('--eval-workers', type=int, help='processes scoring boundaries during evaluation, per training process '
+      '(default: the CPUs available divided by the processes on this machine; 0: in the training process)')
     a('--num-experts', type=int, help='experts E per MMoE (default: %(default)s)')
     a('--expert-dim', type=int, help='expert width D (default: %(default)s; None = by backbone, 256 tiny ... 768 '
       'large)')
@@ -233,6 +242,8 @@ def check_config(cfg):
     for k in ('weight_decay', 'warmup', 'workers', 'seed'):
         if not 0 <= cfg[k] < math.inf:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
+    if (cfg.get('eval_workers') or 0) < 0:
+        fail(f'--eval-workers {cfg["eval_workers"]}: must not be negative')
     tasks = TASKS[TASK_SET[cfg['dataset']]]
     for t, w in cfg['loss_weights'].items():
         if t not in tasks or not 0 <= w < math.inf:
@@ -442,7 +453,7 @@ def setup_distributed(device_flag):
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = pick_device(device_flag)
     if world > 1:
-        # rank 0 evaluates alone while the others wait, so allow long evaluations
+        # rank 0 alone writes checkpoints and pictures while the others wait: allow slow disks
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 timeout=datetime.timedelta(hours=2))
     return device, world, int(os.environ.get('RANK', 0))
@@ -553,7 +564,7 @@ def startup_warnings(cfg, device, world):
     return lines
 
 
-def train(cfg, args, ckpt, device, world, rank):
+def train(cfg, args, ckpt, device, world, rank, pool=None):
     out = cfg['out_dir']
     amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
     if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
@@ -614,8 +625,8 @@ def train(cfg, args, ckpt, device, world, rank):
         log(f'resuming at step {step} of {cfg["max_iters"]}')
     log('config ' + json.dumps(cfg))
 
-    val_loader = data.build_loader(val_ds, max(1, cfg['batch_size'] // world), train=False,
-                                   workers=cfg['workers'], seed=cfg['seed'])
+    val_loader = shard_loader(val_ds, cfg, world, rank)
+    best, known = None, None
     if is_main():
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
@@ -625,12 +636,16 @@ def train(cfg, args, ckpt, device, world, rank):
         # the best record is read from best.pt, the one file that holds it: it names weights that exist
         best_pt = os.path.join(out, 'best.pt')
         best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
-        if ckpt is not None:  # killed after last.pt was saved, before its evaluation or best.pt: finish them
-            done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
-            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step,
-                                     rng=ckpt['rng'], config=cfg)
-            best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best,
-                                          {t: done[-1][t] for t in model.tasks} if done else None)
+        done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
+        known = {t: done[-1][t] for t in model.tasks} if done else None
+    if ckpt is not None:  # killed after last.pt was saved, before its evaluation or best.pt: finish them
+        if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
+            known = [known]
+            dist.broadcast_object_list(known, 0)
+            known = known[0]
+        save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step,
+                                 rng=ckpt['rng'], config=cfg)
+        best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, known, pool)
     if step >= cfg['max_iters']:
         log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
         return
@@ -678,18 +693,17 @@ def train(cfg, args, ckpt, device, world, rank):
             if world > 1:
                 rng = [None] * world
                 dist.all_gather_object(rng, rng_state())
-            if is_main():
-                save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler,
-                                         step=step, rng=rng, config=cfg)
-                weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
-                if weights_ok:  # saved before the evaluation, so a failing evaluation loses no training
-                    save(os.path.join(out, 'last.pt'))
-                    log(f'saved {out}/last.pt')
-                if bad:  # the outputs may be non-finite, which the meters cannot score
-                    log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
-                        ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
-                else:
-                    best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best)
+            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler,
+                                     step=step, rng=rng, config=cfg)
+            weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
+            if weights_ok and is_main():  # saved before the evaluation, so a failing one loses no training
+                save(os.path.join(out, 'last.pt'))
+                log(f'saved {out}/last.pt')
+            if bad:  # the outputs may be non-finite, which the meters cannot score
+                log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
+                    ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
+            else:  # every process scores its share of the val split (rank 0 alone writes)
+                best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, pool=pool)
             if world > 1:
                 dist.barrier()
             model.train()
@@ -697,56 +711,129 @@ def train(cfg, args, ckpt, device, world, rank):
 
 
 # -------------------------------------------------------------------------------------------------
-# Evaluation: every metric of make_meters on the val split, gate diagnostics, pictures
+# Evaluation: every metric of make_meters on the val split, gate diagnostics, pictures. Under torchrun
+# each process scores its own share of the split and the meters' sums are all-reduced.
 # -------------------------------------------------------------------------------------------------
 
+def shard_loader(val_ds, cfg, world=1, rank=0):
+    """This process's share of the val split, in order: contiguous, the shares differ by one image
+    at most and none is read twice (a DistributedSampler pads with repeats)."""
+    n = len(val_ds)
+    share = torch.utils.data.Subset(val_ds, range(rank * n // world, (rank + 1) * n // world))
+    return data.build_loader(share, max(1, cfg['batch_size'] // world), train=False, workers=cfg['workers'],
+                             seed=cfg['seed'])
+
+
+def whole_split(loader):
+    """The val dataset a loader reads (its share of, under torchrun: see shard_loader)."""
+    ds = loader.dataset
+    return ds.dataset if isinstance(ds, torch.utils.data.Subset) else ds
+
+
+def edge_pool(cfg):
+    """The boundary metric's worker processes (--eval-workers), or None to score in this process."""
+    n = cfg.get('eval_workers')
+    if n is None:  # this process's share of the CPUs it may run on
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        n = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    return EdgePool(n) if n else None
+
+
+def edge_subset(dataset, ids):
+    """-> (description, ids or None for all) of the val images whose boundaries are scored: on PASCAL
+    those of SEISM's test_new (if the split holds any), as published."""
+    name, subset = EDGE_SUBSETS.get(dataset, (None, ()))
+    scored = subset & set(ids) if name else set()
+    if not scored:
+        return f'all {len(ids)} val images', None
+    return f'{name}: {len(scored)} of {len(ids)} val images', scored
+
+
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, amp_dtype, keep=0):
+def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timing=None):
     """-> (scores dict task -> metrics, gate means [tap][task] -> list of E[+1] floats, the first
-    `keep` samples as (image, targets, predictions) cropped to their original size, on the CPU).
-    Each image is cropped to meta['size'] before its meter update; human parts count only on images
-    with a person (meta['has_human'])."""
+    `keep` samples of this process as (image, targets, predictions, id) cropped to their size, on
+    the CPU). `loader` reads this process's share of the split (shard_loader); under torchrun the
+    sums of the meters and gates are all-reduced, so every process returns the whole split's scores.
+    Rank 0 prints progress at every tenth of its share. timing: a dict to add seconds per stage to;
+    each batch's boundaries are then waited for before the next forward, so stages are timed apart."""
     model.eval()
-    meters = make_meters(model.tasks, dataset)
-    gate_sum, tokens, kept = None, 0, []
+    split = whole_split(loader)
+    _, edge_ids = edge_subset(dataset, split.ids)
+    meters = make_meters(model.tasks, dataset, pool)
+    gate_sum = [{t: torch.zeros(g.out_features, device=device) for t, g in m.gates.items()} for m in model.mmoe]
+    tokens, kept, done, t0 = 0.0, [], 0, time.time()
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    clock = time.perf_counter()
     for batch in loader:
+        if timing is not None:
+            timing['data'] += time.perf_counter() - clock
+            clock = time.perf_counter()
         images = batch['image'].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(images)
-        outputs = {t: o.float().cpu() for t, o in outputs.items()}
+        outputs = {t: o.float() for t, o in outputs.items()}
+        if timing is not None:
+            sync()
+            timing['forward'] += time.perf_counter() - clock
+            clock = time.perf_counter()
         # gate weights averaged over the tokens of the image content (not the padding)
-        gh, gw = images.shape[-2] // PATCH, images.shape[-1] // PATCH
-        valid = torch.zeros(len(images), gh, gw)
+        valid = torch.zeros(len(images), images.shape[-2] // PATCH, images.shape[-1] // PATCH)
         for i, meta in enumerate(batch['meta']):
             valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
-        valid = valid.flatten(1)[..., None]  # (B, N, 1)
-        sums = [{t: (g.float().cpu() * valid).sum((0, 1)) for t, g in tap.items()} for tap in model.gates]
-        gate_sum = sums if gate_sum is None else [{t: a[t] + b[t] for t in a} for a, b in zip(gate_sum, sums)]
         tokens += valid.sum().item()
+        valid = valid.flatten(1)[..., None].to(device, non_blocking=True)  # (B, N, 1)
+        for sums, tap in zip(gate_sum, model.gates):
+            for t, g in tap.items():
+                sums[t] += (g.float() * valid).sum((0, 1))
+        update_meters(meters, outputs, batch, edge_ids, timing)
+        if timing is not None:
+            if 'edge' in meters:
+                meters['edge'].wait()
+            sync()
+            timing['meters'] += time.perf_counter() - clock
         for i, meta in enumerate(batch['meta']):
-            h, w = meta['size']
-            for t, meter in meters.items():
-                if t == 'human_parts' and not meta.get('has_human', False):
-                    continue
-                meter.update(outputs[t][i:i + 1, :, :h, :w], batch[t][i:i + 1, ..., :h, :w])
             if len(kept) < keep:
+                h, w = meta['size']
                 kept.append((batch['image'][i, :, :h, :w], {t: batch[t][i, ..., :h, :w] for t in meters},
-                             {t: outputs[t][i, :, :h, :w] for t in meters}, meta['id']))
+                             {t: outputs[t][i, :, :h, :w].cpu() for t in meters}, meta['id']))
+        done += len(images)
+        if is_main() and done * 10 // len(loader.dataset) > (done - len(images)) * 10 // len(loader.dataset):
+            part, elapsed = done / len(loader.dataset), time.time() - t0  # rank 0's share stands for all
+            log(f'  eval: {round(part * len(split))}/{len(split)} images, {part * len(split) / elapsed:.1f} img/s, '
+                f'eta {datetime.timedelta(seconds=round(elapsed * (1 - part) / part))}')
+        clock = time.perf_counter()
+    sums = [x for m in meters.values() for x in m.state()] + [v for tap in gate_sum for v in tap.values()]
+    if dist.is_initialized():  # every sum over all processes (gloo: CPU tensors, nccl: CUDA ones)
+        sums.append(torch.tensor(tokens, dtype=torch.float64))
+        for x in sums:
+            y = x.to(device)
+            dist.all_reduce(y)
+            x.copy_(y)
+        tokens = sums[-1].item()
+    if timing is not None and 'edge' in meters:
+        timing['edge_cpu'], timing['edge_images'] = meters['edge'].seconds, len(edge_ids or split.ids)
     gates = [{t: (v / tokens).tolist() for t, v in tap.items()} for tap in gate_sum]
     return {t: m.score() for t, m in meters.items()}, gates, kept
 
 
-def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
-    """Evaluate, print every metric, append them to metrics.jsonl, draw panels and gates.png."""
+def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag=None):
+    """Evaluate (every process, see evaluate); rank 0 prints every metric, appends them to
+    metrics.jsonl, draws panels and gates.png. Returns the scores."""
     t0 = time.time()
-    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS)
+    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool)
+    if not is_main():
+        return results
     # mean gate weight per tap, task and candidate (experts 1..E, then the memory slot at every tap but
     # the first); the memory slot alone tells how much each task reads the memory. Static: no gates.
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
               for b, tap in zip(model.taps, gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'gate_memory': memory, 'gates': by_tap}
-    log(f'eval at step {step} ({len(loader.dataset)} val images, {time.time() - t0:.0f} s):')
+    edges, _ = edge_subset(cfg['dataset'], whole_split(loader).ids)
+    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'edge_images': edges,
+              'gate_memory': memory, 'gates': by_tap}
+    log(f'eval at step {step} ({len(whole_split(loader))} val images, {time.time() - t0:.0f} s; '
+        f'boundaries on {edges}):')
     for t, scores in results.items():
         key, higher = MAIN_METRIC[t]
         log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
@@ -765,15 +852,17 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, tag=None):
     return results
 
 
-def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, best, results=None):
+def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, best, results=None, pool=None):
     """Evaluate the checkpoint just saved at `step` (unless its `results` are known: logged before a
     kill); when semseg improves on `best`, write it as best.safetensors, then as best.pt with the best
     record; -> the best record. save(path, best=...) writes the full checkpoint of `step`. Only best.pt
     holds the record (last.pt is written before its evaluation) and it is written last, so the record
     always names weights that exist."""
     evaluated, out = results is None, cfg['out_dir']
-    if evaluated:
-        results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step)
+    if evaluated:  # by every process, each on its share (see evaluate); rank 0 alone writes
+        results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool)
+    if not is_main():
+        return best
     key, _ = MAIN_METRIC['semseg']
     value = results['semseg'][key]
     if best is None or value > best['value']:
@@ -786,7 +875,7 @@ def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, be
     logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
     draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
     if evaluated and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
-        compare_with_trivial(results, loader, cfg, step)
+        compare_with_trivial(results, whole_split(loader), cfg, step)  # the whole split, not a share
     return best
 
 
@@ -824,8 +913,9 @@ def trivial_scores(loader, tasks, dataset):
     return {t: m.score() for t, m in meters.items()}
 
 
-def compare_with_trivial(results, loader, cfg, step):
+def compare_with_trivial(results, val_ds, cfg, step):
     """End of a synthetic run: the main metrics next to the input-blind predictors'."""
+    loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'], seed=cfg['seed'])
     trivial = trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
     log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
@@ -1107,6 +1197,38 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     print(f'peak memory in training: {peak_mem}')
 
 
+NYUD_SIZE = (425, 560)  # the NYUD-v2 val images (H, W)
+
+
+def benchmark_eval(cfg, n, device, amp_dtype, why, pool):
+    """The evaluation path (loader, model, every NYUD meter, the boundary pool) on n NYUD-size rooms
+    written once into cfg['data_root'], with an untrained model: the worst case for boundaries (its
+    flat maps survive NMS whole, and every threshold's map is thinned from a full image). Prints the
+    seconds and images/s of each stage; the meters are waited for batch by batch, so that they are
+    timed apart from the model (in training they overlap it)."""
+    data.make_synthetic(cfg['data_root'], n_train=0, n_val=n, size=NYUD_SIZE, seed=0)
+    torch.manual_seed(cfg['seed'])
+    model = TaskExpert.from_config(cfg).to(device)
+    loader = shard_loader(data.NYUD(cfg['data_root'], split='val', train=False, size=cfg['img_size']), cfg)
+    timing = collections.defaultdict(float)
+    if pool:
+        concurrent.futures.wait(pool.started)  # their start-up is not evaluation time
+    t0 = time.perf_counter()
+    evaluate(model, loader, 'nyud', device, amp_dtype, pool=pool, timing=timing)
+    wall = time.perf_counter() - t0
+    workers = pool.workers if pool else 0
+    print(f'eval benchmark: {n} NYUD-size rooms ({NYUD_SIZE[0]}x{NYUD_SIZE[1]}), untrained {cfg["backbone"]} '
+          f'backbone at {cfg["img_size"][0]}x{cfg["img_size"][1]}, batch {cfg["batch_size"]}, {device}, {why}; '
+          f'boundaries in {f"{workers} worker processes" if workers else "this process"}')
+    rows = [('data loading (waited for)', timing['data'], n), ('model forward', timing['forward'], n)]
+    rows += [(t, timing[t], n) for t in TASKS['nyud'] if t != 'edge']
+    rows += [('edge: maps to the workers', timing['edge'], n),
+             ('edge: scoring (CPU, per worker)', timing['edge_cpu'], timing['edge_images']),
+             ('all meters (wall)', timing['meters'], n), ('total (wall)', wall, n)]
+    for name, seconds, images in rows:
+        print(f'  {name:30s} {seconds:8.1f} s  {images / max(seconds, 1e-9):8.1f} img/s')
+
+
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
@@ -1177,7 +1299,7 @@ def find_checkpoint(args, out_dir):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    modes = [m for m in ('eval_only', 'predict', 'benchmark') if getattr(args, m)]
+    modes = [m for m in ('eval_only', 'predict', 'benchmark', 'benchmark_eval') if getattr(args, m) not in (None, False)]
     if len(modes) > 1:
         fail(f'--{modes[0].replace("_", "-")} and --{modes[1].replace("_", "-")} cannot be combined')
     if modes and args.resume is not None:
@@ -1193,6 +1315,27 @@ def main(argv=None):
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
+        return
+    if args.benchmark_eval is not None:
+        if args.benchmark_eval < 1 or given.get('dataset', 'nyud') != 'nyud':
+            fail(f'--benchmark-eval {args.benchmark_eval}: needs N >= 1, and runs the NYUD meters (no other --dataset)')
+        if 'dataset' not in given:  # NYUD's defaults (size, workers)
+            args, given = parse_args(['--dataset', 'nyud'] + list(sys.argv[1:] if argv is None else argv))
+        if 'data_root' not in given:
+            args.data_root = os.path.join('data', 'eval-benchmark')
+        cfg = resolve_config(args, given)
+        check_config(cfg)
+        if cfg['img_size'][0] < NYUD_SIZE[0] or cfg['img_size'][1] < NYUD_SIZE[1]:
+            fail(f'--img-size {cfg["img_size"][0]} {cfg["img_size"][1]}: the rooms are {NYUD_SIZE[0]}x{NYUD_SIZE[1]}, '
+                 f'use at least 432 560')
+        device = pick_device(cfg['device'])
+        amp_dtype, _, why = pick_precision(cfg['amp'], device)
+        pool = edge_pool(cfg)
+        try:
+            benchmark_eval(cfg, args.benchmark_eval, device, amp_dtype, why, pool)
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
         return
 
     ckpt, model = None, None  # a resumed run's full state; the trained model of --eval-only / --predict
@@ -1215,28 +1358,36 @@ def main(argv=None):
     if args.predict and not os.path.exists(args.predict):
         fail(f'--predict {args.predict}: no such file or folder')
 
-    if model is not None:  # --eval-only or --predict
+    if args.predict:
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         model.to(device)
         print(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
         with one_line_errors(out_dir):
-            if args.predict:
-                predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device,
-                               amp_dtype)
-            else:
-                (val_ds,) = open_datasets(cfg, splits=('val',))
-                loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'],
-                                           seed=cfg['seed'])
-                os.makedirs(out_dir, exist_ok=True)
-                evaluate_and_log(model, loader, cfg, device, amp_dtype, model.step, tag=path)
+            predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device,
+                           amp_dtype)
         return
 
-    device, world, rank = setup_distributed(cfg['device'])
-    try:  # rank 0 alone writes the outputs, so it alone holds the out-dir
-        with one_line_errors(out_dir), hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
-            train(cfg, args, ckpt, device, world, rank)
+    device, world, rank = setup_distributed(cfg['device'])  # under torchrun, evaluation is sharded too
+    pool = edge_pool(cfg)
+    try:
+        with one_line_errors(out_dir):
+            if args.eval_only:
+                amp_dtype, _, why = pick_precision(cfg['amp'], device)
+                model.to(device)
+                log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, '
+                    f'{why}')
+                (val_ds,) = open_datasets(cfg, splits=('val',))
+                if is_main():
+                    os.makedirs(out_dir, exist_ok=True)
+                evaluate_and_log(model, shard_loader(val_ds, cfg, world, rank), cfg, device, amp_dtype, model.step,
+                                 pool, tag=path)
+            else:  # rank 0 alone writes the outputs, so it alone holds the out-dir
+                with hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
+                    train(cfg, args, ckpt, device, world, rank, pool)
     finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
         if dist.is_initialized():
             dist.destroy_process_group()
 
