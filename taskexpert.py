@@ -828,22 +828,30 @@ class NormalsMeter(Meter):
     def update(self, pred, target):
         pred, target = _batched(pred, target)
         self._to(pred.device)
-        target = target.reshape(pred.shape).double()
-        # channels last: the norms over the 3 components run 2-5x faster on a CPU, results unchanged
-        p, g = (F.normalize(x.contiguous(memory_format=torch.channels_last), dim=1) for x in (pred.double(), target))
+        # float32 on the 3 component planes (B, h, w) at a time: 5x faster on a CPU than float64 over
+        # (B, 3, h, w); the angle changes by < 1e-5 deg, the sums are still accumulated in float64
+        p, g = pred.float().unbind(1), target.reshape(pred.shape).float().unbind(1)
+        g_sq = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]  # |g|^2 (B, h, w)
+        # unit vectors as F.normalize(eps=1e-12) makes them: x / max(|x|, 1e-12)
+        inv_p = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).rsqrt_().clamp_(max=1e12)
+        inv_g = g_sq.rsqrt().clamp_(max=1e12)
+        diff_sq, sum_sq = torch.zeros_like(g_sq), torch.zeros_like(g_sq)  # |p - g|^2, |p + g|^2
+        for a, b in zip(p, g):
+            a, b = a * inv_p, b * inv_g
+            diff_sq.addcmul_(a - b, a - b)
+            sum_sq.addcmul_(a + b, a + b)
         # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
-        err = torch.rad2deg(2 * torch.atan2((p - g).norm(dim=1), (p + g).norm(dim=1)))  # (B, h, w)
-        valid = _normals_valid(target)[:, 0]  # (B, h, w)
+        err = torch.atan2(diff_sq.sqrt_(), sum_sq.sqrt_()).mul_(360 / math.pi)  # (B, h, w) degrees
+        valid = g_sq > 0  # (B, h, w): not the zero vector (_normals_valid, without its slower any())
         bins = torch.where(valid, (err / self.BIN).long().clamp(max=len(self.hist) - 1), len(self.hist))
         self.hist += _count(bins, len(self.hist) + 1)[:-1]  # invalid pixels: the spare last bin
         err = torch.where(valid, err, 0)
-        self.sum += err.sum()
-        self.sum_sq += (err ** 2).sum()
+        self.sum += err.sum(dtype=torch.float64)
+        self.sum_sq += err.double().square().sum()
         self.below += torch.stack([((err < t) & valid).sum() for t in self.THRESHOLDS])
         self.n += valid.sum()
-        length = target.norm(dim=1)
-        strict = valid & (length > 0.5) & (length < 1.5)  # a plausible unit normal was stored
-        self.strict_sum += torch.where(strict, err, 0).sum()
+        strict = (g_sq > 0.25) & (g_sq < 2.25)  # |g| in (0.5, 1.5): a plausible unit normal was stored
+        self.strict_sum += torch.where(strict, err, 0).sum(dtype=torch.float64)
         self.strict_n += strict.sum()
 
     def score(self):
@@ -1187,9 +1195,15 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
     forked): safe beside CUDA and threads. Shut it down (or use it in a `with`) when done."""
 
     def __init__(self, workers):
-        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'))
+        # one thread each: the workers together already hold the cores
+        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'),
+                         initializer=torch.set_num_threads, initargs=(1,))
         self.workers = workers
-        self.started = [self.submit(int) for _ in range(workers)]  # start them now, in the background
+
+    def start(self):
+        """Start every worker now, in the background (a spawned worker takes seconds to import torch;
+        otherwise they start at the first image). Returns futures that are done once they run."""
+        return [self.submit(int) for _ in range(self.workers)]
 
 
 class EdgeMeter(Meter):
@@ -1297,9 +1311,10 @@ def update_meters(meters, outputs, batch, edge_ids=None, seconds=None):
     meta['size']; human parts count only on images with a person (meta['has_human']), boundaries only
     on the ids in edge_ids (None: every image). seconds: dict task -> seconds, added to (with a
     device synchronisation per update, so only when timing)."""
-    for i, meta in enumerate(batch['meta']):
-        h, w = meta['size']
-        for t, meter in meters.items():
+    # boundaries first: with a pool, its workers score them while the other meters run here
+    for t, meter in sorted(meters.items(), key=lambda item: item[0] != 'edge'):
+        for i, meta in enumerate(batch['meta']):
+            h, w = meta['size']
             if t == 'human_parts' and not meta.get('has_human', False):
                 continue
             if t == 'edge' and edge_ids is not None and meta['id'] not in edge_ids:

@@ -498,6 +498,27 @@ def test_metrics_normals_hand_values():
     assert m.score()['median'] == pytest.approx(45.0, abs=0.01)
 
 
+def test_metrics_normals_float32_equal_float64_arccos():
+    # the meter computes in float32 for speed; the reference's float64 arccos of the unit vectors' dot
+    # product must give the same scores, with errors near 0 and 180 deg and zero (invalid) GT pixels
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randn(2, 3, 40, 50, generator=g)
+    pred = torch.randn(2, 3, 40, 50, generator=g) * 3
+    pred[:, :, :5] = gt[:, :, :5] * 2 + 1e-4 * torch.randn(2, 3, 5, 50, generator=g)  # ~0 deg
+    pred[:, :, 5:10] = -gt[:, :, 5:10]  # 180 deg
+    gt[:, :, -3:] = 0  # invalid
+    m = NormalsMeter()
+    m.update(pred, gt)
+    s = m.score()
+    p, q = (torch.nn.functional.normalize(x.double(), dim=1).numpy() for x in (pred, gt))
+    err = np.degrees(np.arccos(np.clip((p * q).sum(1), -1, 1)))[:, :-3]  # the valid rows
+    assert s['mean'] == pytest.approx(err.mean(), abs=1e-4)
+    assert s['rmse'] == pytest.approx(np.sqrt((err ** 2).mean()), abs=1e-4)
+    assert s['median'] == pytest.approx(np.median(err), abs=0.01)
+    for t in NormalsMeter.THRESHOLDS:
+        assert s[f'{t:g}'] == pytest.approx(100 * (err < t).mean(), abs=1e-9)
+
+
 def test_metrics_saliency_maxf_countable():
     # GT [1, 1, 0, 0] (+ a void pixel); probabilities 0.9, 0.3, 0.5, 0.1. The reference's double sigmoid
     # leaves these cases: all positive (P 1/2, R 1), {0.9, 0.3, 0.5} (P 2/3, R 1), {0.9, 0.5} (1/2, 1/2),
@@ -1741,7 +1762,7 @@ def test_train_benchmark_eval_prints_its_numbers(tmp_path, capsys):
                 '--eval-workers', '0'])
     out = capsys.readouterr().out
     assert '2 NYUD-size rooms (425x560), untrained tiny backbone' in out, out
-    for what in ('model forward', 'semseg', 'depth', 'normals', 'edge: scoring (CPU, per worker)', 'all meters (wall)',
+    for what in ('model forward', 'semseg', 'depth', 'normals', 'edge: scoring (CPU, summed)', 'all meters (wall)',
                  'total (wall)'):
         assert re.search(re.escape(what) + r' +[\d.]+ s +[\d.]+ img/s', out), what
 

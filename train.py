@@ -57,7 +57,7 @@ from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, EDGE_SUBSETS, LOSS_WEIGHTS, 
 # details; README, 'Training at paper scale'); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
-# eval_every: one evaluation costs ~11 s (NYUD) / ~75 s (PASCAL) on 16 cores and a GPU (README, "What an
+# eval_every: one evaluation costs ~10 s (NYUD) / ~45-75 s (PASCAL) on 16 cores and a GPU (README, "What an
 # evaluation costs"); 10 and 2 of them stay under 10 % of a 40k-step ViT-L run's ~30 min on one GPU.
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
@@ -575,6 +575,8 @@ def train(cfg, args, ckpt, device, world, rank, pool=None):
     train_ds, val_ds = open_datasets(cfg)
     if len(train_ds) < cfg['batch_size']:
         fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
+    if pool:
+        pool.start()  # the data is good: the boundary workers start while the model trains
 
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
@@ -764,6 +766,9 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timin
     gate_sum = [{t: torch.zeros(g.out_features, device=device) for t, g in m.gates.items()} for m in model.mmoe]
     tokens, kept, done, t0 = 0.0, [], 0, time.time()
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
+    # descheduled peers (measured on 2 cores: depth 10x, semseg 2x slower with 2 threads than with 1)
+    meter_threads = 1 if pool and device.type == 'cpu' else torch.get_num_threads()
     clock = time.perf_counter()
     for batch in loader:
         if timing is not None:
@@ -786,7 +791,10 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timin
         for sums, tap in zip(gate_sum, model.gates):
             for t, g in tap.items():
                 sums[t] += (g.float() * valid).sum((0, 1))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(meter_threads)
         update_meters(meters, outputs, batch, edge_ids, timing)
+        torch.set_num_threads(threads)
         if timing is not None:
             if 'edge' in meters:
                 meters['edge'].wait()
@@ -1212,7 +1220,7 @@ def benchmark_eval(cfg, n, device, amp_dtype, why, pool):
     loader = shard_loader(data.NYUD(cfg['data_root'], split='val', train=False, size=cfg['img_size']), cfg)
     timing = collections.defaultdict(float)
     if pool:
-        concurrent.futures.wait(pool.started)  # their start-up is not evaluation time
+        concurrent.futures.wait(pool.start())  # their start-up is not evaluation time
     t0 = time.perf_counter()
     evaluate(model, loader, 'nyud', device, amp_dtype, pool=pool, timing=timing)
     wall = time.perf_counter() - t0
@@ -1223,7 +1231,7 @@ def benchmark_eval(cfg, n, device, amp_dtype, why, pool):
     rows = [('data loading (waited for)', timing['data'], n), ('model forward', timing['forward'], n)]
     rows += [(t, timing[t], n) for t in TASKS['nyud'] if t != 'edge']
     rows += [('edge: maps to the workers', timing['edge'], n),
-             ('edge: scoring (CPU, per worker)', timing['edge_cpu'], timing['edge_images']),
+             ('edge: scoring (CPU, summed)', timing['edge_cpu'], timing['edge_images']),
              ('all meters (wall)', timing['meters'], n), ('total (wall)', wall, n)]
     for name, seconds, images in rows:
         print(f'  {name:30s} {seconds:8.1f} s  {images / max(seconds, 1e-9):8.1f} img/s')
