@@ -220,9 +220,10 @@ def resolve_config(args, given, ckpt_config=None):
     return cfg
 
 
-def check_config(cfg):
+def check_config(cfg, training=True):
     """Reject bad settings with one line, before anything is written. The model's own settings are
-    checked by the model (built on the meta device: no memory, no time)."""
+    checked by the model (built on the meta device: no memory, no time). training=False (evaluation,
+    prediction): the batch need not split into micro-batches."""
     try:
         with torch.device('meta'):
             TaskExpert.from_config(cfg)
@@ -233,7 +234,7 @@ def check_config(cfg):
         if cfg[k] < 1:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
     world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun processes
-    if cfg['batch_size'] % (world * cfg['accum_steps']):
+    if training and cfg['batch_size'] % (world * cfg['accum_steps']):
         fail(f'--batch-size {cfg["batch_size"]} must split evenly into {world} process(es) x --accum-steps '
              f'{cfg["accum_steps"]} micro-batches')
     for k in ('lr', 'clip'):  # (comparisons written so that NaN fails them)
@@ -760,6 +761,9 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timin
     Rank 0 prints progress at every tenth of its share. timing: a dict to add seconds per stage to;
     each batch's boundaries are then waited for before the next forward, so stages are timed apart."""
     model.eval()
+    if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
+        for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
+            dist.broadcast(b, 0)
     split = whole_split(loader)
     _, edge_ids = edge_subset(dataset, split.ids)
     meters = make_meters(model.tasks, dataset, pool)
@@ -1332,7 +1336,7 @@ def main(argv=None):
         if 'data_root' not in given:
             args.data_root = os.path.join('data', 'eval-benchmark')
         cfg = resolve_config(args, given)
-        check_config(cfg)
+        check_config(cfg, training=False)
         if cfg['img_size'][0] < NYUD_SIZE[0] or cfg['img_size'][1] < NYUD_SIZE[1]:
             fail(f'--img-size {cfg["img_size"][0]} {cfg["img_size"][1]}: the rooms are {NYUD_SIZE[0]}x{NYUD_SIZE[1]}, '
                  f'use at least 432 560')
@@ -1362,7 +1366,7 @@ def main(argv=None):
         out_dir = args.out_dir or default_out
     cfg = resolve_config(args, given, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
-    check_config(cfg)
+    check_config(cfg, training=not (args.eval_only or args.predict))
     if args.predict and not os.path.exists(args.predict):
         fail(f'--predict {args.predict}: no such file or folder')
 
