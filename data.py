@@ -361,7 +361,7 @@ def to_tensors(sample, size):
 
 class _MultiTaskDataset(torch.utils.data.Dataset):
     """Shared by the readers: task checks, ids, and load -> (augment | pad) -> tensors.
-    `rng` (numpy Generator) drives the augmentations; build_loader re-seeds it per worker."""
+    `rng` (numpy Generator) drives the augmentations; train_loader re-seeds it per sample."""
     dataset = None  # key of TASKS
 
     def __init__(self, root, split, train, size, tasks, seed):
@@ -541,33 +541,61 @@ def collate(samples):
     return batch
 
 
-def _augmented(dataset):
-    """The reader under any torch Subset wrappers: the object whose rng the augmentations use."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of steps start..stop-1 for one process. Step s is batch s % per_epoch of epoch
+    s // per_epoch, whose order is a permutation drawn from (seed, epoch); each process reads its
+    slice of the global batch. Items are (index, epoch) so the sample's augmentation can be seeded."""
+
+    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self.per_epoch = n // global_batch  # full batches only
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        b = self.gb // self.world
+        epoch, perm = None, None
+        for s in range(self.start, self.stop):
+            e, j = divmod(s, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
+            yield [(int(i), e) for i in chunk]
 
 
-def _seed_worker(worker_id):
-    # info.seed = the loader's base seed (drawn from its seeded generator each epoch) + worker id
-    info = torch.utils.data.get_worker_info()
-    _augmented(info.dataset).rng = np.random.default_rng(info.seed)
+class SeededSamples(torch.utils.data.Dataset):
+    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
+        return self.dataset[i]
 
 
-def build_loader(dataset, batch_size, train, workers, distributed=False, seed=0):
-    """DataLoader over `dataset`: shuffled with full batches when training, in order otherwise; a
-    DistributedSampler under torchrun (call loader.sampler.set_epoch(epoch) each epoch); augmentation
-    randomness seeded from `seed` (and the rank), per worker; pinned memory when CUDA is available."""
-    rank = torch.distributed.get_rank() if distributed else 0
-    generator = torch.Generator().manual_seed(seed + rank)
-    if workers == 0:  # no worker processes: the augmentations run here, on the reader's own rng
-        _augmented(dataset).rng = np.random.default_rng([seed, rank])
-    sampler = (torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
-               if distributed else None)
+def train_loader(dataset, global_batch, rank, world, seed, start, stop, workers):
+    """The training stream of steps start..stop-1 for process `rank` of `world` (StepBatches): every
+    batch and augmentation is a function of (seed, step), so a resumed run reads what an
+    uninterrupted one would have, with or without worker processes."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=train,
-        worker_init_fn=_seed_worker, generator=generator, persistent_workers=workers > 0)
+        SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank, world, seed, start,
+                                                                stop),
+        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed))  # its worker seeds: never drawn from the global RNG
+
+
+def eval_loader(dataset, batch_size, workers):
+    """`dataset` (not augmented) in order, every item once; its workers persist between evaluations."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, generator=torch.Generator())  # (as above: the global RNG untouched)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -831,17 +831,25 @@ def test_data_train_sample_is_seeded_and_sized(tmp_path):
         assert (sa['semseg'][h:] == 255).all() and (sa['semseg'][:, w:] == 255).all()
 
 
-def test_data_collate_and_loader(tmp_path):
+def test_data_collate_and_training_stream(tmp_path):
     root = _data_write_nyud_tree(tmp_path)
     ds = data.NYUD(root, 'train', train=True, size=(8, 10))
-    batch = next(iter(data.build_loader(ds, batch_size=2, train=True, workers=0)))
+    batch = next(iter(data.train_loader(ds, 2, rank=0, world=1, seed=0, start=0, stop=1, workers=0)))
     assert batch['image'].shape == (2, 3, 8, 10) and batch['semseg'].shape == (2, 8, 10)
     assert batch['depth'].shape == (2, 1, 8, 10) and isinstance(batch['meta'], list) and len(batch['meta']) == 2
-    # worker processes: the same seed gives the same augmented batches
-    ds.ids = ['0001', '0001']  # one image twice: each worker must augment it differently
-    runs = [[b['image'] for b in data.build_loader(ds, 1, True, workers=2, seed=s)] for s in (5, 5, 6)]
-    assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1]))
-    assert not torch.equal(*runs[0]) and not torch.equal(runs[0][0], runs[2][0])
+    # the stream is a function of (seed, step): with worker processes or without, from step 0 or resumed
+    ds.ids = ['0001', '0001']  # one image twice: each (epoch, index) must be augmented differently
+
+    def images(seed, start, workers):
+        return [b['image'] for b in data.train_loader(ds, 1, 0, 1, seed, start, stop=4, workers=workers)]
+    run = images(5, 0, 0)
+    assert all(torch.equal(x, y) for x, y in zip(run, images(5, 0, 2)))
+    assert all(torch.equal(x, y) for x, y in zip(run[2:], images(5, 2, 0)))
+    assert not torch.equal(run[0], run[1]) and not torch.equal(run[0], run[2]) and not torch.equal(run[0], images(6, 0, 0)[0])
+    # two processes read disjoint halves of each global batch
+    halves = [[m['id'] for b in data.train_loader(data.NYUD(root, 'train', size=(8, 10)), 2, r, 2, 0, 0, 1, 0)
+               for m in b['meta']] for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2037,7 +2045,7 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
     val = export.open_val(config, None, _EXPORT_SIZE, model.tasks)
     assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
     base = export.main_metrics(lambda im: export.reference(model, im, False)[0], val, 2, model.tasks, 'synthetic')
-    results, _, _ = train.evaluate(model, data.build_loader(val, 2, train=False, workers=0), 'synthetic',
+    results, _, _ = train.evaluate(model, data.eval_loader(val, 2, workers=0), 'synthetic',
                                    torch.device('cpu'), None)
     assert base == pytest.approx({t: r[MAIN_METRIC[t][0]] for t, r in results.items()}, rel=1e-4)
     got = export.main_metrics(export.load_onnx(paths['int8']), val, 2, model.tasks, 'synthetic')

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write, collate
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write
 from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, EDGE_SUBSETS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS,
                         VIT_PRESETS, EdgePool, MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained,
                         make_meters, postprocess, predict, read_checkpoint, update_meters)
@@ -313,47 +313,8 @@ def save_weights(path, model, step, config, metrics):
 
 
 # -------------------------------------------------------------------------------------------------
-# Data: a resumable training stream, and the datasets
+# Data: the datasets (their loaders: data.train_loader, data.eval_loader)
 # -------------------------------------------------------------------------------------------------
-
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of steps start..stop-1 for one process. Step s is batch s % per_epoch of epoch
-    s // per_epoch, whose order is a permutation drawn from (seed, epoch); each process reads its
-    slice of the global batch. Items are (index, epoch) so the sample's augmentation can be seeded."""
-
-    def __init__(self, n, global_batch, rank, world, seed, start, stop):
-        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.start, self.stop = seed, start, stop
-        self.per_epoch = n // global_batch  # full batches only
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        b = self.gb // self.world
-        epoch, perm = None, None
-        for s in range(self.start, self.stop):
-            e, j = divmod(s, self.per_epoch)
-            if e != epoch:
-                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
-            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
-            yield [(int(i), e) for i in chunk]
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        i, epoch = key
-        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
-        return self.dataset[i]
-
 
 def open_datasets(cfg, splits=('train', 'val')):
     """The splits of cfg['dataset'] as data.py datasets; a missing dataset stops with the download
@@ -652,11 +613,8 @@ def train(cfg, args, ckpt, device, world, rank, pool=None):
     if step >= cfg['max_iters']:
         log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
         return
-    sampler = StepBatches(len(train_ds), cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'])
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(train_ds, cfg['seed']), batch_sampler=sampler, num_workers=cfg['workers'],
-        collate_fn=collate, pin_memory=device.type == 'cuda', persistent_workers=False,
-        generator=torch.Generator().manual_seed(cfg['seed']))  # never touch the global RNG
+    loader = data.train_loader(train_ds, cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'],
+                               cfg['workers'])
 
     model.train()
     bad = 0  # consecutive non-finite steps
@@ -723,8 +681,7 @@ def shard_loader(val_ds, cfg, world=1, rank=0):
     at most and none is read twice (a DistributedSampler pads with repeats)."""
     n = len(val_ds)
     share = torch.utils.data.Subset(val_ds, range(rank * n // world, (rank + 1) * n // world))
-    return data.build_loader(share, max(1, cfg['batch_size'] // world), train=False, workers=cfg['workers'],
-                             seed=cfg['seed'])
+    return data.eval_loader(share, max(1, cfg['batch_size'] // world), cfg['workers'])
 
 
 def whole_split(loader):
@@ -927,7 +884,7 @@ def trivial_scores(loader, tasks, dataset):
 
 def compare_with_trivial(results, val_ds, cfg, step):
     """End of a synthetic run: the main metrics next to the input-blind predictors'."""
-    loader = data.build_loader(val_ds, cfg['batch_size'], train=False, workers=cfg['workers'], seed=cfg['seed'])
+    loader = data.eval_loader(val_ds, cfg['batch_size'], cfg['workers'])
     trivial = trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
     log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
