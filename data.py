@@ -4,7 +4,8 @@ writes NYUD-layout data. "The reference" is the ATRC / InvPT data code (README, 
 
 A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / 'human_parts' int64
 (H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
-float32 (3, H, W) as stored, 2 v / 255 - 1 (near-unit vectors), all-zero = invalid (padding); 'depth' float32 (1, H, W) metres, 0 = invalid;
+float32 (3, H, W) as stored, 2 v / 255 - 1 (near-unit vectors), all-zero = invalid (padding);
+'depth' float32 (1, H, W) metres, 0 = invalid;
 'meta' {'id', 'size': (h, w) of the unpadded content, PASCAL also 'has_human'}.
 Inside this module, before the final conversion, a sample is a dict of numpy arrays in HWC layout:
 image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w), normals float32
@@ -207,7 +208,7 @@ def decode_normals(rgb):
     normalised. An 8-bit file never decodes to the zero vector, which marks padding and PASCAL's
     masked classes (invalid). NormalsMeter also reports the error over plausible unit normals alone
     ('strict_mean')."""
-    return (2.0 * rgb[..., :3].astype(np.float32) / 255.0 - 1.0).astype(np.float32)
+    return 2.0 * rgb[..., :3].astype(np.float32) / 255.0 - 1.0  # (float32 stays float32)
 
 
 _LAPLACE = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)

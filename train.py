@@ -53,8 +53,9 @@ from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, EDGE_SUBSETS, LOSS_WEIGHTS, 
 
 # -------------------------------------------------------------------------------------------------
 # Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
-# once --dataset is known, so --help shows them), then the flags given. nyud / pascal follow the paper recipe (its implementation
-# details; README, 'Training at paper scale'); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
+# once --dataset is known, so --help shows them), then the flags given. nyud / pascal follow the
+# paper recipe (its implementation details; README, 'Training at paper scale'); synthetic is a
+# from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
 # eval_every: one evaluation costs ~10 s (NYUD) / ~45-75 s (PASCAL) on 16 cores and a GPU (README, "What an
@@ -728,8 +729,9 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timin
     tokens, kept, done, t0 = 0.0, [], 0, time.time()
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
-    # descheduled peers (measured on 2 cores: depth 10x, semseg 2x slower with 2 threads than with 1)
-    meter_threads = 1 if pool and device.type == 'cpu' else torch.get_num_threads()
+    # descheduled peers (measured on 2 cores: depth 6x, semseg 1.3-2x slower with 2 threads than with 1)
+    threads = torch.get_num_threads()
+    meter_threads = 1 if pool and device.type == 'cpu' else threads
     clock = time.perf_counter()
     for batch in loader:
         if timing is not None:
@@ -752,10 +754,9 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timin
         for sums, tap in zip(gate_sum, model.gates):
             for t, g in tap.items():
                 sums[t] += (g.float() * valid).sum((0, 1))
-        threads = torch.get_num_threads()
         torch.set_num_threads(meter_threads)
         update_meters(meters, outputs, batch, edge_ids, timing)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # (the model's)
         if timing is not None:
             if 'edge' in meters:
                 meters['edge'].wait()
