@@ -1,6 +1,12 @@
-"""Data for TaskExpert: NYUD-v2 and PASCAL-Context readers in the published multi-task formats, the
-reference training augmentations, DataLoader helpers, and a synthetic indoor-scene generator that
-writes NYUD-layout data. "The reference" is the ATRC / InvPT data code (README, 'References').
+"""The benchmarks: NYUD-v2 and PASCAL-Context as the multi-task literature distributes and scores
+them, and synthetic rooms in the NYUD layout for offline runs. "The reference" is the ATRC / InvPT
+data and evaluation code, SEISM for boundaries (README, 'References').
+
+Read top to bottom: the datasets' files and class tables -> reading and decoding them -> the
+training augmentations -> the readers (NYUD, PASCALContext) -> loaders -> scoring (the meters, the
+SEISM boundary protocol, PASCAL's test_new subset, the per-image scoring loop, Delta_m) -> the
+synthetic scene generator. The model's side of the contract (normalisation, the task table) is
+taskexpert.py's.
 
 A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / 'human_parts' int64
 (H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
@@ -11,23 +17,27 @@ Inside this module, before the final conversion, a sample is a dict of numpy arr
 image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w), normals float32
 (h, w, 3).
 """
+import base64
+import collections
 import colorsys
-import contextlib
+import concurrent.futures
 import json
+import math
+import multiprocessing
 import os
-import re
 import sys
+import zlib
 
 import numpy as np
 import scipy.io
 import scipy.ndimage
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import maximum_flow
 
-from taskexpert import PATCH, TASKS, thin
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from taskexpert import IGNORE_INDEX, PATCH, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise
 
 DOWNLOAD_HELP = """\
 Datasets (README.md, section 'Datasets'): the multi-task copies used by ATRC / InvPT,
@@ -61,36 +71,6 @@ _SEE_README = "get the dataset as described in README.md, section 'Datasets'"
 
 class DataError(FileNotFoundError, ValueError):
     """A dataset folder, split file or sample file that is missing or unreadable (one-line message)."""
-
-
-def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, fsync, then rename over `path`: a crash at any
-    moment leaves either the old file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def remove_temporaries(folder):
-    """Delete the temporary files of atomic_write calls that a kill interrupted (.<name>.tmp<pid>).
-    Only for a folder that no other process is writing into."""
-    for name in os.listdir(folder):
-        if re.fullmatch(r'\..+\.tmp\d+', name):
-            os.remove(os.path.join(folder, name))
 
 
 def _progress(done, n, what):
@@ -135,6 +115,16 @@ HUMAN_PART_GROUPS = {
     'llarm': 4, 'rlarm': 4, 'lhand': 4, 'rhand': 4,              # lower arms and hands
     'luleg': 5, 'ruleg': 5,                                      # upper legs
     'llleg': 6, 'rlleg': 6, 'lfoot': 6, 'rfoot': 6}              # lower legs and feet
+
+# PASCAL-Context's 21 semantic classes (VOC's 20 and the background) and the 6 human-part groups
+# (the InvPT / ATRC PASCAL reader's), in class-id order
+VOC_CLASSES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+HUMAN_PARTS = ('background', 'head', 'torso', 'upper arms', 'lower arms and hands', 'upper legs',
+               'lower legs and feet')
+CLASS_NAMES = {'nyud': {'semseg': NYU40_CLASSES}, 'pascal': {'semseg': VOC_CLASSES, 'human_parts': HUMAN_PARTS}}
+
 
 # -------------------------------------------------------------------------------------------------
 # Reading files: every failure becomes a DataError naming the file
@@ -248,8 +238,6 @@ def human_parts_from_anno(path, shape):
 # Augmentations of the reference recipe: scale, crop, flip, photometric jitter, normalise, pad
 # -------------------------------------------------------------------------------------------------
 
-_PAD = {'image': 0, 'depth': 0, 'normals': 0}  # every other (label) key pads with 255 = void
-
 
 def _nearest(a, h, w):
     """Nearest-neighbour resize of (h0, w0[, C]) to (h, w), pixel-centre aligned like PIL's."""
@@ -336,17 +324,21 @@ def augment(sample, size, rng):
 
 
 def to_tensors(sample, size):
-    """ImageNet-normalise the image and pad everything at the bottom / right to `size` (image 0
-    after normalisation, depth / normals 0, labels 255) -> the contract's tensors."""
+    """Normalise the image (taskexpert.normalise) and pad everything at the bottom / right to `size`
+    -> the contract's tensors. Padding: image 0 after normalisation (the mean colour), depth and
+    normals 0 (invalid), labels 255 (void)."""
     h, w = sample['image'].shape[:2]
     out = {}
     for k, a in sample.items():
-        a = np.asarray(a)
         if k == 'image':
-            a = (a.astype(np.float32) / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+            x = normalise(torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))))
+            out[k] = F.pad(x, (0, size[1] - w, 0, size[0] - h))  # (3, H, W)
+            continue
+        kind = TASK_TABLE[k].kind
+        a = np.asarray(a)
         pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (a.ndim - 2)
-        a = np.pad(a, pad, constant_values=_PAD.get(k, 255))
-        if k in ('semseg', 'human_parts'):
+        a = np.pad(a, pad, constant_values=0 if kind in ('depth', 'normals') else IGNORE_INDEX)
+        if kind == 'classes':
             out[k] = torch.from_numpy(a.astype(np.int64))  # (H, W)
         elif a.ndim == 3:
             out[k] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), np.float32))  # (C, H, W)
@@ -530,6 +522,10 @@ class PASCALContext(_MultiTaskDataset):
         return sample, meta
 
 
+# train.py's --dataset -> its reader (the synthetic scenes are written in the NYUD layout)
+READERS = {'nyud': NYUD, 'pascal': PASCALContext, 'synthetic': NYUD}
+
+
 # -------------------------------------------------------------------------------------------------
 # Batching
 # -------------------------------------------------------------------------------------------------
@@ -597,6 +593,697 @@ def eval_loader(dataset, batch_size, workers):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0, generator=torch.Generator())  # (as above: the global RNG untouched)
+
+
+# -------------------------------------------------------------------------------------------------
+# Scoring, as the benchmarks score: every definition follows the evaluation code that the NYUD-v2 /
+# PASCAL-Context multi-task literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter, and SEISM /
+# Piotr Dollar's edges toolbox for boundaries; "the reference", README 'References'), so our numbers
+# can sit next to the papers'. Where it was silent or unusable as is, the choice is said in a comment.
+# A task's main metric is TASK_TABLE[task].metric (taskexpert.py).
+# -------------------------------------------------------------------------------------------------
+
+class Meter:
+    """A metric over a split. Its state is the tensors named in SUMS, each a sum over images, so the
+    shards of a split add up (all-reduce them with SUM). The state lives on the device of the
+    predictions given to update(), so no image waits for a copy to the host; score() reads it once."""
+    SUMS = ()
+
+    def state(self):
+        """The sum tensors, in a fixed order (every process all-reduces the same list)."""
+        return [getattr(self, k) for k in self.SUMS]
+
+    def _to(self, device):
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device))
+
+
+def _batched(pred, target):
+    """Accept one image (C, h, w) or a batch (B, C, h, w); returns the prediction as (B, C, h, w) and
+    the target as (B, C', h, w) on the prediction's device, detached."""
+    pred = pred.detach()
+    if pred.dim() == 3:
+        pred = pred[None]
+    return pred, target.detach().to(pred.device, non_blocking=True).reshape(pred.shape[0], -1, *pred.shape[-2:])
+
+
+def _count(index, size):
+    """Histogram (size,) int64 of an int64 tensor with values in [0, size), on its device.
+    (torch.bincount on a GPU first copies the maximum to the host, a wait per call.)"""
+    index = index.flatten()
+    return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+class SegMeter(Meter):
+    """Semantic segmentation / human parts: one confusion matrix over the split (255 ignored).
+    IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU = mean over ALL classes, as the reference
+    SemsegMeter / HumanPartsMeter: a class absent from both GT and prediction scores 0 there (it never
+    happens on the full NYUD / PASCAL val splits, but lowers mIoU on small subsets)."""
+    SUMS = ('conf',)
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (gt, pred)
+
+    def update(self, pred, target):
+        # checked where the target is (on the CPU, as the loader gives it): no wait on the device
+        if ((target != IGNORE_INDEX) & ((target < 0) | (target >= self.num_classes))).any():
+            raise ValueError(f'SegMeter: target labels must be in [0, {self.num_classes}) or {IGNORE_INDEX}')
+        pred, target = _batched(pred, target)
+        self._to(pred.device)
+        label = pred.max(dim=1).indices  # (B, h, w): the first best class, as argmax (max is faster on CPUs)
+        target = target.reshape(label.shape).long()
+        C = self.num_classes
+        idx = torch.where(target != IGNORE_INDEX, target * C + label, C * C)  # void pixels: a spare bin
+        self.conf += _count(idx, C * C + 1)[:C * C].reshape(C, C)
+
+    def score(self):
+        self._to('cpu')
+        conf = self.conf.double()
+        tp = conf.diag()
+        iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1e-8)
+        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item()}
+
+
+class DepthMeter(Meter):
+    """Depth over the valid pixels of the split: rmse = sqrt(sum sq err / n valid), log_rmse, abs_rel.
+    As the reference DepthMeter, predictions <= 0 are set to 1e-9 (needed by the log; it also enters
+    rmse and abs_rel, negligibly)."""
+    SUMS = ('sq', 'log_sq', 'abs_rel', 'n')
+
+    def __init__(self):
+        self.sq, self.log_sq, self.abs_rel = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+        self.n = torch.zeros((), dtype=torch.int64)
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        self._to(pred.device)
+        valid = depth_valid(target.reshape(pred.shape))
+        p = pred.double().clamp(min=1e-9)
+        g = torch.where(valid, target.reshape(pred.shape).double(), 1.0)  # 1 where invalid: finite log, ratio
+        self.sq += torch.where(valid, (p - g) ** 2, 0).sum()
+        self.log_sq += torch.where(valid, (p.log() - g.log()) ** 2, 0).sum()
+        self.abs_rel += torch.where(valid, (p - g).abs() / g, 0).sum()
+        self.n += valid.sum()
+
+    def score(self):
+        self._to('cpu')
+        n = max(self.n.item(), 1)
+        return {'rmse': (self.sq.item() / n) ** 0.5, 'log_rmse': (self.log_sq.item() / n) ** 0.5,
+                'abs_rel': self.abs_rel.item() / n}
+
+
+class NormalsMeter(Meter):
+    """Angular error (degrees) between the unit-normalised prediction and GT over valid pixels: mean,
+    rmse, median, and % of pixels under 11.25 / 22.5 / 30 deg (reference eval_normals). All but the
+    median are exact sums; the median comes from a histogram of 0.01-deg bins (O(1) memory over the
+    split, exact to +-0.005 deg; np.median of the reference needs every error).
+
+    Valid = every non-zero GT vector, as the reference counts (see data.decode_normals): NYUD pixels
+    stored black or grey where no normal was computed count too, so 'mean' is comparable with the
+    papers'. 'strict_mean' is the mean error over the pixels whose stored vector is a plausible unit
+    normal (length 0.5 to 1.5), i.e. without that fill: a stricter reading, not the papers' number."""
+
+    BIN = 0.01  # degrees
+    THRESHOLDS = (11.25, 22.5, 30.0)
+    SUMS = ('hist', 'sum', 'sum_sq', 'below', 'n', 'strict_sum', 'strict_n')
+
+    def __init__(self):
+        self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
+        self.sum, self.sum_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        self.below = torch.zeros(len(self.THRESHOLDS), dtype=torch.int64)
+        self.n = torch.zeros((), dtype=torch.int64)
+        self.strict_sum, self.strict_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        self._to(pred.device)
+        # float32 on the 3 component planes (B, h, w) at a time: faster on a CPU than float64 over
+        # (B, 3, h, w), within 1e-5 deg of it; the sums are still accumulated in float64
+        p, g = pred.float().unbind(1), target.reshape(pred.shape).float().unbind(1)
+        g_sq = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]  # |g|^2 (B, h, w)
+        # unit vectors as F.normalize(eps=1e-12) makes them: x / max(|x|, 1e-12)
+        inv_p = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).rsqrt_().clamp_(max=1e12)
+        inv_g = g_sq.rsqrt().clamp_(max=1e12)
+        diff_sq, sum_sq = torch.zeros_like(g_sq), torch.zeros_like(g_sq)  # |p - g|^2, |p + g|^2
+        for a, b in zip(p, g):
+            a, b = a * inv_p, b * inv_g
+            diff_sq.addcmul_(a - b, a - b)
+            sum_sq.addcmul_(a + b, a + b)
+        # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
+        err = torch.atan2(diff_sq.sqrt_(), sum_sq.sqrt_()).mul_(360 / math.pi)  # (B, h, w) degrees
+        valid = g_sq > 0  # (B, h, w): not the zero vector (normals_valid, without its slower any())
+        bins = torch.where(valid, (err / self.BIN).long().clamp(max=len(self.hist) - 1), len(self.hist))
+        self.hist += _count(bins, len(self.hist) + 1)[:-1]  # invalid pixels: the spare last bin
+        err = torch.where(valid, err, 0)
+        self.sum += err.sum(dtype=torch.float64)
+        self.sum_sq += err.double().square().sum()
+        self.below += torch.stack([((err < t) & valid).sum() for t in self.THRESHOLDS])
+        self.n += valid.sum()
+        strict = (g_sq > 0.25) & (g_sq < 2.25)  # |g| in (0.5, 1.5): a plausible unit normal was stored
+        self.strict_sum += torch.where(strict, err, 0).sum(dtype=torch.float64)
+        self.strict_n += strict.sum()
+
+    def score(self):
+        self._to('cpu')
+        total = self.n.item()
+        n = max(total, 1)
+        cum = torch.cumsum(self.hist, 0)
+        # np.median: mean of the values of rank (n-1)//2 and n//2 (0-based); each read at its bin centre
+        ranks = torch.tensor([(total - 1) // 2, total // 2])
+        median = ((torch.searchsorted(cum, ranks, right=True).double() + 0.5) * self.BIN).mean().item()
+        out = {'mean': self.sum.item() / n, 'rmse': (self.sum_sq.item() / n) ** 0.5, 'median': median}
+        out.update({f'{t:g}': 100 * b / n for t, b in zip(self.THRESHOLDS, self.below.tolist())})
+        out['strict_mean'] = self.strict_sum.item() / max(self.strict_n.item(), 1)
+        return out
+
+
+class SaliencyMeter(Meter):
+    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, with TP / predicted /
+    actual positives per threshold summed over the split (not per image), as the reference
+    SaliencyMeter. Replicated quirk, for comparable numbers: the reference receives probabilities
+    and applies a sigmoid AGAIN before thresholding, so the score is sigmoid(sigmoid(logit)), in
+    [0.5, 0.731]: thresholds <= 0.5 mark everything salient, >= 0.75 nothing, and only 0.55, 0.60,
+    0.65, 0.70 (probability >= 0.20, 0.41, 0.62, 0.85) discriminate."""
+    SUMS = ('tp', 'pred_pos', 'gt_pos')
+
+    def __init__(self, beta_sq=0.3):
+        self.beta_sq = beta_sq
+        self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference
+        self.tp = torch.zeros(len(self.thresholds), dtype=torch.int64)
+        self.pred_pos = torch.zeros_like(self.tp)
+        self.gt_pos = torch.zeros((), dtype=torch.int64)
+
+    def update(self, pred, target):
+        pred, target = _batched(pred, target)
+        self._to(pred.device)
+        valid = (target != IGNORE_INDEX).reshape(-1, 1)
+        score = torch.sigmoid(torch.sigmoid(pred.float())).reshape(-1, 1)  # the double sigmoid, see above
+        gt = (target == 1).reshape(-1, 1)
+        above = (score >= self.thresholds) & valid  # (N, thresholds)
+        self.tp += (above & gt).sum(0)
+        self.pred_pos += above.sum(0)
+        self.gt_pos += (gt & valid).sum()
+
+    def score(self):
+        self._to('cpu')
+        tp, pred_pos, gt_pos = self.tp.double(), self.pred_pos.double(), self.gt_pos.double()
+        prec, rec = tp / pred_pos, tp / gt_pos
+        f = (1 + self.beta_sq) * prec * rec / (self.beta_sq * prec + rec)
+        return {'maxF': 100 * torch.nan_to_num(f, nan=0.0).max().item()}
+
+
+# ---- boundary detection: ODS / OIS F-measure as SEISM computes it (no MATLAB) ---------------------
+# Pipeline per image (SEISM on the reference's saved predictions): edge NMS of the probability map
+# (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds binarise
+# (>= t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT boundary
+# pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total predicted
+# and matched / total GT pixels. ODS: counts summed over the split per threshold, best F. OIS: each
+# image at its own best threshold, counts summed, F. Unlike the reference we keep float probabilities
+# (it saves 8-bit PNGs before NMS and thresholding: a < 1/255 shift of each threshold). Thinning
+# dominates the cost for the flat maps of an untrained model (every threshold's map is nearly the
+# whole image; see _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation
+# costs').
+
+# 0.001, 0.01, 0.02, ..., 0.99, 0.999: SEISM's 101 thresholds
+EDGE_THRESHOLDS = np.concatenate([[0.001], np.arange(1, 100) / 100, [0.999]])
+
+
+def _conv_tri(img, r):
+    """Dollar's convTri for an integer radius r: separable triangle filter [1 .. r+1 .. 1] / (r+1)^2
+    ([1 2 1] / 4 for r = 1) with 'symmetric' borders (scipy's 'reflect')."""
+    f = np.concatenate([np.arange(1, r + 2), np.arange(r, 0, -1)]) / (r + 1) ** 2
+    rows = scipy.ndimage.correlate1d(img, f, axis=0, mode='reflect')
+    return scipy.ndimage.correlate1d(rows, f, axis=1, mode='reflect')
+
+
+def _edge_nms(E, r=1, s=5, m=1.01):
+    """Non-maximum suppression of an edge probability map E (H, W), as the evaluation scripts of CNN
+    edge detectors (HED / RCF, SEISM's nms_process, pyEdgeEval) do it with Dollar's toolbox: smooth
+    E with convTri(E, 1), take the orientation of edgesDetect (second derivatives of convTri(E, 4)),
+    then edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
+    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s)."""
+    E = _conv_tri(E, 1)
+    h, w = E.shape
+    Oy, Ox = np.gradient(_conv_tri(E, 4))  # np.gradient = MATLAB gradient(2): central, one-sided at borders
+    Oxx = np.gradient(Ox, axis=1)
+    Oyy, Oxy = np.gradient(Oy)
+    O = np.mod(np.arctan(Oyy * np.sign(-Oxy) / (Oxx + 1e-5)), np.pi)
+    cos, sin = np.cos(O), np.sin(O)
+    ys, xs = np.mgrid[0:h, 0:w]
+    keep = E != 0
+    flat = E.ravel()
+    for d in [d for d in range(-r, r + 1) if d]:
+        x = np.clip(xs + d * cos, 0, w - 1.001)
+        y = np.clip(ys + d * sin, 0, h - 1.001)
+        x0, y0 = x.astype(np.int64), y.astype(np.int64)
+        dx, dy = x - x0, y - y0
+        i = y0 * w + x0  # flat index of the top-left neighbour
+        e0 = (flat[i] * (1 - dx) * (1 - dy) + flat[i + 1] * dx * (1 - dy)
+              + flat[i + w] * (1 - dx) * dy + flat[i + w + 1] * dx * dy)
+        keep &= E * m >= e0
+    out = np.where(keep, E, 0.0)
+    s = min(s, w // 2, h // 2)
+    ramp = np.arange(s) / s
+    out[:, :s] *= ramp
+    out[:, w - s:] *= ramp[::-1]
+    out[:s] *= ramp[:, None]
+    out[h - s:] *= ramp[::-1, None]
+    return out
+
+
+# Thinning of MATLAB's bwmorph(BW, 'thin', Inf): the Guo-Hall parallel algorithm as given by Lam, Lee
+# & Suen (TPAMI 1992, p. 879), two sub-iterations repeated until nothing changes. Neighbours x1..x8
+# of a pixel start east and turn counter-clockwise. A pixel is deleted in a sub-iteration when
+#   G1  X_H = 1, X_H = number of k in 1..4 with ~x_{2k-1} & (x_{2k} | x_{2k+1})      (x9 = x1)
+#   G2  2 <= min(n1, n2) <= 3, n1 = number of k with x_{2k-1} | x_{2k}, n2 with x_{2k} | x_{2k+1}
+#   G3  ((x2 | x3 | ~x8) & x1) = 0 in the first sub-iteration, ((x6 | x7 | ~x4) & x5) = 0 in the second.
+# The boundary metric thins up to 101 nested maps of one image (one per threshold): all are thinned at
+# once, bit-sliced. A pixel holds a 32- or 64-bit word whose bit k says that it is on in map k (lane k),
+# and G1-G3 are evaluated as bitwise logic on the neighbours' words, for every lane in one numpy op.
+# Only pixels next to a deletion are looked at again (the others see the same neighbourhood, hence
+# keep their verdict), so the work follows the peeling fronts.
+_NEIGHBOURS = [(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
+# per sub-iteration, the neighbours (0-based) that its G3 reads, as (x1, x2, x3, x8) / (x5, x6, x7, x4),
+# then the other four: most looked-at pixels fail G3 and never need those
+_G3_FIRST = (np.array([0, 1, 2, 7, 3, 4, 5, 6]), np.array([4, 5, 6, 3, 0, 1, 2, 7]))
+_FADE_RINGS = 4  # the edge NMS fades a 5-px image border: its maps differ by up to 4 partial rings
+
+
+def _at_least_two(z):
+    """z (..., 4, n) words -> the bits set in at least two of the 4 rows (..., n)."""
+    a, b, c, d = z[..., 0, :], z[..., 1, :], z[..., 2, :], z[..., 3, :]
+    return (a & b) | (c & d) | ((a | b) & (c | d))
+
+
+def _thin_lanes(level, K):
+    """Thin the K <= 64 nested maps {level > k}, k < K, of an int map level (H, W) >= 0 together
+    -> (H, W) uint32 (K <= 32) or uint64, bit k = bwmorph(level > k, 'thin', Inf).
+
+    The maps of a flat prediction (an untrained model's) are the whole image less 0-4 fading border
+    rings; each is peeled ring by ring for hundreds of sub-iterations. Lane k starts two
+    sub-iterations later per ring it lacks against lane 0 (area difference / lane 0's border), so
+    the lanes' fronts coincide and one look at a front pixel serves them all. Each lane still runs
+    exactly its own sequence of sub-iterations (it starts at an even one), hence its exact result."""
+    h, w = level.shape
+    S, first, first_lanes, lanes_at = _thin_start(level, K)
+    W = w + 2
+    off = np.array([dr * W + dc for dr, dc in _NEIGHBOURS])
+    check = [first[:0]] * 2  # pixels to look at in sub-iteration 0 / 1
+    slot = np.zeros(len(S), np.int64)  # scratch to drop repeated neighbours
+    active = S.dtype.type(0)
+    quiet, it = 0, 0
+    while it <= max(lanes_at) or quiet < 2:  # two sub-iterations in a row without deletion: converged
+        s = it % 2
+        if it in lanes_at:  # these lanes begin: look at their border pixels in both sub-iterations
+            active |= lanes_at[it]
+            add = first[(first_lanes & lanes_at[it]) != 0]
+            check = [np.concatenate([c, add]) for c in check]
+            quiet = 0
+        pix, check[s] = check[s], first[:0]
+        pix, dead = _deletions(S, pix, off, _G3_FIRST[s], active)
+        if len(pix):
+            S[pix] &= ~dead
+            near = (off[:, None] + pix).ravel()
+            seq = np.arange(len(near))
+            slot[near] = seq
+            near = near[(slot[near] == seq) & (S[near] != 0)]  # each 'on' pixel once
+            check = [np.concatenate([c, near]) for c in check]
+            quiet = 0
+        else:
+            quiet += 1
+        it += 1
+    return S.reshape(h + 2, W)[1:-1, 1:-1]
+
+
+def _thin_start(level, K):
+    """The start of _thin_lanes: S, the zero-padded words (flat, (H + 2) (W + 2)); the border pixels
+    (flat indices) and their lanes, the only pixels a lane can delete in its first sub-iterations;
+    and the sub-iteration -> the lanes that begin there."""
+    h, w = level.shape
+    word = np.uint32 if K <= 32 else np.uint64  # half the memory traffic when the lanes fit
+    bits = np.array([(1 << k) - 1 for k in range(K + 1)], word)  # level l -> lanes 0..l-1
+    S = np.zeros((h + 2, w + 2), word)
+    S[1:-1, 1:-1] = bits[np.minimum(level, K)]
+    inner = S[1:-1, 1:-1].copy()
+    for dr, dc in _NEIGHBOURS:
+        inner &= S[1 + dr:h + 1 + dr, 1 + dc:w + 1 + dc]
+    border = S.copy()
+    border[1:-1, 1:-1] &= ~inner  # lanes in which the pixel has an 'off' neighbour
+    S, border = S.ravel(), border.ravel()
+    first = np.flatnonzero(border)
+    first_lanes = border[first]
+    size = np.bincount(np.minimum(level, K).ravel(), minlength=K + 1)[::-1].cumsum()[::-1][1:]  # (K,) lane sizes
+    rings = (size[0] - size) / max(1, np.count_nonzero(first_lanes & word(1)))
+    start = 2 * np.minimum(_FADE_RINGS, np.rint(rings)).astype(int)
+    lanes_at = {t: np.bitwise_or.reduce(bits[1:][start == t] - bits[:-1][start == t]) for t in set(start.tolist())}
+    return S, first, first_lanes, lanes_at
+
+
+def _deletions(S, pix, off, order, active):
+    """One sub-iteration's test G1-G3 at the pixels pix (flat indices into S) -> (the pixels where some
+    active lane deletes, their lanes to delete). order: the neighbours as _G3_FIRST gives them."""
+    g3 = S[off[order[:4], None] + pix]  # (4, n): x1 x2 x3 x8, or x5 x6 x7 x4
+    ok = S[pix] & active & ~((g3[1] | g3[2] | ~g3[3]) & g3[0])  # on and G3, per lane
+    keep = np.flatnonzero(ok)
+    pix, ok = pix[keep], ok[keep]
+    x = np.empty((9, len(pix)), S.dtype)  # x1..x8, x9 = x1
+    x[order[:4]] = g3[:, keep]
+    x[order[4:]] = S[off[order[4:], None] + pix]
+    x[8] = x[0]
+    odd, even = x[0:8:2], x[1:9:2]  # x_{2k-1}, x_{2k} for k = 1..4
+    z = np.empty((3, 4, len(pix)), S.dtype)
+    np.bitwise_or(odd, even, out=z[0])  # n1 counts these
+    np.bitwise_or(even, x[2:9:2], out=z[1])  # n2 counts these
+    np.bitwise_and(z[1], ~odd, out=z[2])  # X_H counts these
+    two = _at_least_two(z)  # (3, n)
+    g1 = np.bitwise_or.reduce(z[2], axis=0) & ~two[2]  # X_H = 1
+    g2 = two[0] & two[1] & ~(np.bitwise_and.reduce(z[0], axis=0) & np.bitwise_and.reduce(z[1], axis=0))
+    dead = ok & g1 & g2
+    hit = np.flatnonzero(dead)
+    return pix[hit], dead[hit]
+
+
+def thin(mask):
+    """bwmorph(mask, 'thin', Inf) of a bool image (H, W)."""
+    return _thin_lanes(np.asarray(mask, np.int64), 1) != 0
+
+
+def _maximum_matching(p, g, mate_p, mate_g):
+    """Grow a matching of the bipartite graph with edges (p[i], g[i]) (sorted by p) to maximum
+    cardinality, in place; returns its size. The missing augmenting paths are found at once as a
+    max flow (Dinic, in C) on the residual network of the current matching: source -> free p -> g
+    along unmatched edges, matched g -> its p, free g -> sink."""
+    size = int((mate_p >= 0).sum())
+    new_p = np.r_[True, p[1:] != p[:-1]] if len(p) else np.zeros(0, bool)
+    ids = p[new_p]  # predicted pixels that have a pair; node 1 + i is ids[i]
+    node = np.cumsum(new_p) - 1  # (pairs,) compact id of p
+    free_p = np.flatnonzero(mate_p[ids] < 0)
+    free_g = (mate_g < 0) & (np.bincount(g, minlength=len(mate_g)) > 0)
+    if len(free_p) == 0 or not free_g.any():  # one side saturated: no augmenting path can exist
+        return size
+    n, n_g = len(ids), len(mate_g)
+    sink = 1 + n + n_g
+    compact = np.full(len(mate_p), -1)
+    compact[ids] = np.arange(n)
+    unmatched = mate_p[p] != g
+    # CSR rows in node order: source, predicted pixels (their unmatched pairs), GT pixels (one edge
+    # each: to their match, or to the sink when free), sink
+    fan_out = np.concatenate([[len(free_p)], np.bincount(node[unmatched], minlength=n), np.ones(n_g, np.int64), [0]])
+    gt_next = np.where(mate_g >= 0, 1 + compact[mate_g], sink)
+    indices = np.concatenate([1 + free_p, 1 + n + g[unmatched], gt_next])
+    indptr = np.concatenate([[0], np.cumsum(fan_out)])
+    graph = csr_array((np.ones(len(indices), np.int32), indices, indptr), shape=(sink + 1, sink + 1))
+    result = maximum_flow(graph, 0, sink, method='dinic')
+    if result.flow_value == 0:
+        return size
+    flow = result.flow.tocoo()
+    fr, to = flow.row[flow.data > 0], flow.col[flow.data > 0]
+    undo = (fr > n) & (fr < sink) & (to >= 1) & (to <= n)  # matched g -> p carrying flow: unmatched
+    mate_p[ids[to[undo] - 1]], mate_g[fr[undo] - 1 - n] = -1, -1
+    new = (fr >= 1) & (fr <= n) & (to > n) & (to < sink)  # p -> g carrying flow: matched
+    mate_p[ids[fr[new] - 1]], mate_g[to[new] - 1 - n] = to[new] - 1 - n, ids[fr[new] - 1]
+    return size + int(result.flow_value)
+
+
+def _edge_counts(prob, target, max_dist):
+    """One image: prob (H, W) edge probability, target (H, W) in {0, 1, 255} -> int64 counts
+    (thresholds, 4): matched predicted, predicted, matched GT, GT boundary pixels.
+
+    Matching: BSDS's correspondPixels is a min-cost assignment whose outlier cost (100 x radius)
+    aims at a maximum-cardinality matching of the pixel pairs within the radius; we compute that
+    maximum exactly. (correspondPixels gives unmatched pixels only a few random outlier slots, so it
+    can miss it and find slightly fewer matches; README, 'Metrics as the papers count them'.)
+    One-to-one, so matched predicted = matched GT. GT boundary = thinned (target == 1): our targets
+    already are edge maps; 255 pixels count neither as GT nor as prediction."""
+    valid = target != IGNORE_INDEX
+    gr, gc = np.nonzero(thin((target == 1) & valid))
+    lane_of, K, words, pr, pc = _thresholded_and_thinned(_edge_nms(prob) * valid)
+    p, g = _pairs_within(pr, pc, gr, gc, prob.shape, max_dist * np.hypot(*prob.shape))
+    counts = np.zeros((len(EDGE_THRESHOLDS), 4), np.int64)
+    counts[:, 3] = len(gr)
+    # thresholds from high to low: the maximum matching of one threshold warm-starts the next. Its
+    # restriction to the surviving pixels can only be improved by augmenting paths that start at a
+    # newly kept predicted pixel or end at a GT pixel whose match was thinned away (else the path
+    # would have augmented the previous maximum matching): without either, it is still maximum.
+    has_pair = np.bincount(p, minlength=len(pr)) > 0
+    mate_p, mate_g = np.full(len(pr), -1), np.full(len(gr), -1)
+    kept = np.zeros(len(pr), bool)
+    matched = 0
+    for k in reversed(range(len(EDGE_THRESHOLDS))):
+        lane = lane_of[k]
+        if k + 1 < len(EDGE_THRESHOLDS) and lane == lane_of[k + 1]:  # same map as at k + 1
+            counts[k] = counts[k + 1]
+            continue
+        was_kept = kept
+        kept = (words[lane // 64] >> int(lane % 64) & 1) != 0 if lane < K else kept & False
+        lost = (mate_p >= 0) & ~kept
+        mate_g[mate_p[lost]], mate_p[lost] = -1, -1
+        if lost.any() or (kept & ~was_kept & has_pair).any():
+            live = kept[p]
+            matched = _maximum_matching(p[live], g[live], mate_p, mate_g)
+        counts[k, :3] = matched, kept.sum(), matched
+    return counts
+
+
+def _thresholded_and_thinned(nms):
+    """Every binarised map nms >= t of the thresholds, thinned at once. Only the distinct maps are
+    lanes: the map changes at threshold j only if some value lies in [t_j-1, t_j). -> (lane_of:
+    threshold j -> its lane, K lanes (lane K: the empty map), words: lane i's bit per predicted pixel,
+    in groups of 64 lanes; pr, pc: the predicted pixels kept at some threshold)."""
+    level = np.searchsorted(EDGE_THRESHOLDS, nms, side='right')  # (H, W) in 0..101: thresholds at or below
+    present = np.bincount(level.ravel(), minlength=len(EDGE_THRESHOLDS) + 1) > 0
+    present[0] = False
+    rank = np.cumsum(present)  # level -> number of lanes holding its pixels; lane i = {rank > i}
+    lane_of = rank[:-1]  # threshold j: the map {level > j} = the lane after rank[j] (K: empty)
+    K, rank = rank[-1], rank[level]
+    thinned = [_thin_lanes(np.clip(rank - g, 0, 64), min(64, K - g)) for g in range(0, K, 64)]
+    pr, pc = np.nonzero(np.any([t != 0 for t in thinned], axis=0))
+    return lane_of, K, [t[pr, pc] for t in thinned], pr, pc
+
+
+def _pairs_within(pr, pc, gr, gc, shape, radius):
+    """All (predicted, GT) pixel pairs within radius, as index arrays (p, g) sorted by predicted then
+    GT pixel; found once per image, each threshold keeps the pairs of its surviving pixels."""
+    h, w = shape
+    R = int(radius)
+    index = np.full((h + 2 * R, w + 2 * R), -1)  # predicted-pixel id, padded by R
+    index[pr + R, pc + R] = np.arange(len(pr))
+    p, g = [], []
+    for dr in range(-R, R + 1):
+        for dc in range(-R, R + 1):
+            if dr * dr + dc * dc <= radius * radius:
+                ids = index[gr + dr + R, gc + dc + R]  # predicted pixel at this offset from each GT pixel
+                hit = np.flatnonzero(ids >= 0)
+                p.append(ids[hit]), g.append(hit)
+    p, g = np.concatenate(p), np.concatenate(g)
+    order = np.lexsort((g, p))
+    return p[order], g[order]
+
+
+def _f_measure(counts):
+    """F of (..., 4) counts [matched pred, pred, matched GT, GT]; 0 where precision or recall is
+    undefined or both are 0 (SEISM's conventions)."""
+    counts = np.asarray(counts, np.float64)
+    prec = np.divide(counts[..., 0], counts[..., 1], out=np.zeros(counts.shape[:-1]), where=counts[..., 1] > 0)
+    rec = np.divide(counts[..., 2], counts[..., 3], out=np.zeros(counts.shape[:-1]), where=counts[..., 3] > 0)
+    return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(prec), where=prec + rec > 0)
+
+
+def _edge_job(logit, target, max_dist):
+    """One image's boundary counts (see _edge_counts) from its logits (H, W) float32; what a worker
+    of an EdgePool runs."""
+    prob = torch.sigmoid(torch.from_numpy(logit).double()).numpy()
+    return _edge_counts(prob, target, max_dist)
+
+
+class EdgePool(concurrent.futures.ProcessPoolExecutor):
+    """Worker processes that score boundaries while the model runs on the next batches. Spawned (not
+    forked): safe beside CUDA and threads. Shut it down (or use it in a `with`) when done."""
+
+    def __init__(self, workers):
+        # one thread each: the workers together already hold the cores
+        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'),
+                         initializer=torch.set_num_threads, initargs=(1,))
+        self.workers = workers
+
+    def start(self):
+        """Start every worker now, in the background (a spawned worker takes seconds to import torch;
+        otherwise they start at the first image). Returns futures that are done once they run."""
+        return [self.submit(int) for _ in range(self.workers)]
+
+
+class EdgeMeter(Meter):
+    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`). Each image
+    is scored as it arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
+    With a pool (EdgePool) the images are scored in its workers: update() returns at once unless
+    2 x workers images are still waiting; state() and score() wait for all. Same sums either way."""
+    SUMS = ('counts', 'ois')
+
+    def __init__(self, max_dist, pool=None):
+        self.max_dist, self.pool = max_dist, pool
+        self.counts = torch.zeros(len(EDGE_THRESHOLDS), 4, dtype=torch.int64)  # summed over images
+        self.ois = torch.zeros(4, dtype=torch.int64)  # each image at its own best threshold, summed
+        self.pending = collections.deque()  # futures of the images in the pool
+
+    def update(self, pred, target):
+        pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
+        logit = pred[:, 0].float().cpu().numpy()  # (B, h, w): each map's one copy to the host
+        target = target.detach().cpu().reshape(logit.shape).to(torch.uint8).numpy()
+        for p, t in zip(logit, target):
+            if self.pool is None:
+                self._add(_edge_job(p, t, self.max_dist))
+                continue
+            self.pending.append(self.pool.submit(_edge_job, p, t, self.max_dist))
+            while len(self.pending) > 2 * self.pool.workers:  # bounded backlog: memory, honest progress
+                self._add(self.pending.popleft().result())
+
+    def _add(self, counts):
+        self.counts += torch.from_numpy(counts)
+        self.ois += torch.from_numpy(counts[np.argmax(_f_measure(counts))])
+
+    def wait(self):
+        """Add the counts of every image still in the pool."""
+        while self.pending:
+            self._add(self.pending.popleft().result())
+
+    def state(self):
+        self.wait()
+        return super().state()
+
+    def score(self):
+        self.wait()
+        counts, ois = self.counts.numpy(), self.ois.numpy()
+        f = _f_measure(counts)
+        return {'odsF': 100 * float(f.max()), 'oisF': 100 * float(_f_measure(ois)),
+                'odsT': float(EDGE_THRESHOLDS[f.argmax()])}  # odsT: the ODS threshold
+
+
+# The published PASCAL-Context boundary F of this family (ATRC, InvPT, TaskPrompter, TaskExpert) is
+# computed by SEISM on its test_new subset of val: 2,498 of the 5,105 ids (jponttuset/seism,
+# src/gt_wrappers/gt_sets/PASCALContext/test_new.txt). Stored as a bitmask, bit n of row y-2008 for id
+# 'y_00000n' (y in 2008..2010, n < 10000), packed, zlib-compressed and base85-encoded.
+_TEST_NEW = (
+    'c-rljO^)3-41`I5nl%N;i@C)dfdb^c9^iN194%kTSC~bBv^(ALk3^BhVv)TpExERtWzVq1i^;3jZRS`WWwwoF<sQxL6P=}2YgdJvwaBt'
+    'Hf`uOD_F$p!vX)iGJKM?KWiidd${WX6L}J3147uB|O0RNUahtLeA1iJ$*`s|JVhKLjxV1NVVr%xRI5P?_Fg81u_!&K|V#s`WEBtpH@O<'
+    '!>;MV@{u}*B)h5ritgzuX(=DhL9iFXue$eIndbz@BuB|gUE`Hy`BgY(qV*fDT)O^d}MV}E05?P__k1b;T)1$GQ}J=z<5`Gq@MAX>6_6y'
+    '^zkf(iD|(fCrF**I$E6M1DMpJh;R0%FPyj@$>}m}_^}e-RJ(DOLPtt;Pu(u)22R4H=47{#CF7(FPW6<n(FE9Rck4B$2>?j}d3%7GuE$>'
+    '_Vdr`3nPlD!~UX&IAk&)ZM=IVuLbX>sjf}y2Xw93eB#wX9RBSajiGuvn$`V#6`QiH<1Jy`1!2N5O7+5vWV*LByuXbDKwYJ23%{vLs1CA'
+    'v3&4u^|&1XSQ|vbZBD!=6N7{BjD;OeEa*in(c!j<nYia5Cgz#g5PK;cx%X0tCje*lRr6bNChXumnnJ!<bdK1v;m0C&G6pB*_t?2xvq{~'
+    '_F54kviSk2F3(WR8uYbCo3ayBxjJe&<5-c6WJHWw}^pncV#166rRti`A8V*5Z9l~SAmV;6$$($h@En=%6BEA`-tI+ckx1hJ{iGy@M#j0'
+    'qO-aqxKhx9J;Y`#i46@7OL#7DF(1u)<$rF7Pls1$P>kaobD07$A;-9#*wlhTbM`lXkdu*vdXZRDZg3YYxo=gzZ_g98?pib}6BpbFmb0b'
+    'vrErKBq<wZ8n>{3&}GdUyisSBHIf-^gr|JZaM)%Ssy6hbWuU#I7#{gV=3Q=r}1ZOC|IV`9q05P&4|Fz(_DUnU5xqaCFN5TC3)eL<|n(!'
+    '(&I!Sg~>LqZ2)@;1j%|KJ38yc7+h>k7D8JDNq<z#68MSQ1?6%F?%A*_K1J@NMR`mQm}$Doyqo1DNtpho+9ma>5wAf1Rx(Ga0tn%TKDUy'
+    '5B2n@X2@Gf``|CNCSRp|wk}ok$E9Max{^z;W~DNN8cIP>8lX5rMWK-yA*9olL8ZTrTFGGThs7Iv;tYr$*?X5&S0@oR(y>*eKerwwEr%C'
+    'B*U$AoTrivZ(ByWxbcs>I#j$ooL3%YcaxIY$zK<h%eXEkFGiegaKh;~+4eXQ$ZIQ<6pBbuRr;MV#@}G-egkk@Sa<F@A%GxVhNRyh5J%x'
+    'Fcix#F6qxOyDjN`ziNv*z3EpKVe=p3J00*P4TQ|pozZYcgfrV8^K^hss}BBJ3}od%v9!0D=9N=##pG+}xp+JO!1G^YmlM<q_Ll%$?;>x'
+    'hajNwor^bF&zk0JsZ1RwFlhX{&Cp&>&sXi&;m&P0}raNlB=hf4|SL1@g3LerY?sNfjA6)Iku9+Bq~E(RQ0~Nv4cV(|sq^g$RPZG>y?u3'
+    'eQ9!$lSlLyCkvG_RlP+=rn^#hDd&WSE$R>+z9qN|D?k9X9`)33|pGEG>g(th<YA1k`N8Kg(9CG-;Q4$$-0*^wOB&G<SV*=#+m@Cl$iFe'
+    'edwk%Uz3*~e%TplrN$D>nePBk)->R2G<5a9GsKEg<IMF+AQa)<8GJR~EtujAAm4Y;B8R7I$9zg0`nmp=>o+F4(18'
+)
+
+
+def _decode_ids(text):
+    bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b85decode(text)), np.uint8)).reshape(3, 10000)
+    return frozenset(f'{2008 + y}_{n:06d}' for y, n in zip(*np.nonzero(bits)))
+
+
+# dataset -> (name, ids) of the val images whose boundaries are scored; other datasets: all of them
+EDGE_SUBSETS = {'pascal': ('test_new', _decode_ids(_TEST_NEW))}
+
+
+def edge_subset(dataset, ids):
+    """-> (description, ids or None for all) of the val images whose boundaries are scored: on PASCAL
+    those of SEISM's test_new (if the split holds any), as published."""
+    name, subset = EDGE_SUBSETS.get(dataset, (None, ()))
+    scored = subset & set(ids) if name else set()
+    if not scored:
+        return f'all {len(ids)} val images', None
+    return f'{name}: {len(scored)} of {len(ids)} val images', scored
+
+
+# Boundary matching tolerance, as a fraction of the image diagonal (SEISM settings of the literature).
+EDGE_MAX_DIST = {'nyud': 0.011, 'synthetic': 0.011, 'pascal': 0.0075}
+
+
+def make_meters(tasks, dataset, pool=None):
+    """task -> meter for `tasks` (TASKS[dataset]: task -> output channels, which give the classes);
+    pool: an EdgePool for the boundary metric, or None to score boundaries here."""
+    if dataset not in EDGE_MAX_DIST:
+        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
+    meters = {}
+    for task, channels in tasks.items():
+        if task not in TASK_TABLE:
+            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
+        kind = TASK_TABLE[task].kind
+        if kind == 'classes':
+            meters[task] = SegMeter(channels)
+        elif kind == 'binary':  # saliency and boundaries: one logit each, judged very differently
+            meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool) if task == 'edge' else SaliencyMeter()
+        else:
+            meters[task] = NormalsMeter() if kind == 'normals' else DepthMeter()
+    return meters
+
+
+def update_meters(meters, outputs, batch, edge_ids=None):
+    """Feed one batch to `meters` (make_meters), image by image as the benchmarks score: each image
+    cropped to its content (meta['size']: the padding is no part of it), human parts only on images
+    with a person (meta['has_human']), boundaries only on the ids in edge_ids (None: every image).
+    outputs: task -> raw predictions (B, C, H, W) on any device; batch: as the loaders give it."""
+    # boundaries first: with a pool, its workers score them while the other meters run here
+    for t, meter in sorted(meters.items(), key=lambda item: item[0] != 'edge'):
+        for i, meta in enumerate(batch['meta']):
+            h, w = meta['size']
+            if t == 'human_parts' and not meta.get('has_human', False):
+                continue
+            if t == 'edge' and edge_ids is not None and meta['id'] not in edge_ids:
+                continue
+            meter.update(outputs[t][i:i + 1, :, :h, :w], batch[t][i:i + 1, ..., :h, :w])
+
+
+def trivial_scores(loader, tasks, dataset):
+    """The val scores of input-blind predictors, measured with the same meters: the majority class
+    (semseg, human parts), the mean depth, the mean normal, all-edge and all-salient. Two passes:
+    statistics of the val labels, then the constant predictions."""
+    counts = {t: torch.zeros(c) for t, c in tasks.items() if TASK_TABLE[t].kind == 'classes'}
+    depth_sum, depth_n, normal_sum = 0.0, 0, torch.zeros(3)
+    for batch in loader:
+        for t in counts:
+            y = batch[t][batch[t] != IGNORE_INDEX]
+            counts[t] += torch.bincount(y, minlength=len(counts[t]))[:len(counts[t])].float()
+        if 'depth' in tasks:
+            d = batch['depth'][batch['depth'] > 0]
+            depth_sum, depth_n = depth_sum + d.sum().item(), depth_n + d.numel()
+        if 'normals' in tasks:
+            normal_sum += batch['normals'].sum((0, 2, 3))  # invalid normals are 0
+    constant = {}  # task -> one image's prediction (C, 1, 1)
+    for t, c in tasks.items():
+        kind = TASK_TABLE[t].kind
+        if kind == 'classes':  # one-hot logits of the majority class
+            constant[t] = F.one_hot(counts[t].argmax(), c).float()[:, None, None]
+        elif kind == 'depth':
+            constant[t] = torch.full((1, 1, 1), depth_sum / max(depth_n, 1))
+        elif kind == 'normals':
+            constant[t] = F.normalize(normal_sum, dim=0)[:, None, None]
+        else:  # binary: a logit of 10 everywhere, i.e. all positive
+            constant[t] = torch.full((1, 1, 1), 10.0)
+    meters = make_meters(tasks, dataset)
+    for batch in loader:
+        B, _, H, W = batch['image'].shape
+        update_meters(meters, {t: x[None].expand(B, -1, H, W) for t, x in constant.items()}, batch)
+    return {t: m.score() for t, m in meters.items()}
+
+
+def delta_m(results, baselines):
+    """Multi-task gain Delta_m (%) over single-task baselines (Maninis et al. 2019, as the literature
+    reports it): mean over tasks of (-1)^l_t (M_t - M_single_t) / M_single_t * 100, l_t = 1 when lower
+    is better. results, baselines: task -> main metric value (TASK_TABLE[task].metric)."""
+    missing = [t for t in results if t not in baselines]
+    if missing:
+        raise ValueError(f'delta_m: no baseline for task(s) {missing}')
+    gains = [(1 if TASK_TABLE[t].higher else -1) * (results[t] - baselines[t]) / baselines[t] * 100 for t in results]
+    return sum(gains) / len(gains)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -669,18 +1356,30 @@ def _rot_y(yaw):
 def _layout(rng):
     """Random room (W, H, D) and furniture boxes: list of dict(cls, centre (3,), yaw, half (3,))."""
     room = np.array([rng.uniform(3.0, 6.5), rng.uniform(2.4, 3.2), rng.uniform(3.0, 7.0)])
-    boxes = []
-
-    def box(name, centre, yaw, size):
-        boxes.append(dict(cls=_cls(name), centre=np.asarray(centre, float), yaw=yaw, half=np.asarray(size) / 2))
-
     # walls as (yaw of an item facing into the room, point on the wall at the origin of its width axis)
     walls = [(np.pi / 2, lambda a: (0.0, a)), (-np.pi / 2, lambda a: (room[0], a)),
              (0.0, lambda a: (a, 0.0)), (np.pi, lambda a: (a, room[2]))]
     wall_len = (room[2], room[2], room[0], room[0])
+    boxes = []
+    _floor_items(rng, room, walls, wall_len, boxes)
+    _top_items(rng, boxes)
+    _wall_items(rng, walls, wall_len, boxes)
+    if rng.random() < 0.3:
+        size = (rng.uniform(0.8, 2.5), rng.uniform(0.01, 0.02), rng.uniform(0.6, 1.8))
+        _box(boxes, 'floor mat', (rng.uniform(1, room[0] - 1), size[1] / 2, rng.uniform(1, room[2] - 1)),
+             rng.uniform(0, np.pi), size)
+    return room, boxes
+
+
+def _box(boxes, name, centre, yaw, size):
+    boxes.append(dict(cls=_cls(name), centre=np.asarray(centre, float), yaw=yaw, half=np.asarray(size) / 2))
+
+
+def _floor_items(rng, room, walls, wall_len, boxes):
+    """3-8 items standing on the floor, against a wall or free-standing, not piled into each other."""
     names = list(_FLOOR_ITEMS)
     weights = np.array([_FLOOR_ITEMS[n][1] for n in names])
-    footprints = []  # (x, z, radius) of the floor items, to avoid piling them into each other
+    footprints = []  # (x, z, radius) of the floor items
     for _ in range(rng.integers(3, 9)):
         name = names[rng.choice(len(names), p=weights / weights.sum())]
         size = [rng.uniform(*r) for r in _FLOOR_ITEMS[name][0]]
@@ -698,9 +1397,13 @@ def _layout(rng):
                 x, z = rng.uniform(radius, room[0] - radius), rng.uniform(radius, room[2] - radius)
             if all(np.hypot(x - fx, z - fz) > 0.8 * (radius + fr) for fx, fz, fr in footprints):
                 footprints.append((x, z, radius))
-                box(name, (x, size[1] / 2, z), yaw, size)
+                _box(boxes, name, (x, size[1] / 2, z), yaw, size)
                 break
-    for parent in list(boxes):  # small items on top of furniture
+
+
+def _top_items(rng, boxes):
+    """Small items on top of some of the furniture."""
+    for parent in list(boxes):
         options = [n for n, (_, on) in _TOP_ITEMS.items() if NYU40_CLASSES[parent['cls'] - 1] in on]
         if not options or rng.random() < 0.4:
             continue
@@ -709,8 +1412,12 @@ def _layout(rng):
         local = [rng.uniform(-1, 1) * (parent['half'][i] - size[i] / 2) for i in (0, 2)]
         top = parent['centre'][1] + parent['half'][1]
         centre = parent['centre'] + _rot_y(parent['yaw']) @ np.array([local[0], 0, local[1]])
-        box(name, (centre[0], top + size[1] / 2, centre[2]), parent['yaw'] + rng.normal(0, 0.2), size)
-    placed = []  # (wall, a0, a1, y0, y1) of the wall items: no two may overlap (coplanar fronts)
+        _box(boxes, name, (centre[0], top + size[1] / 2, centre[2]), parent['yaw'] + rng.normal(0, 0.2), size)
+
+
+def _wall_items(rng, walls, wall_len, boxes):
+    """1-4 flat items on the walls; no two overlap (their fronts would be coplanar)."""
+    placed = []  # (wall, a0, a1, y0, y1) of the wall items
     for _ in range(rng.integers(1, 5)):
         name = list(_WALL_ITEMS)[rng.integers(len(_WALL_ITEMS))]
         (wr, hr, br), thick = _WALL_ITEMS[name]
@@ -724,12 +1431,7 @@ def _layout(rng):
         placed.append((k, a - w / 2, a + w / 2, b, b + h))
         x, z = walls[k][1](a)
         inward = _rot_y(walls[k][0]) @ np.array([0, 0, 1.0])
-        box(name, (x + inward[0] * thick / 2, b + h / 2, z + inward[2] * thick / 2), walls[k][0], (w, h, thick))
-    if rng.random() < 0.3:
-        size = (rng.uniform(0.8, 2.5), rng.uniform(0.01, 0.02), rng.uniform(0.6, 1.8))
-        box('floor mat', (rng.uniform(1, room[0] - 1), size[1] / 2, rng.uniform(1, room[2] - 1)),
-            rng.uniform(0, np.pi), size)
-    return room, boxes
+        _box(boxes, name, (x + inward[0] * thick / 2, b + h / 2, z + inward[2] * thick / 2), walls[k][0], (w, h, thick))
 
 
 def _camera(rng, room, boxes, tries=200):
@@ -905,10 +1607,19 @@ def render_scene(rng, size):
         else:
             kind, colour = _look(NYU40_CLASSES[classes[i] - 1], rng)
         albedo[m] = _albedo(kind, colour, uv[m], rng)
-    # lighting: ambient + Lambert from a lamp 10 cm above the lens (a flash, a head-mounted lamp),
-    # with box shadows and a near inverse-square fall-off. A light at the camera makes brightness
-    # fall with distance and with the surface's angle to the view: a depth and orientation cue a
-    # small model learns from scratch in minutes (README, 'Results').
+    image = _lit(rng, albedo, pos, t, dirs, normal, room, boxes)
+    depth = np.where(valid, t, 0).reshape(h, w).astype(np.float32)
+    normals = (normal @ rot.astype(np.float32)).reshape(h, w, 3)  # world -> camera is R^T n
+    return dict(image=image.reshape(h, w, 3).astype(np.uint8), labels=classes[inst].reshape(h, w).astype(np.uint8),
+                depth=depth, normals=normals, edge=_instance_edges(inst.reshape(h, w)), intrinsics=(fx, fy, cx, cy))
+
+
+def _lit(rng, albedo, pos, t, dirs, normal, room, boxes):
+    """The pixels' RGB 0-255 (N, 3) float32: ambient + Lambert from a lamp 10 cm above the lens (a
+    flash, a head-mounted lamp), with box shadows, a near inverse-square fall-off, a tint and sensor
+    noise. A light at the camera makes brightness fall with distance and with the surface's angle to
+    the view: a depth and orientation cue a small model learns from scratch in minutes (README,
+    'Results')."""
     light = (pos + [0, 0.1, 0]).astype(np.float32)
     point = pos.astype(np.float32) + t[:, None] * dirs  # (N, 3) world
     to_light = light - point
@@ -920,21 +1631,19 @@ def render_scene(rng, size):
     shade = rng.uniform(0.1, 0.2) + rng.uniform(1.0, 1.3) * lambert * lit / (1 + (dist / 2) ** 2)
     tint = 1 + rng.normal(0, 0.04, 3)
     noise = 2.5 * rng.standard_normal(albedo.shape, dtype=np.float32)  # sensor noise, in grey levels
-    image = np.clip((albedo * shade[:, None] * tint.astype(np.float32)) ** (1 / 1.2) * 255 + noise, 0, 255)
-    # ground truth, all from the same hits
-    labels = classes[inst].reshape(h, w).astype(np.uint8)
-    depth = np.where(valid, t, 0).reshape(h, w).astype(np.float32)
-    normals = (normal @ rot.astype(np.float32)).reshape(h, w, 3)  # world -> camera is R^T n
-    inst = inst.reshape(h, w)
-    # edges: boundaries between surfaces (different instance), both sides, so 2 px wide
-    edge = np.zeros((h, w), bool)
+    return np.clip((albedo * shade[:, None] * tint.astype(np.float32)) ** (1 / 1.2) * 255 + noise, 0, 255)
+
+
+def _instance_edges(inst):
+    """Boundaries between surfaces (a different instance id (h, w) next door), on both sides, so 2 px
+    wide -> uint8 (h, w) {0, 1}."""
+    edge = np.zeros(inst.shape, bool)
     dy, dx = inst[1:] != inst[:-1], inst[:, 1:] != inst[:, :-1]
     edge[1:] |= dy
     edge[:-1] |= dy
     edge[:, 1:] |= dx
     edge[:, :-1] |= dx
-    return dict(image=image.reshape(h, w, 3).astype(np.uint8), labels=labels, depth=depth,
-                normals=normals, edge=edge.astype(np.uint8), intrinsics=(fx, fy, cx, cy))
+    return edge.astype(np.uint8)
 
 
 def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
@@ -978,3 +1687,11 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
     # last: the folder is complete
     atomic_write(marker, lambda f: f.write(json.dumps(dict(params, complete=True, intrinsics=list(s['intrinsics']))).encode()))
     return root
+
+
+def write_synthetic(config):
+    """The synthetic scenes of a train.py config (--scenes, at its network size, seed 0) written once
+    into config['data_root'] (see make_synthetic) -> that folder."""
+    n_train, n_val = config['scenes']
+    return make_synthetic(config['data_root'], n_train=n_train, n_val=n_val, size=tuple(config['img_size']),
+                          seed=0)

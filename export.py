@@ -44,15 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, NYU40_CLASSES, NYUD, DataError, PASCALContext, make_synthetic,
-                  render_scene)
-from taskexpert import CLASS_MAP_TASKS, MAIN_METRIC, PATCH, TaskExpert, make_meters, postprocess
+from data import CLASS_NAMES, READERS, DataError, collate, make_meters, render_scene, update_meters, write_synthetic
+from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TaskExpert, denormalise, normalise,
+                        postprocess)
 
-VOC_CLASSES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
-    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
-HUMAN_PARTS = ('background', 'head', 'torso', 'upper arms', 'lower arms and hands', 'upper legs',
-               'lower legs and feet')  # the 6 part groups of the InvPT / ATRC PASCAL reader
 NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
 
 # --weights: how each format stores its weights, in the words written to the file's metadata 'weights'.
@@ -114,8 +109,13 @@ def at_size(model, img_size):
     return model
 
 
+def is_class_map(name):
+    """Whether an output (a task, or '<task>_prob') is a class map."""
+    return name in TASK_TABLE and TASK_TABLE[name].kind == 'classes'
+
+
 def output_names(tasks, probabilities):
-    return [n for t in tasks for n in ((t, t + '_prob') if probabilities and t in CLASS_MAP_TASKS else (t,))]
+    return [n for t in tasks for n in ((t, t + '_prob') if probabilities and is_class_map(t) else (t,))]
 
 
 class AppModel(nn.Module):
@@ -149,10 +149,8 @@ def reference(model, images, probabilities):
     """What the exported model must output, computed by the PyTorch model (at the export size) with the
     normalisation done explicitly, so the check covers the folding too. images: float32 (B, 3, H, W)
     in 0-255 -> (dict output name -> array, dict task -> raw head output (B, C_t, H, W))."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        raw = model.eval()((torch.from_numpy(images) / 255 - mean) / std)
+        raw = model.eval()(normalise(torch.from_numpy(images)))
     return {k: v.numpy() for k, v in postprocess(raw, probabilities).items()}, {k: v.numpy() for k, v in raw.items()}
 
 
@@ -169,11 +167,11 @@ def check_images(n, img_size, seed=0):
 def describe(config, tasks, probabilities, img_size, checkpoint, step):
     """-> (metadata dict str -> str, dict output name -> description), shared by both targets."""
     dataset = config['dataset']
-    names = {'semseg': VOC_CLASSES if dataset == 'pascal' else NYU40_CLASSES, 'human_parts': HUMAN_PARTS}
+    names = CLASS_NAMES[TASK_SET[dataset]]
     H, W = img_size
     meta = {
         'tasks': ','.join(tasks),
-        'classes': json.dumps({t: list(names[t]) for t in tasks if t in CLASS_MAP_TASKS}),
+        'classes': json.dumps({t: list(names[t]) for t in tasks if is_class_map(t)}),
         'input_size': f'{H}x{W}',
         'input': f'RGB image {H}x{W}, values 0-255',
         'normalisation': f'inside the model (folded into the first conv): (x / 255 - mean) / std, '
@@ -208,15 +206,14 @@ def describe(config, tasks, probabilities, img_size, checkpoint, step):
 
 # Check tolerances per kind of output and weights of the exported model. An output value passes
 # if |exported - PyTorch| <= tol * max(1, |PyTorch|): absolute for probabilities and unit normals
-# (at most 1), relative for depths above 1 m. fp32 and fp16 sit ~10x above the errors measured on
-# tiny models (fp32: 1e-7..2e-5; fp16 run by the Linux checker: 5e-4..4e-3), and far below the errors
-# of a conversion bug (a wrong weight, layout or resize mode changes outputs by a good part of their
-# range). Quantized weights err by themselves: the int8 and 4bit tolerances sit ~3x above the largest
-# errors measured on the test model and on the synthetic quick start's checkpoint at 96x128 and
-# 448x576 (README, "Smaller files for phones"). One layer's scale off by 1.5x exceeds the int8 ones,
-# off by 2x the 4bit ones. ONNX int8 also rounds each MatMul's input to 8 bits with one scale per
-# tensor, set at run time by the input's range: it errs up to 4x more than weights alone, most on
-# large inputs and the noise frame.
+# (at most 1), relative for depths above 1 m. fp32 and fp16 sit about 10x above the rounding errors
+# of a correct conversion, and far below the errors of a conversion bug (a wrong weight, layout or
+# resize mode changes outputs by a good part of their range). Quantized weights err by themselves:
+# the int8 and 4bit tolerances sit about 3x above their largest errors on the test model and on the
+# quick start's checkpoint (README, 'Exported files'), so that one layer's scale off by 1.5x fails
+# the int8 ones, off by 2x the 4bit ones (tested). ONNX int8 also rounds each MatMul's input to 8
+# bits with one scale per tensor, set at run time by the input's range: it errs more than weights
+# alone, most on large inputs and the noise frame.
 TOLERANCE = {
     'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
     'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
@@ -246,9 +243,9 @@ def compare(got, ref, raw, tol):
         g = got[name]
         if g.shape != r.shape:
             passed, line = False, f'{name}: shape {g.shape}, PyTorch {r.shape}'
-        elif name in CLASS_MAP_TASKS and ((g < 0) | (g >= raw[name].shape[1])).any():
+        elif is_class_map(name) and ((g < 0) | (g >= raw[name].shape[1])).any():
             passed, line = False, f'{name}: class ids outside 0..{raw[name].shape[1] - 1}'
-        elif name in CLASS_MAP_TASKS:
+        elif is_class_map(name):
             logits = raw[name]  # (B, C, H, W)
             top = np.take_along_axis(logits, r[:, None].astype(np.int64), 1)[:, 0]  # (B, H, W)
             gap = top - np.take_along_axis(logits, g[:, None].astype(np.int64), 1)[:, 0]  # 0 where equal
@@ -444,7 +441,7 @@ def export_coreml(app, img_size, path, weights, meta, descriptions):
         inputs=[ct.ImageType(name='image', shape=(1, 3, H, W), color_layout=ct.colorlayout.RGB, scale=1.0,
                              bias=[0.0, 0.0, 0.0])],
         # float32 outputs (else an fp16 program returns Float16), int32 class maps
-        outputs=[ct.TensorType(name=n, dtype=np.int32 if n in CLASS_MAP_TASKS else np.float32)
+        outputs=[ct.TensorType(name=n, dtype=np.int32 if is_class_map(n) else np.float32)
                  for n in app.output_names])
     if weights in ('int8', '4bit'):
         mlmodel = quantize_coreml(mlmodel, weights)
@@ -687,11 +684,10 @@ def open_val(config, data_root, img_size, tasks):
     synthetic scenes are generated there first if missing, by the same call as train.py's), read at
     the export size -> data.py reader. Raises DataError / ValueError (a missing dataset, images larger
     than the export size)."""
-    root = data_root or config['data_root']
     if data_root is None and config['dataset'] == 'synthetic':
-        make_synthetic(root, *config['scenes'], size=tuple(config['img_size']), seed=0)
-    val = (PASCALContext if config['dataset'] == 'pascal' else NYUD)(root, split='val', train=False, size=img_size,
-                                                                      tasks=tuple(tasks))
+        write_synthetic(config)
+    val = READERS[config['dataset']](data_root or config['data_root'], split='val', train=False, size=img_size,
+                                     tasks=tuple(tasks))
     val[0]  # an image larger than the export size fails here, not after the first export
     return val
 
@@ -699,34 +695,29 @@ def open_val(config, data_root, img_size, tasks):
 def as_scores(task, x, channels):
     """An app output (N, ...) -> what the meters read, the raw head outputs: one-hot scores for a class
     map, the logit of a probability (the meters apply the sigmoid); depth and normals as they are."""
-    x = torch.from_numpy(np.asarray(x))
-    if task in CLASS_MAP_TASKS:
+    x, kind = torch.from_numpy(np.asarray(x)), TASK_TABLE[task].kind
+    if kind == 'classes':
         return F.one_hot(x.long(), channels).permute(0, 3, 1, 2).float()  # (N, C, H, W)
-    if task in ('edge', 'sal'):
+    if kind == 'binary':
         return torch.logit(x.double())
     return x
 
 
 def main_metrics(predict, val, n, tasks, dataset):
-    """Each task's main metric (MAIN_METRIC) of predict (frames -> app outputs, as load_onnx returns)
-    on the first n images of val, with the meters of training's evaluation -> dict task -> value."""
+    """Each task's main metric (TASK_TABLE[task].metric) of predict (frames -> app outputs, as
+    load_onnx returns) on the first n images of val, scored as training's evaluation scores them
+    (data.update_meters) -> dict task -> value."""
     meters = make_meters(tasks, dataset)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i in range(min(n, len(val))):
-        sample = val[i]
-        h, w = sample['meta']['size']
-        image = ((sample['image'] * std + mean) * 255).round().clamp(0, 255)  # (3, H, W) the frame, 0-255
-        out = predict(image[None].numpy())
-        for t, meter in meters.items():
-            if t == 'human_parts' and not sample['meta'].get('has_human', False):
-                continue  # as in training's evaluation: parts count on images with a person only
-            meter.update(as_scores(t, out[t], tasks[t])[..., :h, :w], sample[t][None, ..., :h, :w])
-    return {t: m.score()[MAIN_METRIC[t][0]] for t, m in meters.items()}
+        batch = collate([val[i]])
+        out = predict(denormalise(batch['image']).numpy())  # (1, 3, H, W) the frame, 0-255
+        update_meters(meters, {t: as_scores(t, out[t], tasks[t]) for t in meters}, batch)
+    return {t: m.score()[TASK_TABLE[t].metric] for t, m in meters.items()}
 
 
 def metric_change(got, base):
     """dict task -> value, for a file and for the fp32 PyTorch model -> one line."""
-    return ', '.join(f'{t} {MAIN_METRIC[t][0]} {base[t]:.4g} -> {v:.4g} ({v - base[t]:+.2g})' for t, v in got.items())
+    return ', '.join(f'{t} {TASK_TABLE[t].metric} {base[t]:.4g} -> {v:.4g} ({v - base[t]:+.2g})' for t, v in got.items())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -789,7 +780,8 @@ def run_target(name, path, export, check):
     return True
 
 
-def main():
+def parse_args():
+    """The flags -> (args, the (target, weights) of each file to write), or a one-line error."""
     p = argparse.ArgumentParser(description='Export a trained TaskExpert to ONNX and/or Core ML for apps, '
                                             'each checked against PyTorch.')
     p.add_argument('--target', nargs='+', choices=['onnx', 'coreml', 'all'], default=['all'],
@@ -826,7 +818,12 @@ def main():
     if args.data_root is not None and not os.path.isdir(args.data_root):
         raise SystemExit(f'export.py: --data-root {args.data_root} is not a folder: pass a dataset folder '
                          f'(README.md, section Datasets)')
+    return args, variants
 
+
+def load_model(args):
+    """The checkpoint to export (--checkpoint, else the newest run's) -> (its path, the model at the
+    export size, that size), or a one-line error."""
     path = args.checkpoint or newest_checkpoint('runs')
     if path is None:
         raise SystemExit(f'export.py: no checkpoint (best.pt / last.pt) under runs/: {NO_CHECKPOINT}')
@@ -836,13 +833,18 @@ def main():
         model = TaskExpert.from_checkpoint(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f'export.py: {e}') from None
-    config, step = model.config, model.step
-    img_size = tuple(args.img_size or config['img_size'])
+    img_size = tuple(args.img_size or model.config['img_size'])
     if img_size[0] % PATCH or img_size[1] % PATCH or min(img_size) <= 0:
         raise SystemExit(f'export.py: --img-size {img_size[0]} {img_size[1]} must be positive multiples of {PATCH}')
-    model = at_size(model, img_size)
+    return path, at_size(model, img_size), img_size  # (the copy keeps .config and .step)
+
+
+def main():
+    args, variants = parse_args()
+    path, model, img_size = load_model(args)
+    config = model.config
     app = AppModel(model, args.probabilities)
-    meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, step)
+    meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, model.step)
     val = None
     if args.val_images:
         try:
@@ -858,7 +860,17 @@ def main():
     stem = os.path.join(out_dir, f'taskexpert_{config["dataset"]}_{config["backbone"]}_{img_size[0]}x{img_size[1]}')
     print(f'export.py: {path} ({config["dataset"]}, ViT-{config["backbone"]}), input {img_size[0]}x{img_size[1]}, '
           f'outputs {", ".join(app.output_names)}')
+    done = export_all(variants, stem, app, model, img_size, meta, descriptions, args, val)
+    if args.benchmark and any(t == 'onnx' for t, _ in done):
+        benchmark(app, done, img_size)
+    failed = [f'{t} {w}' for t, w in variants if (t, w) not in done]
+    if failed:
+        raise SystemExit(f'export.py: failed: {", ".join(failed)}')
 
+
+def export_all(variants, stem, app, model, img_size, meta, descriptions, args, val):
+    """Each (target, weights) exported, checked and moved into place (run_target), with its metric
+    change on val when given -> dict (target, weights) -> the path of each file written."""
     done, base = {}, None
     for target, weights in variants:
         export, check, load = {'onnx': (export_onnx, check_onnx, load_onnx),
@@ -872,16 +884,12 @@ def main():
             continue
         done[target, weights] = file
         if val is not None:
-            n = min(args.val_images, len(val))
+            n, dataset = min(args.val_images, len(val)), model.config['dataset']
             base = base or main_metrics(lambda im: reference(model, im, args.probabilities)[0], val, n, model.tasks,
-                                        config['dataset'])
-            got = main_metrics(load(file), val, n, model.tasks, config['dataset'])
+                                        dataset)
+            got = main_metrics(load(file), val, n, model.tasks, dataset)
             print(f'  main metrics on {n} val images of {val.root}, fp32 PyTorch -> this file: {metric_change(got, base)}')
-    if args.benchmark and any(t == 'onnx' for t, _ in done):
-        benchmark(app, done, img_size)
-    failed = [f'{t} {w}' for t, w in variants if (t, w) not in done]
-    if failed:
-        raise SystemExit(f'export.py: failed: {", ".join(failed)}')
+    return done
 
 
 if __name__ == '__main__':

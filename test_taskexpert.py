@@ -1,4 +1,6 @@
-"""The test suite (CPU, minutes): model, losses and metrics, data, training, export.
+"""The test suite (CPU, minutes), in the files' reading order: the model and its files
+(taskexpert.py), the loss (taskexpert.py) and the benchmarks' meters (data.py), the data (data.py),
+training (train.py), export (export.py).
 
 Each part builds its own small fixtures in the real formats; nothing is downloaded."""
 
@@ -27,14 +29,15 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 import data
 import export
 import train
-from taskexpert import (ABLATIONS, EDGE_SUBSETS, EDGE_THRESHOLDS, MAIN_METRIC, TASKS, DepthMeter, EdgeMeter, EdgePool,
-                        MultiTaskLoss, NormalsMeter, SaliencyMeter, SegMeter, TaskExpert, _edge_nms, _maximum_matching,
-                        _thin_lanes, delta_m, load_pretrained, make_meters, postprocess, predict, pretrained_file,
-                        read_checkpoint, resample_pos_embed, sincos_pos_embed, thin)
+from data import (EDGE_SUBSETS, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool, NormalsMeter, SaliencyMeter, SegMeter,
+                  _edge_nms, _maximum_matching, _thin_lanes, delta_m, make_meters, thin)
+from taskexpert import (ABLATIONS, IMAGENET_MEAN, IMAGENET_STD, TASK_TABLE, TASKS, MultiTaskLoss, TaskExpert,
+                        denormalise, load_pretrained, normalise, postprocess, predict, pretrained_file,
+                        read_checkpoint, resample_pos_embed, save_checkpoint, sincos_pos_embed)
 
 
 # ==================================================================================================
-# Model: ViT backbone, MMoE, heads, checkpoint loading
+# Model (taskexpert.py): ViT backbone, MMoE, heads, checkpoint loading
 # ==================================================================================================
 
 _MODEL_SIZE = (64, 96)  # 4x6 tokens: small enough for a CPU test, not square
@@ -294,6 +297,18 @@ def test_model_predict_any_image_size_post_processed(tmp_path):
         predict(model, rgb.astype(np.float32))
 
 
+def test_model_normalisation_and_its_inverse_are_exact_on_8_bit_frames():
+    """Every 8-bit value of every channel: normalise is ImageNet's (x / 255 - mean) / std, and
+    denormalise gives the frame back exactly (the panels and export.py's metric change rely on it)."""
+    rgb = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 1, 1)  # (2, 3, 1, 256)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = normalise(rgb)
+    assert x.dtype == torch.float32 and x.shape == rgb.shape
+    torch.testing.assert_close(x, (rgb.double() / 255 - mean.double()) / std.double(), rtol=0, atol=1e-6,
+                               check_dtype=False)
+    assert torch.equal(denormalise(x), rgb.float())
+
+
 def test_model_loads_google_npz(tmp_path):
     """Google's .npz layout (HWIO conv, per-head q/k/v kernels) gives the same network as timm's."""
     import numpy as np
@@ -346,7 +361,7 @@ def test_model_rejects_bad_options():
 
 
 # ==================================================================================================
-# Losses and metrics
+# Losses (taskexpert.py) and metrics (data.py: meters, boundaries, Delta_m)
 # ==================================================================================================
 
 def _metrics_batch(tasks, B=2, H=8, W=10, seed=0):
@@ -678,7 +693,7 @@ def test_metrics_make_meters_and_main_metric_keys():
     out, batch = _metrics_batch(TASKS['pascal'], B=1, H=16, W=16)
     for t, m in meters.items():
         m.update(out[t].detach(), batch[t])
-        assert MAIN_METRIC[t][0] in m.score()
+        assert TASK_TABLE[t].metric in m.score()
     with pytest.raises(ValueError, match='unknown dataset'):
         make_meters(TASKS['nyud'], 'cityscapes')
     with pytest.raises(ValueError, match='unknown task'):
@@ -694,7 +709,7 @@ def test_metrics_delta_m():
 
 
 # ==================================================================================================
-# Data: readers, augmentations, synthetic scenes
+# Data (data.py): readers, augmentations, synthetic scenes
 # ==================================================================================================
 
 # -------------------------------------------------------------------------------------------------
@@ -743,7 +758,7 @@ def test_data_nyud_reader_decodes_and_pads(tmp_path):
     image, seg, depth, normals, edge = _data_nyud_sample(3)
     assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W)}
     assert s['image'].shape == (3, 8, 16) and s['image'].dtype == torch.float32
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     want = (torch.from_numpy(image).permute(2, 0, 1) / 255 - mean) / std
     assert torch.allclose(s['image'][:, :_DATA_H, :_DATA_W], want, atol=1e-5)
     assert (s['image'][:, _DATA_H:] == 0).all() and (s['image'][:, :, _DATA_W:] == 0).all()
@@ -1329,13 +1344,17 @@ def test_train_accumulated_micro_batches_equal_one_batch():
         model = _tiny(TASKS['nyud'], drop_path=0.0).train()
         for head in model.heads.values():
             head.bn.eval()
-        before = [p.detach().clone() for p in model.parameters()]
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        # the gradients the step applies, read as it starts (read back from the updated weights, they
+        # would be rounded to the weights' precision: 1.2e-7 for a LayerNorm weight of 1)
+        applied = []
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
         scaler = torch.amp.GradScaler('cpu', enabled=False)
         total, per_task, skipped = train.train_step(model, batch, MultiTaskLoss(model.tasks), optimizer, scaler,
                                                     {'accum_steps': accum, 'clip': 1e9}, cpu, None, 1)
         assert skipped is None
-        steps.append((total, per_task, [b - p.detach() for b, p in zip(before, model.parameters())]))
+        steps.append((total, per_task, applied))
     (total1, tasks1, grads1), (total2, tasks2, grads2) = steps
     torch.testing.assert_close(total2, total1, rtol=1e-5, atol=0)
     for t in tasks1:
@@ -1420,7 +1439,7 @@ def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_p
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters())
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    train.save_checkpoint(str(path), model, opt, scaler, 1, [train.rng_state()], {'dataset': 'nyud'}, None)
+    save_checkpoint(str(path), model, opt, scaler, 1, [train.rng_state()], {'dataset': 'nyud'}, None)
 
     def torn_save(obj, f):
         f.write(b'PK\x03\x04 half a checkpoint')
@@ -1428,7 +1447,7 @@ def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_p
 
     monkeypatch.setattr(torch, 'save', torn_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(str(path), model, opt, scaler, 2, [train.rng_state()], {'dataset': 'nyud'}, None)
+        save_checkpoint(str(path), model, opt, scaler, 2, [train.rng_state()], {'dataset': 'nyud'}, None)
     assert os.listdir(tmp_path) == ['last.pt']  # no temporary file left behind
     assert read_checkpoint(str(path))['step'] == 1
 
@@ -1548,7 +1567,7 @@ def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_pat
     train.main(['--resume', str(run / 'last.pt')])
     mine, full = (torch.load(r / 'best.pt', weights_only=True) for r in (run, _train_run / 'run'))
     assert mine['best'] == full['best'] and mine['step'] == mine['best']['step']
-    assert train.read_checkpoint(str(run / 'best.safetensors'))['step'] == mine['step']
+    assert read_checkpoint(str(run / 'best.safetensors'))['step'] == mine['step']
     assert [r['loss'] for r in _train_losses(run)] == [r['loss'] for r in _train_losses(_train_run / 'run')]
     evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
@@ -1679,7 +1698,11 @@ def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypat
     assert all(torch.equal(got[t], ref[t]) for t in ref)
     assert os.path.getsize(shared) < 0.6 * os.path.getsize(run / 'best.pt')  # no Adam moments, no RNG states
     # --eval-only: the metrics the run logged at that step, which the file's metadata also holds
+    capsys.readouterr()
     train.main(['--eval-only', '--checkpoint', shared, '--out-dir', str(tmp_path / 'eval'), '--eval-workers', '1'])
+    # its summary is the measure of what an evaluation costs: images, seconds, images/s
+    out = capsys.readouterr().out
+    assert re.search(r'eval at step \d+ \(2 val images, [\d.]+ s, [\d.]+ img/s; boundaries on all 2 val images\)', out), out
     line = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
     logged = [e for e in map(json.loads, open(run / 'metrics.jsonl')) if e['step'] == model.step][0]
     assert line['eval_only'] == shared and {t: line[t] for t in model.tasks} == {t: logged[t] for t in model.tasks}
@@ -1771,19 +1794,8 @@ def test_train_benchmark_counts_vit_large_flops_on_any_machine(capsys):
     assert 'train:' not in out
 
 
-def test_train_benchmark_eval_prints_its_numbers(tmp_path, capsys):
-    train.main(['--benchmark-eval', '2', '--data-root', str(tmp_path / 'rooms'), '--backbone', 'tiny', '--taps', '12',
-                '--expert-dim', '16', '--img-size', '432', '560', '--batch-size', '2', '--workers', '0',
-                '--eval-workers', '0'])
-    out = capsys.readouterr().out
-    assert '2 NYUD-size rooms (425x560), untrained tiny backbone' in out, out
-    for what in ('model forward', 'semseg', 'depth', 'normals', 'edge: scoring (CPU, summed)', 'all meters (wall)',
-                 'total (wall)'):
-        assert re.search(re.escape(what) + r' +[\d.]+ s +[\d.]+ img/s', out), what
-
-
 # ==================================================================================================
-# Export: ONNX and Core ML
+# Export: ONNX and Core ML (export.py)
 # ==================================================================================================
 
 _EXPORT_SIZE = (64, 96)  # 4x6 tokens, not square
@@ -2000,7 +2012,7 @@ def _export_checkpoint(tmp_path_factory):
     """A train.py-style checkpoint of a small standard model -> (model, path)."""
     torch.manual_seed(0)
     config = dict(dataset='nyud', backbone='tiny', img_size=[32, 48], num_experts=2, expert_dim=16,
-                  taps=[3, 6, 9, 12], gate='token', memory_write='replace')
+                  taps=[3, 6, 9, 12], gate='token', memory_write='replace', ablation='none', grad_checkpoint='off')
     model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(32, 48), num_experts=2, expert_dim=16).eval()
     path = tmp_path_factory.mktemp('checkpoint') / 'last.pt'
     torch.save({'model': model.state_dict(), 'config': config, 'step': 5}, path)
@@ -2047,10 +2059,10 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
     base = export.main_metrics(lambda im: export.reference(model, im, False)[0], val, 2, model.tasks, 'synthetic')
     results, _, _ = train.evaluate(model, data.eval_loader(val, 2, workers=0), 'synthetic',
                                    torch.device('cpu'), None)
-    assert base == pytest.approx({t: r[MAIN_METRIC[t][0]] for t, r in results.items()}, rel=1e-4)
+    assert base == pytest.approx({t: r[TASK_TABLE[t].metric] for t, r in results.items()}, rel=1e-4)
     got = export.main_metrics(export.load_onnx(paths['int8']), val, 2, model.tasks, 'synthetic')
     line = export.metric_change(got, base)
-    assert all(f'{t} {MAIN_METRIC[t][0]} {base[t]:.4g} -> ' in line for t in TASKS['nyud']), line
+    assert all(f'{t} {TASK_TABLE[t].metric} {base[t]:.4g} -> ' in line for t in TASKS['nyud']), line
     # the benchmark times each ONNX file next to PyTorch, with every file's size
     export.benchmark(export.AppModel(model), {('onnx', w): p for w, p in paths.items()}, _EXPORT_SIZE, runs=1,
                      warmup=0)

@@ -22,8 +22,6 @@ checkpoint sees the same batches as an uninterrupted one; the model's own random
 restored from the RNG states saved in the checkpoint.
 """
 import argparse
-import collections
-import concurrent.futures
 import contextlib
 import datetime
 import functools
@@ -39,27 +37,27 @@ import sys
 import time
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, atomic_write
-from taskexpert import (ABLATIONS, CLASS_MAP_TASKS, EDGE_SUBSETS, LOSS_WEIGHTS, MAIN_METRIC, PATCH, TASK_SET, TASKS,
-                        VIT_PRESETS, EdgePool, MultiTaskLoss, TaskExpert, count_train_flops, load_pretrained,
-                        make_meters, postprocess, predict, read_checkpoint, update_meters)
+from data import DataError
+from taskexpert import (ABLATIONS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss, TaskExpert,
+                        atomic_write, denormalise, load_pretrained, load_weights, postprocess, predict,
+                        read_checkpoint, remove_temporaries, save_checkpoint, save_weights)
 
 # -------------------------------------------------------------------------------------------------
 # Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
 # once --dataset is known, so --help shows them), then the flags given. nyud / pascal follow the
-# paper recipe (its implementation details; README, 'Training at paper scale'); synthetic is a
+# paper recipe (its implementation details; README, 'Training'); synthetic is a
 # from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
-# eval_every: one evaluation costs ~10 s (NYUD) / ~45-75 s (PASCAL) on 16 cores and a GPU (README, "What an
-# evaluation costs"); 10 and 2 of them stay under 10 % of a 40k-step ViT-L run's ~30 min on one GPU.
+# eval_every: 10 (NYUD) and 2 (PASCAL) evaluations in 40,000 steps, few against the training's compute
+# (README, 'What an evaluation costs'); the last step is always evaluated.
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
@@ -72,7 +70,7 @@ DATASET_DEFAULTS = {
     # 96x128 (NYUD's 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs.
     # No augmentation: from scratch and this short it holds depth and normals back. Depth weighs 5
     # instead of 1: at the paper's weights normals and edges (x10, x50) drive the shared backbone
-    # and depth lags (both measured: README, 'Results'). Scenes are generated at the network size.
+    # and depth lags (README, 'Results'). Scenes are generated at the network size.
     'synthetic': dict(img_size=[96, 128], data_root='data/synthetic', backbone='tiny', expert_dim=64,
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
@@ -135,9 +133,6 @@ def make_parser(dataset='synthetic', argument_default=None):
       'instant for any backbone, e.g. ViT-L on a CPU)')
     a('--peak-tflops', type=float, help='with --benchmark: the dense bf16 peak of your accelerator in TFLOP/s, '
       'for the MFU (default: known for common NVIDIA GPUs)')
-    a('--benchmark-eval', type=int, metavar='N', help='time the evaluation (loader, model, every NYUD meter) '
-      'on N NYUD-size rooms written into --data-root (default: data/eval-benchmark) with an untrained model, '
-      'and exit; e.g. --benchmark-eval 654 --backbone tiny')
     a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
       '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
       '(= timm/<name>; fetched with huggingface_hub)')
@@ -198,20 +193,17 @@ def resolve_config(args, given, ckpt_config=None):
     given = {k: v for k, v in given.items() if k in SETTINGS}
     weights = dict(given.pop('loss_weights', []))  # the ones given change the defaults, one by one
     if ckpt_config is not None:
-        ckpt_config = {'ablation': 'none', **ckpt_config}  # checkpoints from before --ablation: the full model
         changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
         if changed:
             fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
                  f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
-        # (checkpoints written before --loss-weights existed trained with the paper's: missing = those;
-        # training settings added since take their defaults)
-        return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config.get('loss_weights', {}), **weights}}
+        return {**ckpt_config, **given, 'loss_weights': {**ckpt_config['loss_weights'], **weights}}
     dataset = args.dataset
     # every setting from the flags (argparse holds the defaults), in config.json's order
     cfg = {k: getattr(args, k) for k in {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}}
     if 'expert_dim' not in given and cfg['backbone'] != DATASET_DEFAULTS[dataset].get('backbone', cfg['backbone']):
         cfg['expert_dim'] = None  # a row's expert width goes with the row's backbone
-    cfg['loss_weights'] = {**{t: LOSS_WEIGHTS[t] for t in TASKS[TASK_SET[dataset]]},
+    cfg['loss_weights'] = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]},
                            **DATASET_DEFAULTS[dataset].get('loss_weights', {}), **weights}
     # the model defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
@@ -244,7 +236,7 @@ def check_config(cfg, training=True):
     for k in ('weight_decay', 'warmup', 'workers', 'seed'):
         if not 0 <= cfg[k] < math.inf:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
-    if (cfg.get('eval_workers') or 0) < 0:
+    if (cfg['eval_workers'] or 0) < 0:
         fail(f'--eval-workers {cfg["eval_workers"]}: must not be negative')
     tasks = TASKS[TASK_SET[cfg['dataset']]]
     for t, w in cfg['loss_weights'].items():
@@ -257,7 +249,7 @@ def check_config(cfg, training=True):
 
 
 # -------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, loadable with torch.load(weights_only=True)
+# Resuming exactly: every process's RNG states go into the checkpoint (its format: taskexpert.py)
 # -------------------------------------------------------------------------------------------------
 
 def rng_state():
@@ -289,32 +281,8 @@ def loaded(read, path):
         fail(str(e))
 
 
-def load_weights(model, ckpt, path):
-    """ckpt['model'] into the model made from ckpt['config'] (to resume); one line if they disagree (a
-    config edited by hand, or weights of another model)."""
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:  # its message lists every missing, unexpected or misshapen key
-        fail(f'{path}: its weights do not fit its config ({str(e).splitlines()[-1].strip()[:200]}); '
-             f'restore the checkpoint as train.py wrote it')
-
-
-def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best=None):
-    ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'step': step, 'rng': rng, 'config': config, 'best': best}
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def save_weights(path, model, step, config, metrics):
-    """The model to share: its weights alone as .safetensors, with the settings, the training step and
-    the metrics of its evaluation as JSON strings in the metadata (taskexpert.read_checkpoint reads it)."""
-    meta = {'config': json.dumps(config), 'step': json.dumps(step), 'metrics': json.dumps(metrics)}
-    blob = safetensors.torch.save(model.state_dict(), meta)
-    atomic_write(path, lambda f: f.write(blob))
-
-
 # -------------------------------------------------------------------------------------------------
-# Data: the datasets (their loaders: data.train_loader, data.eval_loader)
+# Data: the datasets (data.py; their loaders: data.train_loader, data.eval_loader)
 # -------------------------------------------------------------------------------------------------
 
 def open_datasets(cfg, splits=('train', 'val')):
@@ -322,16 +290,14 @@ def open_datasets(cfg, splits=('train', 'val')):
     help. The synthetic scenes are generated once, at the network size, into the data folder."""
     root, size = cfg['data_root'], tuple(cfg['img_size'])
     if cfg['dataset'] == 'synthetic':
-        n_train, n_val = cfg['scenes']
         if is_main():
-            data.make_synthetic(root, n_train=n_train, n_val=n_val, size=size, seed=0)
+            data.write_synthetic(cfg)
         if dist.is_initialized():
             dist.barrier()
-    reader = data.PASCALContext if cfg['dataset'] == 'pascal' else data.NYUD
     share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     try:
-        sets = [reader(root, split=s, train=s == 'train' and cfg['augment'], size=size, seed=cfg['seed'])
-                for s in splits]
+        sets = [data.READERS[cfg['dataset']](root, split=s, train=s == 'train' and cfg['augment'], size=size,
+                                             seed=cfg['seed']) for s in splits]
         for ds in sets:  # every file read once now: a bad one stops the run before its first step
             ds.check(cfg['workers'], *share)
         return sets
@@ -527,23 +493,13 @@ def startup_warnings(cfg, device, world):
     return lines
 
 
-def train(cfg, args, ckpt, device, world, rank, pool=None):
-    out = cfg['out_dir']
-    amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
-    if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
-        for name in ('last.pt', 'best.pt'):
-            if os.path.isfile(os.path.join(out, name)):
-                fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
-                     f'or pass another --out-dir')
-    train_ds, val_ds = open_datasets(cfg)
-    if len(train_ds) < cfg['batch_size']:
-        fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
-    if pool:
-        pool.start()  # the data is good: the boundary workers start while the model trains
-
+def build(cfg, resume, device, world, rank, use_scaler):
+    """The model, the module that trains it (DDP and / or torch.compile around it), Adam, the
+    GradScaler and the loss for cfg, in the state of resume = (path, checkpoint) if given -> (...,
+    the step to start at)."""
+    path, ckpt = resume or (None, None)
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
-    model.grad_checkpoint = cfg['grad_checkpoint']  # a training setting, not the model's
     if cfg['pretrained'] and ckpt is None:
         try:
             load_pretrained(model, cfg['pretrained'])
@@ -562,10 +518,9 @@ def train(cfg, args, ckpt, device, world, rank, pool=None):
     # fused: one kernel for all parameters (and under fp16 the GradScaler's skip test stays on the device)
     optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
-    step, best = 0, None
+    step = 0
     if ckpt is not None:
-        load_weights(model, ckpt, args.resume or os.path.join(out, 'last.pt'))
+        loaded(lambda p: load_weights(model, ckpt['model'], p), path)
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
             scaler.load_state_dict(ckpt['scaler'])
@@ -577,50 +532,72 @@ def train(cfg, args, ckpt, device, world, rank, pool=None):
             model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
     if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
         ddp = torch.compile(ddp)
+    return model, ddp, optimizer, scaler, MultiTaskLoss(model.tasks, weights=cfg['loss_weights']), step
 
+
+def log_start(cfg, model, datasets, device, world, why, step, resumed):
+    """The run's first lines: data, devices, precision, size, warnings, the settings."""
     n_params = sum(p.numel() for p in model.parameters())
-    log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(train_ds)} train / {len(val_ds)} val images)')
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(datasets[0])} train / {len(datasets[1])} val images)')
     log(f'device {device} x {world} process(es) | precision: {why} | '
-        f'{n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in params) / 1e6:.1f}M trained)')
+        f'{n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.1f}M trained)')
     for line in startup_warnings(cfg, device, world):
         log(f'warning: {line}')
     if not cfg['pretrained'] and cfg['dataset'] != 'synthetic':
         log('note: no --pretrained weights: training from scratch, far below the paper (ImageNet ViT init)')
-    if ckpt is not None:
+    if resumed:
         log(f'resuming at step {step} of {cfg["max_iters"]}')
     log('config ' + json.dumps(cfg))
 
+
+def open_run_folder(cfg, tasks, step):
+    """Rank 0: write config.json, trim the logs to `step` (a fresh run starts new ones) -> (the best
+    record, read from best.pt, the one file that holds it, so that it names weights that exist; the
+    scores of the evaluation at `step` if metrics.jsonl has them, else None)."""
+    out = cfg['out_dir']
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
+    evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
+    best_pt = os.path.join(out, 'best.pt')
+    best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
+    done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
+    return best, {t: done[-1][t] for t in tasks} if done else None
+
+
+def train(cfg, device, world, rank, resume=None, pool=None):
+    """The training loop: from step 0 (or the step of resume = (path, checkpoint)) to --max-iters, a
+    progress line every --log-every steps, last.pt and an evaluation every --eval-every steps and at
+    the end."""
+    out, ckpt = cfg['out_dir'], resume and resume[1]
+    amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
+    if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
+        for name in ('last.pt', 'best.pt'):
+            if os.path.isfile(os.path.join(out, name)):
+                fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
+                     f'or pass another --out-dir')
+    train_ds, val_ds = open_datasets(cfg)
+    if len(train_ds) < cfg['batch_size']:
+        fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
+    if pool:
+        pool.start()  # the data is good: the boundary workers start while the model trains
+    model, ddp, optimizer, scaler, loss_fn, step = build(cfg, resume, device, world, rank, use_scaler)
+    log_start(cfg, model, (train_ds, val_ds), device, world, why, step, ckpt is not None)
     val_loader = shard_loader(val_ds, cfg, world, rank)
-    best, known = None, None
-    if is_main():
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-        # a fresh run starts new logs, a resumed one trims them to its step
-        truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
-        evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
-        # the best record is read from best.pt, the one file that holds it: it names weights that exist
-        best_pt = os.path.join(out, 'best.pt')
-        best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
-        done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
-        known = {t: done[-1][t] for t in model.tasks} if done else None
-    if ckpt is not None:  # killed after last.pt was saved, before its evaluation or best.pt: finish them
-        if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
-            known = [known]
-            dist.broadcast_object_list(known, 0)
-            known = known[0]
-        save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, step=step,
-                                 rng=ckpt['rng'], config=cfg)
-        best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, known, pool)
+    best, known = open_run_folder(cfg, model.tasks, step) if is_main() else (None, None)
+    save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, config=cfg)
+    if ckpt is not None:
+        best = finish_evaluation(model, val_loader, cfg, device, amp_dtype, step,
+                                 functools.partial(save, step=step, rng=ckpt['rng']), best, known, world, pool)
     if step >= cfg['max_iters']:
         log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
         return
-    loader = data.train_loader(train_ds, cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'],
-                               cfg['workers'])
-
     model.train()
     bad = 0  # consecutive non-finite steps
-    t_log, n_log, sums = time.time(), 0, {}
-    for batch in loader:
+    losses = LossLog()
+    for batch in data.train_loader(train_ds, cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'],
+                                   cfg['workers']):
         batch = to_device(batch, device)
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
@@ -633,43 +610,76 @@ def train(cfg, args, ckpt, device, world, rank, pool=None):
             if bad >= MAX_BAD_STEPS:
                 fail(f'{bad} non-finite steps in a row at step {step}: lower --lr or try --amp off')
         else:
-            bad, n_log = 0, n_log + 1
-            for t, v in [('loss', total)] + list(per_task.items()):
-                sums[t] = sums.get(t, 0.0) + v  # on the device, read at the next log line
-
-        if n_log and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
-            dt = time.time() - t_log
-            rec = {'step': step, **{t: v.item() / n_log for t, v in sums.items()}, 'lr': lr,
-                   'img_s': n_log * cfg['batch_size'] / dt}
-            eta = (cfg['max_iters'] - step) * dt / n_log
-            log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
-                ' '.join(f'{t} {rec[t]:.4f}' for t in per_task) +
-                f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
-            if is_main():
-                append_jsonl(os.path.join(out, 'train.jsonl'), rec)
-            t_log, n_log, sums = time.time(), 0, {}
-
+            bad = 0
+            losses.add(total, per_task)
+        if losses.steps and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
+            losses.report(step, lr, cfg)
         if step % cfg['eval_every'] == 0 or step == cfg['max_iters']:
-            # every process's RNG state goes into the checkpoint, so each resumes its own stream
-            rng = [rng_state()]
-            if world > 1:
-                rng = [None] * world
-                dist.all_gather_object(rng, rng_state())
-            save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler,
-                                     step=step, rng=rng, config=cfg)
-            weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
-            if weights_ok and is_main():  # saved before the evaluation, so a failing one loses no training
-                save(os.path.join(out, 'last.pt'))
-                log(f'saved {out}/last.pt')
-            if bad:  # the outputs may be non-finite, which the meters cannot score
-                log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
-                    ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
-            else:  # every process scores its share of the val split (rank 0 alone writes)
-                best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, pool=pool)
-            if world > 1:
-                dist.barrier()
+            best = save_and_evaluate(model, val_loader, cfg, device, amp_dtype, step,
+                                     functools.partial(save, step=step), best, bad, world, pool)
             model.train()
-            t_log = time.time()  # the evaluation is not training time
+            losses.t0 = time.time()  # the evaluation is not training time
+
+
+class LossLog:
+    """The losses of the steps since the last progress line: their sums stay on the device (no wait
+    for it in the loop) and are read once per line, printed and appended to train.jsonl."""
+
+    def __init__(self):
+        self.t0, self.steps, self.sums = time.time(), 0, {}
+
+    def add(self, total, per_task):
+        self.steps += 1
+        for t, v in [('loss', total)] + list(per_task.items()):
+            self.sums[t] = self.sums.get(t, 0.0) + v
+
+    def report(self, step, lr, cfg):
+        dt = time.time() - self.t0
+        rec = {'step': step, **{t: v.item() / self.steps for t, v in self.sums.items()}, 'lr': lr,
+               'img_s': self.steps * cfg['batch_size'] / dt}
+        eta = (cfg['max_iters'] - step) * dt / self.steps
+        log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
+            ' '.join(f'{t} {v:.4f}' for t, v in rec.items() if t not in ('step', 'loss', 'lr', 'img_s')) +
+            f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
+        if is_main():
+            append_jsonl(os.path.join(cfg['out_dir'], 'train.jsonl'), rec)
+        self.t0, self.steps, self.sums = time.time(), 0, {}
+
+
+def finish_evaluation(model, val_loader, cfg, device, amp_dtype, step, save, best, known, world, pool):
+    """A resumed run's first act: a run killed after last.pt was saved, before its evaluation or
+    best.pt were written, finishes them (evaluate_and_keep_best; the evaluation is not run again when
+    metrics.jsonl has its scores, `known`) -> the best record."""
+    if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
+        known = [known]
+        dist.broadcast_object_list(known, 0)
+        known = known[0]
+    return evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, known, pool)
+
+
+def save_and_evaluate(model, val_loader, cfg, device, amp_dtype, step, save, best, bad, world, pool):
+    """An evaluation step: last.pt first (so that a failing evaluation loses no training), then the
+    evaluation and best.pt (evaluate_and_keep_best) -> the best record. After non-finite steps the
+    outputs may be non-finite, which the meters cannot score: no evaluation then, and last.pt is
+    kept as it is if the weights themselves are not finite."""
+    out = cfg['out_dir']
+    rng = [rng_state()]  # every process's RNG state, so that each resumes its own stream
+    if world > 1:
+        rng = [None] * world
+        dist.all_gather_object(rng, rng_state())
+    save = functools.partial(save, rng=rng)
+    weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
+    if weights_ok and is_main():
+        save(os.path.join(out, 'last.pt'))
+        log(f'saved {out}/last.pt')
+    if bad:
+        log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
+            ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
+    else:  # every process scores its share of the val split (rank 0 alone writes)
+        best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, pool=pool)
+    if world > 1:
+        dist.barrier()
+    return best
 
 
 # -------------------------------------------------------------------------------------------------
@@ -693,121 +703,113 @@ def whole_split(loader):
 
 def edge_pool(cfg):
     """The boundary metric's worker processes (--eval-workers), or None to score in this process."""
-    n = cfg.get('eval_workers')
+    n = cfg['eval_workers']
     if n is None:  # this process's share of the CPUs it may run on
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         n = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-    return EdgePool(n) if n else None
-
-
-def edge_subset(dataset, ids):
-    """-> (description, ids or None for all) of the val images whose boundaries are scored: on PASCAL
-    those of SEISM's test_new (if the split holds any), as published."""
-    name, subset = EDGE_SUBSETS.get(dataset, (None, ()))
-    scored = subset & set(ids) if name else set()
-    if not scored:
-        return f'all {len(ids)} val images', None
-    return f'{name}: {len(scored)} of {len(ids)} val images', scored
+    return data.EdgePool(n) if n else None
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, timing=None):
+def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None):
     """-> (scores dict task -> metrics, gate means [tap][task] -> list of E[+1] floats, the first
     `keep` samples of this process as (image, targets, predictions, id) cropped to their size, on
     the CPU). `loader` reads this process's share of the split (shard_loader); under torchrun the
     sums of the meters and gates are all-reduced, so every process returns the whole split's scores.
-    Rank 0 prints progress at every tenth of its share. timing: a dict to add seconds per stage to;
-    each batch's boundaries are then waited for before the next forward, so stages are timed apart."""
+    Rank 0 prints progress at every tenth of its share."""
     model.eval()
     if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
         for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
             dist.broadcast(b, 0)
     split = whole_split(loader)
-    _, edge_ids = edge_subset(dataset, split.ids)
-    meters = make_meters(model.tasks, dataset, pool)
-    gate_sum = [{t: torch.zeros(g.out_features, device=device) for t, g in m.gates.items()} for m in model.mmoe]
-    tokens, kept, done, t0 = 0.0, [], 0, time.time()
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    _, edge_ids = data.edge_subset(dataset, split.ids)
+    meters = data.make_meters(model.tasks, dataset, pool)
+    gates = GateMeans(model, device)
+    kept, done, t0 = [], 0, time.time()
     # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
-    # descheduled peers (measured on 2 cores: depth 6x, semseg 1.3-2x slower with 2 threads than with 1)
+    # descheduled peers (README, 'What an evaluation costs')
     threads = torch.get_num_threads()
     meter_threads = 1 if pool and device.type == 'cpu' else threads
-    clock = time.perf_counter()
     for batch in loader:
-        if timing is not None:
-            timing['data'] += time.perf_counter() - clock
-            clock = time.perf_counter()
         images = batch['image'].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             outputs = model(images)
         outputs = {t: o.float() for t, o in outputs.items()}
-        if timing is not None:
-            sync()
-            timing['forward'] += time.perf_counter() - clock
-            clock = time.perf_counter()
-        # gate weights averaged over the tokens of the image content (not the padding)
-        valid = torch.zeros(len(images), images.shape[-2] // PATCH, images.shape[-1] // PATCH)
-        for i, meta in enumerate(batch['meta']):
-            valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
-        tokens += valid.sum().item()
-        valid = valid.flatten(1)[..., None].to(device, non_blocking=True)  # (B, N, 1)
-        for sums, tap in zip(gate_sum, model.gates):
-            for t, g in tap.items():
-                sums[t] += (g.float() * valid).sum((0, 1))
+        gates.add(model.gates, batch['meta'], images.shape[-2:])
         torch.set_num_threads(meter_threads)
-        update_meters(meters, outputs, batch, edge_ids, timing)
+        data.update_meters(meters, outputs, batch, edge_ids)
         torch.set_num_threads(threads)  # (the model's)
-        if timing is not None:
-            if 'edge' in meters:
-                meters['edge'].wait()
-            sync()
-            timing['meters'] += time.perf_counter() - clock
-        for i, meta in enumerate(batch['meta']):
-            if len(kept) < keep:
-                h, w = meta['size']
-                kept.append((batch['image'][i, :, :h, :w], {t: batch[t][i, ..., :h, :w] for t in meters},
-                             {t: outputs[t][i, :, :h, :w].cpu() for t in meters}, meta['id']))
+        for i, meta in enumerate(batch['meta'][:keep - len(kept)]):
+            h, w = meta['size']
+            kept.append((batch['image'][i, :, :h, :w], {t: batch[t][i, ..., :h, :w] for t in meters},
+                         {t: outputs[t][i, :, :h, :w].cpu() for t in meters}, meta['id']))
         done += len(images)
-        if is_main() and done * 10 // len(loader.dataset) > (done - len(images)) * 10 // len(loader.dataset):
-            part, elapsed = done / len(loader.dataset), time.time() - t0  # rank 0's share stands for all
-            log(f'  eval: {round(part * len(split))}/{len(split)} images, {part * len(split) / elapsed:.1f} img/s, '
-                f'eta {datetime.timedelta(seconds=round(elapsed * (1 - part) / part))}')
-        clock = time.perf_counter()
-    sums = [x for m in meters.values() for x in m.state()] + [v for tap in gate_sum for v in tap.values()]
+        log_progress(done, len(images), len(loader.dataset), len(split), t0)
+    sums = [x for m in meters.values() for x in m.state()] + gates.state()
     if dist.is_initialized():  # every sum over all processes (gloo: CPU tensors, nccl: CUDA ones)
-        sums.append(torch.tensor(tokens, dtype=torch.float64))
         for x in sums:
             y = x.to(device)
             dist.all_reduce(y)
             x.copy_(y)
-        tokens = sums[-1].item()
-    if timing is not None and 'edge' in meters:
-        timing['edge_cpu'], timing['edge_images'] = meters['edge'].seconds, len(edge_ids or split.ids)
-    gates = [{t: (v / tokens).tolist() for t, v in tap.items()} for tap in gate_sum]
-    return {t: m.score() for t, m in meters.items()}, gates, kept
+    return {t: m.score() for t, m in meters.items()}, gates.means(), kept
+
+
+class GateMeans:
+    """The gate weights of an evaluation summed per tap, task and candidate over the tokens of the
+    images' content (not the padding); means() divides by the tokens."""
+
+    def __init__(self, model, device):
+        self.device = device
+        self.sums = [{t: torch.zeros(g.out_features, device=device) for t, g in m.gates.items()} for m in model.mmoe]
+        self.tokens = torch.zeros((), dtype=torch.float64)
+
+    def add(self, taps, metas, size):
+        """taps: model.gates after a forward pass; metas: the batch's; size: its (H, W)."""
+        valid = torch.zeros(len(metas), size[0] // PATCH, size[1] // PATCH)
+        for i, meta in enumerate(metas):
+            valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
+        self.tokens += valid.sum().item()
+        valid = valid.flatten(1)[..., None].to(self.device, non_blocking=True)  # (B, N, 1)
+        for sums, tap in zip(self.sums, taps):
+            for t, g in tap.items():
+                sums[t] += (g.float() * valid).sum((0, 1))
+
+    def state(self):
+        return [v for tap in self.sums for v in tap.values()] + [self.tokens]
+
+    def means(self):
+        return [{t: (v / self.tokens.item()).tolist() for t, v in tap.items()} for tap in self.sums]
+
+
+def log_progress(done, batch, share, total, t0):
+    """'eval: 262/654 images, 31.2 img/s, eta 0:00:13' on rank 0 at every tenth of its share (of
+    `share` images, `done` of them read), which stands for the whole split of `total`."""
+    if is_main() and done * 10 // share > (done - batch) * 10 // share:
+        part, elapsed = done / share, time.time() - t0
+        log(f'  eval: {round(part * total)}/{total} images, {part * total / elapsed:.1f} img/s, '
+            f'eta {datetime.timedelta(seconds=round(elapsed * (1 - part) / part))}')
 
 
 def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag=None):
-    """Evaluate (every process, see evaluate); rank 0 prints every metric, appends them to
-    metrics.jsonl, draws panels and gates.png. Returns the scores."""
+    """Evaluate (every process, see evaluate); rank 0 prints every metric and the evaluation's images,
+    seconds and images/s, appends them to metrics.jsonl, draws panels and gates.png. Returns the scores."""
     t0 = time.time()
     results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool)
     if not is_main():
         return results
+    seconds, n = time.time() - t0, len(whole_split(loader))
     # mean gate weight per tap, task and candidate (experts 1..E, then the memory slot at every tap but
     # the first); the memory slot alone tells how much each task reads the memory. Static: no gates.
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
               for b, tap in zip(model.taps, gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    edges, _ = edge_subset(cfg['dataset'], whole_split(loader).ids)
+    edges, _ = data.edge_subset(cfg['dataset'], whole_split(loader).ids)
     record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'edge_images': edges,
               'gate_memory': memory, 'gates': by_tap}
-    log(f'eval at step {step} ({len(whole_split(loader))} val images, {time.time() - t0:.0f} s; '
-        f'boundaries on {edges}):')
+    log(f'eval at step {step} ({n} val images, {seconds:.1f} s, {n / seconds:.1f} img/s; boundaries on {edges}):')
     for t, scores in results.items():
-        key, higher = MAIN_METRIC[t]
         log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
-            f'   [main: {key}, {"higher" if higher else "lower"} is better]')
+            f'   [main: {TASK_TABLE[t].metric}, {"higher" if TASK_TABLE[t].higher else "lower"} is better]')
     if memory:
         log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
             f'{b} {sum(v.values()) / len(v):.3f}' for b, v in memory.items()))
@@ -816,7 +818,8 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag
     os.makedirs(vis, exist_ok=True)
     for image, targets, preds, id_ in kept:
         maps = {t: m[0] for t, m in postprocess({t: p[None] for t, p in preds.items()}).items()}
-        draw_panel(denormalise(image), maps, targets).save(os.path.join(vis, f'{id_}.png'))
+        draw_panel(denormalise(image).permute(1, 2, 0).to(torch.uint8).numpy(), maps, targets).save(
+            os.path.join(vis, f'{id_}.png'))
     if by_tap:
         draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
     return results
@@ -833,7 +836,7 @@ def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, be
         results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool)
     if not is_main():
         return best
-    key, _ = MAIN_METRIC['semseg']
+    key = TASK_TABLE['semseg'].metric
     value = results['semseg'][key]
     if best is None or value > best['value']:
         best = {'metric': f'semseg {key}', 'value': value, 'step': step}
@@ -849,48 +852,14 @@ def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, be
     return best
 
 
-def trivial_scores(loader, tasks, dataset):
-    """The val scores of input-blind predictors, measured with the same meters: the majority class
-    (semseg, human parts), the mean depth, the mean normal, all-edge and all-salient. Two passes:
-    statistics of the val labels, then the constant predictions."""
-    counts = {t: torch.zeros(c) for t, c in tasks.items() if t in ('semseg', 'human_parts')}
-    depth_sum, depth_n, normal_sum = 0.0, 0, torch.zeros(3)
-    for batch in loader:
-        for t in counts:
-            y = batch[t][batch[t] != 255]
-            counts[t] += torch.bincount(y, minlength=len(counts[t]))[:len(counts[t])].float()
-        if 'depth' in tasks:
-            d = batch['depth'][batch['depth'] > 0]
-            depth_sum, depth_n = depth_sum + d.sum().item(), depth_n + d.numel()
-        if 'normals' in tasks:
-            normal_sum += batch['normals'].sum((0, 2, 3))  # invalid normals are 0
-    meters = make_meters(tasks, dataset)
-    for batch in loader:
-        for i, meta in enumerate(batch['meta']):
-            h, w = meta['size']
-            for t, meter in meters.items():
-                if t == 'human_parts' and not meta.get('has_human', False):
-                    continue
-                if t in counts:  # one-hot logits of the majority class
-                    pred = F.one_hot(counts[t].argmax(), tasks[t]).float()[:, None, None].expand(-1, h, w)
-                elif t == 'depth':
-                    pred = torch.full((1, h, w), depth_sum / max(depth_n, 1))
-                elif t == 'normals':
-                    pred = F.normalize(normal_sum, dim=0)[:, None, None].expand(-1, h, w)
-                else:  # edge, sal: a logit of 10 everywhere, i.e. all positive
-                    pred = torch.full((1, h, w), 10.0)
-                meter.update(pred[None].contiguous(), batch[t][i:i + 1, ..., :h, :w])
-    return {t: m.score() for t, m in meters.items()}
-
-
 def compare_with_trivial(results, val_ds, cfg, step):
     """End of a synthetic run: the main metrics next to the input-blind predictors'."""
     loader = data.eval_loader(val_ds, cfg['batch_size'], cfg['workers'])
-    trivial = trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
+    trivial = data.trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
     log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
     for t, scores in results.items():
-        key, higher = MAIN_METRIC[t]
+        key, higher = TASK_TABLE[t].metric, TASK_TABLE[t].higher
         m, b = scores[key], trivial[t][key]
         log(f'  {t:12s} {key} {m:8.4g} vs {b:8.4g}  ({m / b:.2f}x, {"higher" if higher else "lower"} is better)')
 
@@ -925,25 +894,19 @@ def colour_map(x, lo, hi):
 def render(task, x, depth_range=None):
     """One task map, ground truth or post-processed prediction (class ids (h, w) or (1, h, w); metres or
     probabilities (1, h, w); unit normals (3, h, w); a tensor or an array) -> RGB uint8 (h, w, 3)."""
-    x = torch.as_tensor(x)
-    if task in CLASS_MAP_TASKS:
+    x, kind = torch.as_tensor(x), TASK_TABLE[task].kind
+    if kind == 'classes':
         return PALETTE[x.reshape(x.shape[-2:]).long().clamp(0, 255).numpy()]
     x = x.float()
-    if task == 'depth':
+    if kind == 'depth':
         img = colour_map(x[0].numpy(), *depth_range)
         img[x[0].numpy() <= 0] = 0  # invalid depth in black
         return img
-    if task == 'normals':
+    if kind == 'normals':
         img = ((x.permute(1, 2, 0).numpy().clip(-1, 1) + 1) * 127.5).astype(np.uint8)
         img[(x.abs().sum(0) == 0).numpy()] = 0  # invalid normals in black
         return img
-    return np.repeat((x[0].clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)  # edge, sal: grey
-
-
-def denormalise(image):
-    """(3, h, w) ImageNet-normalised -> (h, w, 3) uint8 RGB."""
-    x = image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
-    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    return np.repeat((x[0].clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)  # binary: grey
 
 
 def draw_panel(rgb, preds, targets=None):
@@ -980,7 +943,7 @@ def draw_curves(train_log, evals, tasks, w=250, h=150):
     draw = ImageDraw.Draw(canvas)
     colour = tuple(VIRIDIS[1].astype(int))
     for c, t in enumerate(tasks):
-        key, higher = MAIN_METRIC[t]
+        key, higher = TASK_TABLE[t].metric, TASK_TABLE[t].higher
         for r, (title, points) in enumerate([
                 (f'{t} loss (train)', [(e['step'], e[t]) for e in train_log if t in e]),
                 (f'{t} {key} (val, {"higher" if higher else "lower"} is better)',
@@ -1037,7 +1000,7 @@ def draw_gates(gates, taps, cell=28):
 
 
 # -------------------------------------------------------------------------------------------------
-# Predictions on a user's images, benchmark
+# Predictions on a user's images
 # -------------------------------------------------------------------------------------------------
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -1066,16 +1029,21 @@ def predict_images(model, source, out_dir, device, amp_dtype):
         log(f'{path} -> {stem}.png, .npz')
 
 
+# -------------------------------------------------------------------------------------------------
+# Benchmark: FLOPs, speed, MFU, memory of the training step and of inference (--benchmark)
+# -------------------------------------------------------------------------------------------------
+
 def random_batch(tasks, batch_size, size, device):
     """Random inputs and targets in the contract's formats (for --benchmark: no data needed)."""
     B, (H, W) = batch_size, size
     batch = {'image': torch.randn(B, 3, H, W, device=device)}
     for t, c in tasks.items():
-        if t in ('semseg', 'human_parts'):
+        kind = TASK_TABLE[t].kind
+        if kind == 'classes':
             batch[t] = torch.randint(0, c, (B, H, W), device=device)
-        elif t == 'depth':
+        elif kind == 'depth':
             batch[t] = torch.rand(B, 1, H, W, device=device) * 5 + 0.5
-        elif t == 'normals':
+        elif kind == 'normals':
             batch[t] = F.normalize(torch.randn(B, 3, H, W, device=device), dim=1)
         else:
             batch[t] = (torch.rand(B, 1, H, W, device=device) < 0.1).float()
@@ -1098,13 +1066,44 @@ def peak_tflops(device):
     return next((p for key, p in PEAK_TFLOPS if re.search(rf'\b{key}\b', name)), None), name
 
 
+def count_train_flops(model):
+    """-> (forward, forward + backward) FLOPs of one training image at the model's training size,
+    as torch.utils.flop_counter counts them: matrix products, convolutions and attention (the
+    elementwise ops and the loss are left out, as is usual for MFU). With grad_checkpoint on, the
+    recomputation counts too; MFU counts the model's FLOPs, without it. Build the model on the meta
+    device (`with torch.device('meta'):`) to count ViT-L on any CPU at once."""
+    H, W = (g * PATCH for g in model.backbone.grid)
+    x = torch.zeros(1, 3, H, W, device=model.backbone.pos_embed.device)
+    with FlopCounterMode(display=False) as counter:
+        outputs = model.train()(x)
+        forward = counter.get_total_flops()
+        # the loss's gradient reaches every output, as this sum's does: same backward FLOPs
+        sum(o.float().sum() for o in outputs.values()).backward()
+    return forward, counter.get_total_flops()
+
+
+def median_seconds(fn, device, warmup, runs):
+    """fn() timed `warmup + runs` times (CUDA synchronised) -> (median seconds after the warm-up,
+    seconds of the first call)."""
+    times = []
+    for _ in range(warmup + runs):
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:]), times[0]
+
+
 def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3, runs=10):
     """Counted FLOPs per image, then the median time of training steps (train_step, as in training)
     and of inference on random inputs at the configured backbone, size, batch and variant (--amp,
     --compile, --grad-checkpoint, --accum-steps): img/s, achieved TFLOP/s, MFU, peak memory. The
     backbone's share of inference is forward_features alone against the whole forward."""
     with torch.device('meta'):  # shapes only: no memory, no arithmetic, any backbone on any machine
-        forward, flops = count_train_flops(TaskExpert.from_config(cfg))  # (no recomputation)
+        forward, flops = count_train_flops(TaskExpert.from_config({**cfg, 'grad_checkpoint': 'off'}))
     B, (H, W) = cfg['batch_size'], cfg['img_size']
     print(f'benchmark: {cfg["backbone"]} backbone, {H}x{W}, batch {B} in {cfg["accum_steps"]} micro-batch(es), '
           f'E={cfg["num_experts"]} D={cfg["expert_dim"]}, --ablation {cfg["ablation"]}, {device}, {why}, '
@@ -1114,25 +1113,11 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     if flops_only:
         return
     model = TaskExpert.from_config(cfg).to(device)
-    model.grad_checkpoint = cfg['grad_checkpoint']
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
     batch = random_batch(model.tasks, B, cfg['img_size'], device)
     trained = torch.compile(model) if cfg['compile'] else model
-
-    def timed(fn):
-        """-> (median seconds after the warm-up, seconds of the first call)"""
-        times = []
-        for i in range(warmup + runs):
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[warmup:]), times[0]
 
     def inference(backbone_only=False):
         with torch.no_grad(), autocast(device, amp_dtype):
@@ -1144,15 +1129,16 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    t_train, t_first = timed(lambda: train_step(trained, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, 1))
+    t_train, t_first = median_seconds(
+        lambda: train_step(trained, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, 1), device, warmup, runs)
     if device.type == 'cuda':
         peak_mem = (f'allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB, reserved '
                     f'{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB (torch.cuda.max_memory_*)')
     else:  # Linux reports ru_maxrss in KiB
         peak_mem = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (peak RSS of the process)'
     model.eval()
-    t_infer, _ = timed(inference)
-    t_backbone, _ = timed(lambda: inference(backbone_only=True))
+    t_infer, _ = median_seconds(inference, device, warmup, runs)
+    t_backbone, _ = median_seconds(lambda: inference(backbone_only=True), device, warmup, runs)
     achieved = flops * B / t_train / 1e12
     known, name = peak_tflops(device)
     peak = peak or known
@@ -1165,38 +1151,6 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     share = min(1.0, t_backbone / t_infer)
     print(f'inference time: backbone {100 * share:.0f}%, MMoE + heads {100 * (1 - share):.0f}%')
     print(f'peak memory in training: {peak_mem}')
-
-
-NYUD_SIZE = (425, 560)  # the NYUD-v2 val images (H, W)
-
-
-def benchmark_eval(cfg, n, device, amp_dtype, why, pool):
-    """The evaluation path (loader, model, every NYUD meter, the boundary pool) on n NYUD-size rooms
-    written once into cfg['data_root'], with an untrained model: the worst case for boundaries (its
-    flat maps survive NMS whole, and every threshold's map is thinned from a full image). Prints the
-    seconds and images/s of each stage; the meters are waited for batch by batch, so that they are
-    timed apart from the model (in training they overlap it)."""
-    data.make_synthetic(cfg['data_root'], n_train=0, n_val=n, size=NYUD_SIZE, seed=0)
-    torch.manual_seed(cfg['seed'])
-    model = TaskExpert.from_config(cfg).to(device)
-    loader = shard_loader(data.NYUD(cfg['data_root'], split='val', train=False, size=cfg['img_size']), cfg)
-    timing = collections.defaultdict(float)
-    if pool:
-        concurrent.futures.wait(pool.start())  # their start-up is not evaluation time
-    t0 = time.perf_counter()
-    evaluate(model, loader, 'nyud', device, amp_dtype, pool=pool, timing=timing)
-    wall = time.perf_counter() - t0
-    workers = pool.workers if pool else 0
-    print(f'eval benchmark: {n} NYUD-size rooms ({NYUD_SIZE[0]}x{NYUD_SIZE[1]}), untrained {cfg["backbone"]} '
-          f'backbone at {cfg["img_size"][0]}x{cfg["img_size"][1]}, batch {cfg["batch_size"]}, {device}, {why}; '
-          f'boundaries in {f"{workers} worker processes" if workers else "this process"}')
-    rows = [('data loading (waited for)', timing['data'], n), ('model forward', timing['forward'], n)]
-    rows += [(t, timing[t], n) for t in TASKS['nyud'] if t != 'edge']
-    rows += [('edge: maps to the workers', timing['edge'], n),
-             ('edge: scoring (CPU, summed)', timing['edge_cpu'], timing['edge_images']),
-             ('all meters (wall)', timing['meters'], n), ('total (wall)', wall, n)]
-    for name, seconds, images in rows:
-        print(f'  {name:30s} {seconds:8.1f} s  {images / max(seconds, 1e-9):8.1f} img/s')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1232,7 +1186,7 @@ def hold_out_dir(out_dir):
     f.truncate(0)
     f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     f.flush()
-    data.remove_temporaries(out_dir)
+    remove_temporaries(out_dir)
     try:
         yield
     finally:
@@ -1267,9 +1221,9 @@ def find_checkpoint(args, out_dir):
     fail(f'{what} needs a checkpoint: pass --checkpoint PATH (none in {out_dir})')
 
 
-def main(argv=None):
-    args, given = parse_args(argv)
-    modes = [m for m in ('eval_only', 'predict', 'benchmark', 'benchmark_eval') if getattr(args, m) not in (None, False)]
+def check_modes(args):
+    """One mode at a time (training, --eval-only, --predict, --benchmark), each with the flags it reads."""
+    modes = [m for m in ('eval_only', 'predict', 'benchmark') if getattr(args, m) not in (None, False)]
     if len(modes) > 1:
         fail(f'--{modes[0].replace("_", "-")} and --{modes[1].replace("_", "-")} cannot be combined')
     if modes and args.resume is not None:
@@ -1279,6 +1233,26 @@ def main(argv=None):
     if (args.flops_only or args.peak_tflops) and not args.benchmark:
         fail(f'--{"flops-only" if args.flops_only else "peak-tflops"} applies to --benchmark only')
 
+
+def open_checkpoint(args):
+    """The checkpoint the mode reads -> (its path, its full training state to resume from, the trained
+    model of --eval-only / --predict, the output folder); None where the mode has none."""
+    default_out = os.path.join('runs', args.dataset or 'synthetic')
+    if args.resume is not None:
+        path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
+        ckpt = loaded(read_checkpoint, path)
+        if 'optimizer' not in ckpt:
+            fail(f'--resume {path}: holds the weights alone; resuming needs the full state of a last.pt')
+        return path, ckpt, None, args.out_dir or os.path.dirname(path) or '.'
+    if args.eval_only or args.predict:
+        path = find_checkpoint(args, args.out_dir or default_out)
+        return path, None, loaded(TaskExpert.from_checkpoint, path), args.out_dir or (os.path.dirname(path) or '.')
+    return None, None, None, args.out_dir or default_out
+
+
+def main(argv=None):
+    args, given = parse_args(argv)
+    check_modes(args)
     if args.benchmark:
         cfg = resolve_config(args, given)
         check_config(cfg)
@@ -1286,80 +1260,46 @@ def main(argv=None):
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
         return
-    if args.benchmark_eval is not None:
-        if args.benchmark_eval < 1 or given.get('dataset', 'nyud') != 'nyud':
-            fail(f'--benchmark-eval {args.benchmark_eval}: needs N >= 1, and runs the NYUD meters (no other --dataset)')
-        if 'dataset' not in given:  # NYUD's defaults (size, workers)
-            args, given = parse_args(['--dataset', 'nyud'] + list(sys.argv[1:] if argv is None else argv))
-        if 'data_root' not in given:
-            args.data_root = os.path.join('data', 'eval-benchmark')
-        cfg = resolve_config(args, given)
-        check_config(cfg, training=False)
-        if cfg['img_size'][0] < NYUD_SIZE[0] or cfg['img_size'][1] < NYUD_SIZE[1]:
-            fail(f'--img-size {cfg["img_size"][0]} {cfg["img_size"][1]}: the rooms are {NYUD_SIZE[0]}x{NYUD_SIZE[1]}, '
-                 f'use at least 432 560')
-        device = pick_device(cfg['device'])
-        amp_dtype, _, why = pick_precision(cfg['amp'], device)
-        pool = edge_pool(cfg)
-        try:
-            benchmark_eval(cfg, args.benchmark_eval, device, amp_dtype, why, pool)
-        finally:
-            if pool:
-                pool.shutdown(cancel_futures=True)
-        return
-
-    ckpt, model = None, None  # a resumed run's full state; the trained model of --eval-only / --predict
-    default_out = os.path.join('runs', args.dataset or 'synthetic')
-    if args.resume is not None:
-        path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
-        ckpt = loaded(read_checkpoint, path)
-        if 'optimizer' not in ckpt:
-            fail(f'--resume {path}: holds the weights alone; resuming needs the full state of a last.pt')
-        out_dir = args.out_dir or os.path.dirname(path) or '.'
-    elif args.eval_only or args.predict:
-        path = find_checkpoint(args, args.out_dir or default_out)
-        model = loaded(TaskExpert.from_checkpoint, path)
-        out_dir = args.out_dir or (os.path.dirname(path) or '.')
-    else:
-        out_dir = args.out_dir or default_out
+    path, ckpt, model, out_dir = open_checkpoint(args)
     cfg = resolve_config(args, given, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
     check_config(cfg, training=not (args.eval_only or args.predict))
-    if args.predict and not os.path.exists(args.predict):
-        fail(f'--predict {args.predict}: no such file or folder')
-
     if args.predict:
+        if not os.path.exists(args.predict):
+            fail(f'--predict {args.predict}: no such file or folder')
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
-        model.to(device)
         print(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device}, {why}')
         with one_line_errors(out_dir):
-            predict_images(model, args.predict, args.out_dir or os.path.join(out_dir, 'predictions'), device,
-                           amp_dtype)
+            predict_images(model.to(device), args.predict, args.out_dir or os.path.join(out_dir, 'predictions'),
+                           device, amp_dtype)
         return
-
     device, world, rank = setup_distributed(cfg['device'])  # under torchrun, evaluation is sharded too
     pool = edge_pool(cfg)
     try:
         with one_line_errors(out_dir):
             if args.eval_only:
-                amp_dtype, _, why = pick_precision(cfg['amp'], device)
-                model.to(device)
-                log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, '
-                    f'{why}')
-                (val_ds,) = open_datasets(cfg, splits=('val',))
-                if is_main():
-                    os.makedirs(out_dir, exist_ok=True)
-                evaluate_and_log(model, shard_loader(val_ds, cfg, world, rank), cfg, device, amp_dtype, model.step,
-                                 pool, tag=path)
+                eval_only(cfg, model, path, device, world, rank, pool)
             else:  # rank 0 alone writes the outputs, so it alone holds the out-dir
                 with hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
-                    train(cfg, args, ckpt, device, world, rank, pool)
+                    train(cfg, device, world, rank, (path, ckpt) if ckpt else None, pool)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def eval_only(cfg, model, path, device, world, rank, pool):
+    """--eval-only: the checkpoint's model on the val split, logged as training's evaluations are (its
+    line in metrics.jsonl tagged with the checkpoint's path); its summary line says how long it took."""
+    amp_dtype, _, why = pick_precision(cfg['amp'], device)
+    model.to(device)
+    log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, {why}')
+    (val_ds,) = open_datasets(cfg, splits=('val',))
+    if is_main():
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+    evaluate_and_log(model, shard_loader(val_ds, cfg, world, rank), cfg, device, amp_dtype, model.step, pool, tag=path)
 
 
 if __name__ == '__main__':
