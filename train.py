@@ -797,16 +797,17 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag
     results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool)
     if not is_main():
         return results
-    seconds, n = time.time() - t0, len(whole_split(loader))
+    seconds, split = time.time() - t0, whole_split(loader)
     # mean gate weight per tap, task and candidate (experts 1..E, then the memory slot at every tap but
     # the first); the memory slot alone tells how much each task reads the memory. Static: no gates.
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
               for b, tap in zip(model.taps, gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    edges, _ = data.edge_subset(cfg['dataset'], whole_split(loader).ids)
+    edges, _ = data.edge_subset(cfg['dataset'], split.ids)
     record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'edge_images': edges,
               'gate_memory': memory, 'gates': by_tap}
-    log(f'eval at step {step} ({n} val images, {seconds:.1f} s, {n / seconds:.1f} img/s; boundaries on {edges}):')
+    log(f'eval at step {step} ({len(split)} val images, {seconds:.1f} s, {len(split) / seconds:.1f} img/s; '
+        f'boundaries on {edges}):')
     for t, scores in results.items():
         log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
             f'   [main: {TASK_TABLE[t].metric}, {"higher" if TASK_TABLE[t].higher else "lower"} is better]')
