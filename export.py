@@ -7,8 +7,10 @@
 
 The app contract (the same for both targets, one fixed input size H x W):
   input 'image'   RGB, values 0-255. ONNX: float32 (B, 3, H, W), any batch B. Core ML: an image
-                  (e.g. a camera frame) of H x W. The ImageNet normalisation is inside the model,
-                  folded into the patch-embedding conv (exact: that conv has no padding).
+                  (e.g. a camera frame) of H x W. A smaller image goes at the top left, the rest
+                  padded with the ImageNet mean colour (PAD_RGB, as training pads); a larger one is
+                  first shrunk to fit, aspect kept; the outputs' same top-left region is the image's.
+                  The ImageNet normalisation is inside the model (AppModel).
   outputs, one per task, at the input size:
     semseg, human_parts  int32 (B, H, W) class map (argmax); with --probabilities also
                          '<task>_prob' float32 (B, C, H, W), the softmax over the classes
@@ -27,6 +29,7 @@ import contextlib
 import copy
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -52,14 +56,16 @@ NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --
 
 # --weights: how each format stores its weights, in the words written to the file's metadata 'weights'.
 # Weights smaller than coremltools' threshold (2048 values: gates, norms, biases) stay fp16 in every
-# compressed Core ML package. ONNX int8 compresses the MatMul weights (the Linear layers: 88% of the
-# parameters of TaskExpert ViT-B on PASCAL, 93% of ViT-L on NYUD); the convs (heads, patch
-# embedding) stay fp32.
+# compressed Core ML package. ONNX int8 compresses the heads' convs and the MatMul weights (the Linear
+# layers: 88% of the parameters of TaskExpert ViT-B on PASCAL, 93% of ViT-L on NYUD); the patch
+# embedding, norms, biases and the position embedding stay fp32.
 WEIGHTS = {
     'onnx': {
         'fp32': 'fp32',
-        'int8': 'int8 MatMul weights, one scale per output channel (onnxruntime quantize_dynamic), activations '
-                'quantized to uint8 at run time (MatMulInteger); other weights fp32',
+        'int8': "int8 weights, one scale per output channel (onnxruntime): the heads' convs static QDQ, their "
+                'uint8 inputs scaled by calibration on val frames (quantize_static); MatMuls dynamic, their inputs '
+                'quantized to uint8 at run time (quantize_dynamic, MatMulInteger); other weights (the patch '
+                'embedding) fp32',
     },
     'coreml': {
         'fp32': 'fp32 weights and arithmetic',
@@ -121,10 +127,13 @@ def output_names(tasks, probabilities):
 class AppModel(nn.Module):
     """RGB 0-255 (B, 3, H, W) -> tuple of post-processed outputs, in the order of self.output_names.
 
-    (x / 255 - mean) / std is folded into the patch-embedding conv: conv_w,b((x / 255 - mean) / std)
-    = conv_w',b'(x) with w' = w / (255 std_c) and b' = b - sum_{c,i,j} w mean_c / std_c. This is exact
-    because the conv (stride 16, kernel 16) has no padding: every tap sees a real pixel. So a Core ML
-    ImageType input takes the camera frame as is (scale 1, no bias), with per-channel std exact.
+    The ImageNet normalisation (x / 255 - mean) / std is done in two steps, so that no weight becomes
+    tiny: the graph's first op multiplies the input by 1 / 255, and (x01 - mean) / std is folded into
+    the patch-embedding conv: conv_w,b((x01 - mean) / std) = conv_w',b'(x01) with w' = w / std_c and
+    b' = b - sum_{c,i,j} w mean_c / std_c. Exact, because that conv (stride 16, kernel 16) has no
+    padding: every tap sees a real pixel. w' is ~4x w; folding the 1 / 255 in too would make it ~57x
+    smaller than w, and its int8 scales fp16 subnormals, which hardware without subnormals reads as 0
+    (see subnormal_parameters). A Core ML ImageType input then takes the camera frame as is.
     """
 
     def __init__(self, model, probabilities=False):
@@ -139,10 +148,11 @@ class AppModel(nn.Module):
         with torch.no_grad():  # in float64, so the folding adds no rounding of its own
             w = proj.weight.double()  # (C, 3, 16, 16)
             proj.bias.copy_(proj.bias.double() - (w * mean / std).sum((1, 2, 3)))
-            proj.weight.copy_(w / (255 * std))
+            proj.weight.copy_(w / std)
 
     def forward(self, image):
-        return tuple(postprocess(self.model(image), self.probabilities).values())
+        x = image * (1 / 255)  # (B, 3, H, W) in [0, 1]
+        return tuple(postprocess(self.model(x), self.probabilities).values())
 
 
 def reference(model, images, probabilities):
@@ -154,18 +164,35 @@ def reference(model, images, probabilities):
     return {k: v.numpy() for k, v in postprocess(raw, probabilities).items()}, {k: v.numpy() for k, v in raw.items()}
 
 
-def check_images(n, img_size, seed=0):
+def check_images(n, img_size, seed=0, noise=True):
     """n test frames, float32 (n, 3, H, W) with integer values 0-255 like a camera's: even ones a
     synthetic room (data.render_scene: real-looking, smooth surfaces, edges), odd ones uniform noise
-    (every input value, far from the training statistics)."""
+    (every input value, far from the training statistics); all rooms if not noise."""
     rng = np.random.default_rng(seed)
-    frames = [render_scene(rng, img_size)['image'].transpose(2, 0, 1) if i % 2 == 0 else
+    frames = [render_scene(rng, img_size)['image'].transpose(2, 0, 1) if i % 2 == 0 or not noise else
               rng.integers(0, 256, (3, *img_size)) for i in range(n)]
     return np.stack(frames).astype(np.float32)
 
 
+# The input contract's letterbox, as training pads (data.to_tensors) and predict fits an image: the
+# pad colour is the ImageNet mean in 0-255 RGB, 0 after normalisation
+PAD_RGB = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # (123.675, 116.28, 103.53); 8-bit: 124, 116, 104
+LETTERBOX = ('an image larger than the input is shrunk to fit, aspect kept (bilinear; never enlarged), placed at '
+             'the top left, the rest padded with metadata padding; the outputs of its top-left region are the '
+             "image's")
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def describe(config, tasks, probabilities, img_size, checkpoint, step):
-    """-> (metadata dict str -> str, dict output name -> description), shared by both targets."""
+    """-> (metadata dict str -> str, dict output name -> description), shared by both targets. The
+    checkpoint is named by its file name and SHA-256: no path of this machine goes into an app."""
     dataset = config['dataset']
     names = CLASS_NAMES[TASK_SET[dataset]]
     H, W = img_size
@@ -173,12 +200,14 @@ def describe(config, tasks, probabilities, img_size, checkpoint, step):
         'tasks': ','.join(tasks),
         'classes': json.dumps({t: list(names[t]) for t in tasks if is_class_map(t)}),
         'input_size': f'{H}x{W}',
-        'input': f'RGB image {H}x{W}, values 0-255',
-        'normalisation': f'inside the model (folded into the first conv): (x / 255 - mean) / std, '
-                         f'ImageNet mean {IMAGENET_MEAN}, std {IMAGENET_STD}',
+        'input': f'RGB image {H}x{W}, values 0-255: {LETTERBOX}',
+        'padding': json.dumps(PAD_RGB),
+        'normalisation': f'inside the model: x / 255 (its first op), then (x - mean) / std folded into the first '
+                         f'conv, ImageNet mean {IMAGENET_MEAN}, std {IMAGENET_STD}',
         'dataset': dataset,
         'backbone': config['backbone'],
-        'checkpoint': os.path.abspath(checkpoint),
+        'checkpoint': os.path.basename(checkpoint),
+        'checkpoint_sha256': sha256(checkpoint),
         'step': str(step),
     }
     text = {
@@ -211,14 +240,15 @@ def describe(config, tasks, probabilities, img_size, checkpoint, step):
 # resize mode changes outputs by a good part of their range). Quantized weights err by themselves:
 # the int8 and 4bit tolerances sit about 3x above their largest errors on the test model and on the
 # quick start's checkpoint (README, 'Exported files'), so that one layer's scale off by 1.5x fails
-# the int8 ones, off by 2x the 4bit ones (tested). ONNX int8 also rounds each MatMul's input to 8
-# bits with one scale per tensor, set at run time by the input's range: it errs more than weights
-# alone, most on large inputs and the noise frame.
+# the int8 ones, off by 2x the 4bit ones (tested). ONNX int8 also rounds the inputs of its layers
+# to 8 bits with one scale per tensor (a MatMul's set at run time by its range, a conv's fixed by
+# calibration): it errs more than weights alone, most at the heads' convs, on frames unlike the
+# calibration's (the noise frame) and at large input sizes.
 TOLERANCE = {
     'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
     'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
     'int8': {'prob': 5e-2, 'depth': 6e-2, 'normals': 0.1, 'logit': 0.15},
-    'int8 dynamic': {'prob': 6e-2, 'depth': 0.2, 'normals': 0.1, 'logit': 0.25},  # ONNX int8
+    'int8 onnx': {'prob': 6e-2, 'depth': 0.1, 'normals': 0.1, 'logit': 0.25},
     '4bit': {'prob': 0.25, 'depth': 0.5, 'normals': 0.5, 'logit': 1.0},
 }
 
@@ -273,6 +303,13 @@ def compare(got, ref, raw, tol):
     return lines
 
 
+def subnormals(a):
+    """How many values of an array are subnormal in its own float dtype (not 0, below its smallest
+    normal number: 2^-14 in fp16, 2^-126 in fp32); 0 for integers."""
+    a = np.asarray(a)
+    return int(((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
+
+
 # -------------------------------------------------------------------------------------------------
 # Writing files: in a work folder beside the final path, moved into place when checked
 # -------------------------------------------------------------------------------------------------
@@ -316,11 +353,17 @@ def remove_stale_work(folder):
 
 def install(tmp, path):
     """Move tmp (a file or a .mlpackage folder, inside work_dir(path)) to path. os.replace cannot swap
-    a folder over an existing one: the old one is moved into the work folder first, so path is always
-    complete or absent."""
+    a folder over an existing one: the old one is moved into the work folder first, and back if the
+    move of the new one fails, so path always holds a complete export: the new one or the old one."""
+    previous = os.path.join(os.path.dirname(tmp), 'previous')
     if os.path.isdir(tmp) and os.path.exists(path):
-        os.replace(path, os.path.join(os.path.dirname(tmp), 'previous'))
-    os.replace(tmp, path)
+        os.replace(path, previous)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(previous):
+            os.replace(previous, path)
+        raise
 
 
 def disk_size(path):
@@ -348,10 +391,11 @@ def quiet(*loggers):
             logger.setLevel(level)
 
 
-def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
+def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, calibration=None):
     """Export with the dynamo exporter at opset 20 (pinned: its default in torch 2.13, the version tested),
-    batch dynamic, all weights in the one file. int8: an fp32 export quantized by onnxruntime: fp32,
-    the file of one made in this run, else one made beside path."""
+    batch dynamic, all weights in the one file. int8: an fp32 export quantized by onnxruntime
+    (quantize_onnx, calibrated on the frames `calibration`): fp32, the file of one made in this run,
+    else one made beside path."""
     import onnx
     made = weights == 'fp32' or fp32 is None
     if made:
@@ -366,7 +410,7 @@ def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
         fp32 = path if weights == 'fp32' else path + '.fp32'
         program.save(fp32, external_data=False)
     if weights == 'int8':
-        quantize_onnx(fp32, path)
+        quantize_onnx(fp32, path, calibration)
         if made:
             os.remove(fp32)
         proto = onnx.load(path)  # the quantizer keeps the metadata and descriptions: only 'weights' changes
@@ -375,36 +419,90 @@ def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
     onnx.checker.check_model(path, full_check=True)
 
 
-def quantize_onnx(src, dst):
-    """Dynamic int8 quantization: each MatMul with a constant weight (the Linear layers; the attention
-    products have none) becomes MatMulInteger on int8 weights with one scale per output channel, its
-    input quantized to uint8 with one scale per tensor at run time (DynamicQuantizeLinear). All
-    standard ONNX ops. Its logging is silenced: it recommends onnxruntime's pre-processing, which on
-    our graph quantizes the same MatMuls to the same outputs (and whose symbolic shape inference
-    fails on the exporter's Expand nodes)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_onnx(src, dst, calibration=None):
+    """int8, with standard ONNX ops, in two passes of onnxruntime's quantizer:
+    1. static, the heads' convs (their 3x3 convs at 1/4 resolution are about half the work at the
+       paper's width): QDQ with int8 weights, one scale per output channel, and uint8 inputs with one
+       scale per tensor fixed by the min / max seen on `calibration`, frames float32 (N, 3, H, W) in
+       0-255. The patch embedding stays fp32 (~1% of the work): every later error starts there (in a
+       trial at 448x576, quantizing it gave most of the int8 file's error);
+    2. dynamic, each MatMul with a constant weight (the Linear layers; the attention products have
+       none): MatMulInteger on int8 weights with one scale per output channel, its input quantized to
+       uint8 at run time (DynamicQuantizeLinear); in a trial it ran faster than static MatMuls.
+       calibration None: this pass alone (what --benchmark compares an int8 file with).
+    Their logging is silenced: it recommends onnxruntime's pre-processing, which on our graph
+    quantizes the same ops to the same outputs (and whose symbolic shape inference fails on the
+    exporter's Expand nodes)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    class Frames(CalibrationDataReader):
+        def __init__(self):
+            self.frames = iter(calibration)
+
+        def get_next(self):
+            frame = next(self.frames, None)
+            return None if frame is None else {'image': frame[None]}
+    convs = dst + '.conv'
     with quiet(''):
-        quantize_dynamic(src, dst, op_types_to_quantize=['MatMul', 'Gemm'], per_channel=True,
-                         weight_type=QuantType.QInt8)
+        if calibration is not None:
+            patch_embed = [n.name for n in onnx.load(src).graph.node
+                           if n.op_type == 'Conv' and n.input[1].endswith('patch_embed.proj.weight')]
+            quantize_static(src, convs, Frames(), quant_format=QuantFormat.QDQ, op_types_to_quantize=['Conv'],
+                            nodes_to_exclude=patch_embed, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        quantize_dynamic(src if calibration is None else convs, dst, op_types_to_quantize=['MatMul', 'Gemm'],
+                         per_channel=True, weight_type=QuantType.QInt8)
+    remove(convs)
 
 
-def load_onnx(path, threads=0):
+def load_onnx(path, threads=0, flush=False):
     """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array,
-    computed by onnxruntime on this CPU (with `threads` threads; 0: one per core)."""
+    computed by onnxruntime on this CPU (with `threads` threads; 0: one per core). flush: the CPU
+    reads and writes subnormals as zero (onnxruntime sets its denormals-are-zero and flush-to-zero
+    modes)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if flush:
+        options.add_session_config_entry('session.set_denormal_as_zero', '1')
     session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     names = [o.name for o in session.get_outputs()]
     return lambda images: dict(zip(names, session.run(None, {'image': images})))
 
 
+def onnx_subnormals(path):
+    """The stored floats of an ONNX file that are subnormal in their dtype -> dict 'op name (initializer)'
+    -> their number, each named by the node that reads it."""
+    import onnx
+    graph = onnx.load(path).graph
+    counts = {i.name: n for i in graph.initializer if (n := subnormals(onnx.numpy_helper.to_array(i)))}
+    return {f'{node.op_type} {node.name!r} ({name})': counts[name] for node in graph.node for name in node.input
+            if name in counts}
+
+
 def check_onnx(path, model, probabilities, img_size, weights):
-    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with)."""
-    images = check_images(3, img_size, seed=1)
+    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with), then once
+    more with subnormals flushed to zero. No stored float (weights, quantization scales) may be subnormal.
+    int8 is checked on rooms alone: its convs' input ranges are calibrated on real frames, and clip
+    those of the noise frame, as they would clip any frame unlike the calibration's."""
+    bad = onnx_subnormals(path)
+    if bad:
+        raise CheckFailed(f'{sum(bad.values())} stored values are subnormal, read as 0 by hardware without '
+                          'subnormals: ' + ', '.join(f'{op}: {n}' for op, n in bad.items()))
+    images = check_images(3, img_size, seed=1, noise=weights != 'int8')
     ref, raw = reference(model, images, probabilities)
-    lines = compare(load_onnx(path)(images), ref, raw, TOLERANCE['int8 dynamic' if weights == 'int8' else weights])
-    return f'onnxruntime CPU vs PyTorch, {weights} weights, 3 frames (room, noise, room)', lines
+    tol = TOLERANCE['int8 onnx' if weights == 'int8' else weights]
+    lines = compare(load_onnx(path)(images), ref, raw, tol)
+    try:
+        compare(load_onnx(path, flush=True)(images), ref, raw, tol)
+    except CheckFailed as e:
+        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+    lines.append('with subnormals flushed to zero (none stored; onnxruntime\'s denormals-are-zero mode): '
+                 'within the same limits')
+    frames = '3 rooms' if weights == 'int8' else '3 frames (room, noise, room)'
+    return f'onnxruntime CPU vs PyTorch, {weights} weights, {frames}', lines
 
 
 # -------------------------------------------------------------------------------------------------
@@ -437,7 +535,7 @@ def export_coreml(app, img_size, path, weights, meta, descriptions):
         exported_program(app, tuple(img_size)), convert_to='mlprogram',
         minimum_deployment_target=ct.target.iOS18 if weights == '4bit' else ct.target.iOS17,
         compute_precision=ct.precision.FLOAT32 if weights == 'fp32' else ct.precision.FLOAT16,
-        # scale 1, no bias: the model normalises itself (AppModel), exactly per channel
+        # scale 1, no bias: the program normalises the frame itself (AppModel), exactly per channel
         inputs=[ct.ImageType(name='image', shape=(1, 3, H, W), color_layout=ct.colorlayout.RGB, scale=1.0,
                              bias=[0.0, 0.0, 0.0])],
         # float32 outputs (else an fp16 program returns Float16), int32 class maps
@@ -450,7 +548,7 @@ def export_coreml(app, img_size, path, weights, meta, descriptions):
                                  f'trained on {meta["dataset"]}: {meta["tasks"].replace(",", ", ")} from one RGB image')
     mlmodel.version = f'step {meta["step"]}'
     mlmodel.user_defined_metadata.update(meta, weights=WEIGHTS['coreml'][weights])
-    mlmodel.input_description['image'] = meta['input'] + ', e.g. a camera frame scaled to that size'
+    mlmodel.input_description['image'] = meta['input']
     for name, text in descriptions.items():
         mlmodel.output_description[name] = text.replace('(B, ', '(1, ')
     mlmodel.save(path)
@@ -473,8 +571,15 @@ def quantize_coreml(mlmodel, weights):
 # The Linux check: Core ML cannot run here, but the saved package's ML program can be read back
 # (coremltools' milproto loader, weights from the package's blob file) and executed op by op with
 # torch. Each op computes in fp32 and its result is rounded to the dtype the program declares for
-# it (fp16 throughout an fp16 package), which models fp16 storage with fp32 accumulation. This
-# checks the conversion and the saved weights, not Apple's kernels or the Neural Engine.
+# it (fp16 throughout an fp16 package), which models fp16 storage with fp32 accumulation. Two things
+# a device may do differently are checked on top:
+# - fp16 arithmetic inside an op: for the ops that sum over many values (FP16_SUMS) the interpreter
+#   measures the largest sum the op forms before its result (a LayerNorm's sum of squares, a dot
+#   product's partial sums) and fails if it passes fp16's largest number, naming the op;
+# - no subnormals: the Neural Engine and GPUs may flush fp16 numbers below 2^-14 to zero. No
+#   quantization parameter may be subnormal (subnormal_parameters), and the check runs a second time
+#   with every stored and computed subnormal flushed to zero (flush=True).
+# This checks the conversion and the saved weights, not Apple's kernels or the Neural Engine.
 
 
 def _ints(v):
@@ -616,8 +721,13 @@ def load_mil_program(package):
     return load(spec, spec.specificationVersion, mlmodel.weights_dir).functions['main']
 
 
-def _stored(v):
-    """fp16 values are kept widened to fp32 (exactly) for the arithmetic of the ops that read them."""
+def _stored(v, flush=False):
+    """A value as the interpreter keeps it: fp16 widened to fp32 (exactly) for the arithmetic of the
+    ops that read it; with flush, the subnormals (of its own dtype) of a tensor set to zero first.
+    Scalars are op parameters, which a kernel reads as it likes (a LayerNorm's epsilon of 1e-6 is an
+    fp16 subnormal: read as 0, a constant token, such as an untrained class token, would give 0 / 0)."""
+    if flush and v.is_floating_point() and v.ndim:
+        v = torch.where(v.abs() < torch.finfo(v.dtype).tiny, 0, v)
     return v.float() if v.dtype == torch.float16 else v
 
 
@@ -626,51 +736,130 @@ def _operand(v):
     return v.item() if isinstance(v, torch.Tensor) and v.ndim == 0 else v
 
 
-def run_mil_program(main, image):
+def _layer_norm_sums(a):
+    x = a['x']  # the normalised axes are the last ones (_layer_norm)
+    axes = list(range(x.ndim - len(_ints(a['axes'])), x.ndim))
+    return max(x.sum(axes).abs().max(), ((x - x.mean(axes, keepdim=True)) ** 2).sum(axes).max())
+
+
+def _dot_sums(a):
+    """|x| times |w| through the op itself: no partial sum of a dot product, in any order, is larger."""
+    if 'query' in a:  # scaled_dot_product_attention: q k^T / sqrt(d); the softmax weights sum to 1
+        return (a['query'].abs() @ a['key'].abs().mT).max() / a['query'].shape[-1] ** 0.5
+    keys = {'x', 'y', 'weight'} & a.keys()
+    op = 'matmul' if 'y' in a else 'conv' if a['weight'].ndim == 4 else 'linear'
+    return MIL_OPS[op]({**a, **{k: a[k].abs() for k in keys}, 'bias': None}).max()
+
+
+# The ops that sum over many values -> the largest sum they form in fp32 before their result, which a
+# device computing in fp16 would have to hold (an fp16 package only)
+FP16_SUMS = {
+    'layer_norm': _layer_norm_sums,  # the sum of the inputs (the mean) and of squared deviations (variance)
+    'reduce_mean': lambda a: _reduce(lambda x, axes, keep: x.sum(axes).abs())(a).max(),
+    'reduce_l2_norm': lambda a: _reduce(lambda x, axes, keep: (x * x).sum(axes))(a).max(),
+    'softmax': lambda a: float(a['x'].shape[int(a.get('axis', -1))]),  # sum of exp(x - max) <= the count
+    'linear': _dot_sums, 'matmul': _dot_sums, 'conv': _dot_sums, 'scaled_dot_product_attention': _dot_sums,
+}
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+
+
+def run_mil_program(main, image, flush=False, peak=None):
     """Execute an ML program's main function (load_mil_program) on image float32 (1, 3, H, W) in
-    0-255 -> dict output name -> array, as described above."""
+    0-255 -> dict output name -> array, as described above; flush: subnormals read as 0. Raises
+    CheckFailed naming the op when an fp16 op's sum passes fp16's range; peak (a dict), if given,
+    keeps the largest such sum as peak['sum'], peak['op']."""
     from coremltools.converters.mil.mil import types
     env = {name: torch.from_numpy(image) for name in main.inputs}
     for op in main.operations:
         if op.op_type == 'const':  # a weight (read from the blob file) or a parameter such as a shape
             v = op.outputs[0].val
-            env[op.outputs[0].name] = v if isinstance(v, str) else _stored(torch.as_tensor(np.asarray(v)))
+            env[op.outputs[0].name] = v if isinstance(v, str) else _stored(torch.as_tensor(np.asarray(v)), flush)
             continue
         if op.op_type not in MIL_OPS:
             raise NotImplementedError(f'the Core ML checker has no rule for MIL op {op.op_type!r}: add one to MIL_OPS')
         args = {k: [_operand(env[v.name]) for v in var] if isinstance(var, (list, tuple)) else _operand(env[var.name])
                 for k, var in op.inputs.items()}  # a list for concat's values
+        dtypes = [types.builtin_to_string(var.dtype) for var in op.outputs]
+        if op.op_type in FP16_SUMS and dtypes[0] == 'fp16':
+            total = float(FP16_SUMS[op.op_type](args))
+            if total > FP16_MAX:
+                raise CheckFailed(f'{op.op_type} {op.name!r} forms a sum of {total:.3g} inside the op, beyond fp16\'s '
+                                  f'{FP16_MAX:g}: a device computing it in fp16 overflows')
+            if peak is not None and total > peak.get('sum', 0):
+                peak.update(sum=total, op=f'{op.op_type} {op.name!r}')
         result = MIL_OPS[op.op_type](args)
-        for var, value in zip(op.outputs, result if isinstance(result, (tuple, list)) else (result,)):
-            env[var.name] = _stored(value.to(_DTYPES[types.builtin_to_string(var.dtype)]))
+        for var, dtype, value in zip(op.outputs, dtypes, result if isinstance(result, (tuple, list)) else (result,)):
+            env[var.name] = _stored(value.to(_DTYPES[dtype]), flush)
     return {v.name: env[v.name].numpy() for v in main.outputs}
+
+
+# The quantization parameters of each compressed-weight op of the iOS 16-18 opsets
+QUANTIZATION_INPUTS = {'constexpr_affine_dequantize': ('scale', 'zero_point'),
+                       'constexpr_blockwise_shift_scale': ('scale', 'offset'),
+                       'constexpr_lut_to_dense': ('lut',)}
+
+
+def subnormal_parameters(main):
+    """An ML program's subnormal quantization parameters -> dict 'op_type name' -> their number."""
+    counts = {f'{op.op_type} {op.name!r}': sum(subnormals(op.inputs[k].val) for k in keys if k in op.inputs)
+              for op in main.operations if (keys := QUANTIZATION_INPUTS.get(op.op_type))}
+    return {op: n for op, n in counts.items() if n}
+
+
+def stored_subnormals(main):
+    """-> (subnormal values, all values) of the floats an ML program stores (its const ops)."""
+    consts = [np.asarray(op.outputs[0].val) for op in main.operations
+              if op.op_type == 'const' and not isinstance(op.outputs[0].val, str)]
+    return sum(subnormals(c) for c in consts), sum(c.size for c in consts if np.issubdtype(c.dtype, np.floating))
+
+
+def one_at_a_time(run):
+    """run: one frame (1, 3, H, W) -> dict of (1, ...) arrays -> the same for frames (N, 3, H, W)."""
+    def predict(images):
+        outs = [run(im[None]) for im in images]
+        return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
+    return predict
 
 
 def load_coreml(package):
     """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array, the
     frames run one at a time (the input is one image): Core ML itself on macOS (CPU, Apple's kernels),
     else the ML program interpreter above."""
-    if platform.system() == 'Darwin':
-        from PIL import Image
-        ct = import_coremltools()
-        mlmodel = ct.models.MLModel(package, compute_units=ct.ComputeUnit.CPU_ONLY)
-        run = lambda im: mlmodel.predict({'image': Image.fromarray(im.transpose(1, 2, 0).astype(np.uint8), 'RGB')})  # noqa: E731
-    else:
+    if platform.system() != 'Darwin':
         main = load_mil_program(package)
-        run = lambda im: run_mil_program(main, im[None])  # noqa: E731
-
-    def predict(images):
-        outs = [run(im) for im in images]
-        return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
-    return predict
+        return one_at_a_time(lambda im: run_mil_program(main, im))
+    from PIL import Image
+    ct = import_coremltools()
+    mlmodel = ct.models.MLModel(package, compute_units=ct.ComputeUnit.CPU_ONLY)
+    return one_at_a_time(lambda im: mlmodel.predict({'image': Image.fromarray(im[0].transpose(1, 2, 0).astype(np.uint8),
+                                                                             'RGB')}))
 
 
 def check_coreml(path, model, probabilities, img_size, weights):
-    """The saved package vs PyTorch on 2 frames (room, noise)."""
+    """The saved package vs PyTorch on 2 frames (room, noise), by Core ML on macOS, else by the
+    interpreter (which checks fp16 sums); then its program once more with subnormals flushed to zero
+    (the interpreter, everywhere). No quantization parameter may be subnormal."""
+    main = load_mil_program(path)
+    bad = subnormal_parameters(main)
+    if bad:
+        raise CheckFailed(f'{sum(bad.values())} quantization parameters are fp16 subnormals, read as 0 by hardware '
+                          'without subnormals: ' + ', '.join(f'{op}: {n}' for op, n in bad.items()))
     images = check_images(2, img_size, seed=1)
     ref, raw = reference(model, images, probabilities)
-    lines = compare(load_coreml(path)(images), ref, raw, TOLERANCE[weights])
-    how = 'Core ML (CPU)' if platform.system() == 'Darwin' else 'its ML program run by the Linux checker'
+    tol, peak = TOLERANCE[weights], {}
+    darwin = platform.system() == 'Darwin'
+    run = load_coreml(path) if darwin else one_at_a_time(lambda im: run_mil_program(main, im, peak=peak))
+    lines = compare(run(images), ref, raw, tol)
+    try:
+        compare(one_at_a_time(lambda im: run_mil_program(main, im, flush=True))(images), ref, raw, tol)
+    except CheckFailed as e:
+        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+    n, total = stored_subnormals(main)
+    lines.append(f'with subnormals flushed to zero ({n:,} of the {total:,} stored values, and those computed): '
+                 'within the same limits')
+    if peak:
+        lines.append(f'largest sum inside an fp16 op: {peak["sum"]:.3g} ({peak["op"]}; fp16 holds {FP16_MAX:g})')
+    how = 'Core ML (CPU)' if darwin else 'its ML program run by the Linux checker'
     return f'{how} vs PyTorch, {weights} weights, 2 frames (room, noise)', lines
 
 
@@ -690,6 +879,13 @@ def open_val(config, data_root, img_size, tasks):
                                      tasks=tuple(tasks))
     val[0]  # an image larger than the export size fails here, not after the first export
     return val
+
+
+def calibration_frames(val, n):
+    """n frames spread evenly over the val split (the first ones also measure the metric change),
+    float32 (n, 3, H, W) in 0-255, padded as the contract pads."""
+    ids = np.unique(np.linspace(0, len(val) - 1, min(n, len(val))).round().astype(int))
+    return denormalise(torch.stack([val[int(i)]['image'] for i in ids])).numpy()
 
 
 def as_scores(task, x, channels):
@@ -727,38 +923,46 @@ def metric_change(got, base):
 
 def benchmark(app, files, img_size, runs=20, warmup=3):
     """files: dict (target, weights) -> path. Median latency at batch 1 of eager PyTorch (the same
-    AppModel) and of each ONNX file in onnxruntime on this CPU, with every file's size. They run in
-    turn, run by run, so that other load on the machine slows all alike, with torch's number of
-    threads (OMP_NUM_THREADS sets it). Core ML runs on Apple devices only: its latency is for Xcode's
-    Core ML performance report."""
+    AppModel) and of each ONNX file in onnxruntime on this CPU, with every file's size. Next to an
+    int8 file, for comparison, the fp32 file quantized by the dynamic pass alone (quantize_onnx
+    without calibration; not written): what calibrating the convs buys. They run in turn, run by run,
+    so that other load on the machine slows all alike, with torch's number of threads
+    (OMP_NUM_THREADS sets it). Core ML runs on Apple devices only: its latency is for Xcode's Core ML
+    performance report."""
     image = check_images(1, img_size)
+    threads = torch.get_num_threads()
     engines = {('PyTorch eager', 'fp32'): lambda: app(torch.from_numpy(image))}
-    engines.update({k: functools.partial(load_onnx(p, torch.get_num_threads()), image)
-                    for k, p in files.items() if k[0] == 'onnx'})
-    times = {k: [] for k in engines}
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            for k, run in engines.items():
-                t = time.perf_counter()
-                run()
-                if i >= warmup:
-                    times[k].append(time.perf_counter() - t)
+    engines.update({k: functools.partial(load_onnx(p, threads), image) for k, p in files.items() if k[0] == 'onnx'})
+    with tempfile.TemporaryDirectory() as tmp:
+        if ('onnx', 'int8') in files and ('onnx', 'fp32') in files:
+            dynamic = os.path.join(tmp, 'dynamic.onnx')
+            quantize_onnx(files['onnx', 'fp32'], dynamic)
+            engines['onnx', 'int8 dynamic'] = functools.partial(load_onnx(dynamic, threads), image)
+        times = {k: [] for k in engines}
+        with torch.inference_mode():
+            for i in range(warmup + runs):
+                for k, run in engines.items():
+                    t = time.perf_counter()
+                    run()
+                    if i >= warmup:
+                        times[k].append(time.perf_counter() - t)
     median = {k: statistics.median(v) for k, v in times.items()}
     t_torch = median['PyTorch eager', 'fp32']
     print(f'benchmark: batch 1, {img_size[0]}x{img_size[1]}, median of {runs} runs after {warmup} warm-up, '
-          f'{os.cpu_count()} CPU cores, {torch.get_num_threads()} thread(s) each:\n'
-          f'  PyTorch eager, fp32          {1e3 * t_torch:8.1f} ms')
-    for (target, weights), path in files.items():
-        size = f'  {target} {weights}'.ljust(16) + f'{disk_size(path) / 2 ** 20:7.1f} MiB'
-        if (target, weights) in median:
-            t = median[target, weights]
-            print(f'{size} {1e3 * t:8.1f} ms  ({t_torch / t:.2f}x the speed of PyTorch eager)')
+          f'{os.cpu_count()} CPU cores, {threads} thread(s) each:')
+    for key in [('PyTorch eager', 'fp32'), *files, *(k for k in median if k not in files and k[0] == 'onnx')]:
+        size = f'{disk_size(files[key]) / 2 ** 20:.1f} MiB' if key in files else 'not written' * (key[0] == 'onnx')
+        line = f'  {key[0]} {key[1]}'.ljust(22) + size.rjust(11)
+        if key in median:
+            speed = f'  ({t_torch / median[key]:.2f}x the speed of PyTorch eager)' * (key[0] == 'onnx')
+            print(f'{line} {1e3 * median[key]:8.1f} ms{speed}')
         else:
-            print(f'{size}  latency: on an Apple device (Xcode\'s Core ML performance report)')
+            print(f'{line}  latency: on an Apple device (Xcode\'s Core ML performance report)')
 
 
-def run_target(name, path, export, check):
-    """Export in a work folder, check it, move it into place; print the report. -> True if done."""
+def run_target(name, path, export, check, measure):
+    """Export in a work folder, check it, measure it (-> a line, or None), move it into place; print
+    the report. -> True if done."""
     work = work_dir(path)
     remove(work)  # this process's name: a leftover of an earlier process with the same pid
     os.makedirs(work)
@@ -768,6 +972,8 @@ def run_target(name, path, export, check):
         export(tmp)
         t_export = time.perf_counter() - t0
         how, lines = check(tmp)
+        t_check = time.perf_counter() - t0 - t_export
+        measured = measure(tmp)  # on val frames: the Core ML checker's fp16 sums are checked there too
         install(tmp, path)
     except Exception as e:
         why = str(e) if isinstance(e, CheckFailed) else traceback.format_exc()
@@ -776,7 +982,7 @@ def run_target(name, path, export, check):
     finally:
         remove(work)
     print(f'{name}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
-          f'check {time.perf_counter() - t0 - t_export:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines))
+          f'check {t_check:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines) + f'\n  {measured}' * bool(measured))
     return True
 
 
@@ -801,6 +1007,9 @@ def parse_args():
                                        '(default: the checkpoint\'s training data)')
     p.add_argument('--val-images', type=int, default=50, metavar='N',
                    help='val images for the metric change (default 50, the first ones of the split; 0: none)')
+    p.add_argument('--calib-images', type=int, default=32, metavar='N',
+                   help='val frames that calibrate ONNX int8 (the input range of each conv), spread over the split '
+                        '(default 32)')
     p.add_argument('--benchmark', action='store_true',
                    help='time each ONNX file in onnxruntime against eager PyTorch on this CPU (batch 1), '
                         'with the size of every file')
@@ -815,6 +1024,8 @@ def parse_args():
         raise SystemExit('export.py: --benchmark times the ONNX model: add onnx to --target')
     if args.val_images < 0:
         raise SystemExit(f'export.py: --val-images {args.val_images}: must be 0 or more')
+    if args.calib_images < 1:
+        raise SystemExit(f'export.py: --calib-images {args.calib_images}: must be 1 or more')
     if args.data_root is not None and not os.path.isdir(args.data_root):
         raise SystemExit(f'export.py: --data-root {args.data_root} is not a folder: pass a dataset folder '
                          f'(README.md, section Datasets)')
@@ -846,12 +1057,16 @@ def main():
     app = AppModel(model, args.probabilities)
     meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, model.step)
     val = None
-    if args.val_images:
+    calibrated = ('onnx', 'int8') in variants
+    if args.val_images or calibrated:
         try:
             val = open_val(config, args.data_root, img_size, model.tasks)
         except (DataError, ValueError) as e:
             if args.data_root is not None:
                 raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
+            if calibrated:
+                raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read '
+                                 f'({e}): pass --data-root with a val split')
             print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
@@ -870,25 +1085,33 @@ def main():
 
 def export_all(variants, stem, app, model, img_size, meta, descriptions, args, val):
     """Each (target, weights) exported, checked and moved into place (run_target), with its metric
-    change on val when given -> dict (target, weights) -> the path of each file written."""
-    done, base = {}, None
+    change on val when asked -> dict (target, weights) -> the path of each file written."""
+    done, base = {}, {}
+    n = min(args.val_images, len(val)) if val is not None else 0
+
+    def measure(load, tmp):
+        if not n:
+            return None
+        predict = load(tmp)
+        if not base:  # the fp32 PyTorch model's, measured once
+            base.update(main_metrics(lambda im: reference(model, im, args.probabilities)[0], val, n, model.tasks,
+                                     model.config['dataset']))
+        got = main_metrics(predict, val, n, model.tasks, model.config['dataset'])
+        return f'main metrics on {n} val images of {val.root}, fp32 PyTorch -> this file: {metric_change(got, base)}'
     for target, weights in variants:
         export, check, load = {'onnx': (export_onnx, check_onnx, load_onnx),
                                'coreml': (export_coreml, check_coreml, load_coreml)}[target]
         file = stem + ('' if (target, weights) == ('onnx', 'fp32') else f'_{weights}') + \
             ('.onnx' if target == 'onnx' else '.mlpackage')
-        more = dict(fp32=done.get(('onnx', 'fp32'))) if target == 'onnx' else {}
-        if not run_target(f'{target} {weights}', file,
-                          lambda tmp: export(app, img_size, tmp, weights, meta, descriptions, **more),
-                          lambda tmp: check(tmp, model, args.probabilities, img_size, weights)):
-            continue
-        done[target, weights] = file
-        if val is not None:
-            n, dataset = min(args.val_images, len(val)), model.config['dataset']
-            base = base or main_metrics(lambda im: reference(model, im, args.probabilities)[0], val, n, model.tasks,
-                                        dataset)
-            got = main_metrics(load(file), val, n, model.tasks, dataset)
-            print(f'  main metrics on {n} val images of {val.root}, fp32 PyTorch -> this file: {metric_change(got, base)}')
+        more = {}
+        if target == 'onnx':
+            more = dict(fp32=done.get(('onnx', 'fp32')),
+                        calibration=calibration_frames(val, args.calib_images) if weights == 'int8' else None)
+        if run_target(f'{target} {weights}', file,
+                      lambda tmp: export(app, img_size, tmp, weights, meta, descriptions, **more),
+                      lambda tmp: check(tmp, model, args.probabilities, img_size, weights),
+                      functools.partial(measure, load)):
+            done[target, weights] = file
     return done
 
 

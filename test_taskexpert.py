@@ -22,6 +22,7 @@ import pytest
 import scipy.io
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_bipartite_matching
@@ -1827,8 +1828,14 @@ def _export_tiny(tasks, **options):
 
 
 def _export_describe(model, dataset, probabilities=False):
+    """The metadata of a model that has no checkpoint file (named and hashed as an empty file)."""
     return export.describe({'dataset': dataset, 'backbone': 'tiny'}, model.tasks, probabilities, _EXPORT_SIZE,
-                           'test.pt', 0)
+                           os.devnull, 0)
+
+
+def _export_rooms(n, size=_EXPORT_SIZE):
+    """n synthetic rooms as camera frames float32 (n, 3, H, W) in 0-255: calibration frames."""
+    return export.check_images(2 * n, size, seed=2)[::2]  # the even ones are rooms
 
 
 @pytest.fixture(scope='module')
@@ -1840,7 +1847,8 @@ def _export_onnx_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp('onnx')
     paths = {w: str(folder / f'model_{w}.onnx') for w in ('fp32', 'int8')}
     export.export_onnx(app, _EXPORT_SIZE, paths['fp32'], 'fp32', *_export_describe(model, 'nyud'))
-    export.export_onnx(app, _EXPORT_SIZE, paths['int8'], 'int8', *_export_describe(model, 'nyud'), fp32=paths['fp32'])
+    export.export_onnx(app, _EXPORT_SIZE, paths['int8'], 'int8', *_export_describe(model, 'nyud'), fp32=paths['fp32'],
+                       calibration=_export_rooms(32))
     return model, paths
 
 
@@ -1849,9 +1857,9 @@ def _export_onnx_files(tmp_path_factory):
 def test_export_onnx_matches_pytorch_at_another_batch(_export_onnx_files, weights):
     model, paths = _export_onnx_files
     how, lines = export.check_onnx(paths[weights], model, False, _EXPORT_SIZE, weights)  # raises if out of tolerance
-    assert '3 frames' in how and weights in how  # exported with a batch of 2
+    assert ('3 rooms' if weights == 'int8' else '3 frames') in how and weights in how  # exported at batch 2
     proto = onnx.load(paths[weights])
-    assert [o.name for o in proto.graph.output] == list(TASKS['nyud']) and len(lines) == 4
+    assert [o.name for o in proto.graph.output] == list(TASKS['nyud']) and len(lines) == 5
     assert all(o.doc_string for o in proto.graph.output)
     props = {p.key: p.value for p in proto.metadata_props}
     assert props['tasks'] == ','.join(TASKS['nyud']) and props['input_size'] == '64x96'
@@ -1859,16 +1867,24 @@ def test_export_onnx_matches_pytorch_at_another_batch(_export_onnx_files, weight
     assert proto.graph.input[0].name == 'image'
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
     assert {o.domain: o.version for o in proto.opset_import}[''] == 20  # the pinned opset
-    # int8: each Linear weight stored once, in int8 (no fp32 copy left), the other parameters in fp32;
-    # standard ONNX ops only
+    # int8: each Linear and conv weight stored once, in int8 (no fp32 copy left), the other parameters
+    # in fp32; the Linears as MatMulInteger (dynamic), the convs between QDQ pairs (static); standard
+    # ONNX ops only; no stored value subnormal, and the check ran again with subnormals flushed
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in model.heads.modules() if isinstance(m, nn.Conv2d)]  # the patch embedding stays fp32
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count('MatMulInteger') == (len(linears) if weights == 'int8' else 0)
+    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    conv_inputs = [made_by.get(i) for n in proto.graph.node if n.op_type == 'Conv' and 'heads' in n.input[1]
+                   for i in n.input[:2]]  # (a quantized weight's name ends in _DequantizeLinear_Output)
+    assert len(conv_inputs) == 2 * len(convs)
+    assert set(conv_inputs) == ({'DequantizeLinear'} if weights == 'int8' else {None, 'Gelu', 'Resize'})
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
-    expected = fp32_bytes - (3 * sum(m.weight.numel() for m in linears) if weights == 'int8' else 0)
+    expected = fp32_bytes - (3 * sum(m.weight.numel() for m in linears + convs) if weights == 'int8' else 0)
     assert 0.99 * expected < stored < 1.02 * expected  # (the unused final LayerNorm is not stored)
+    assert export.onnx_subnormals(paths[weights]) == {} and 'with subnormals flushed to zero' in lines[-1]
 
 
 @pytest.mark.heavy
@@ -1880,18 +1896,24 @@ def test_export_onnx_probabilities_and_options(tmp_path):
     export.export_onnx(app, _EXPORT_SIZE, path, 'fp32', *_export_describe(model, 'pascal', True))
     how, lines = export.check_onnx(path, model, True, _EXPORT_SIZE, 'fp32')
     names = [o.name for o in onnx.load(path).graph.output]
-    assert names == app.output_names and len(lines) == len(names)
+    assert names == app.output_names and len(lines) == len(names) + 1  # + the flushed run's
     assert 'semseg_prob' in names and 'human_parts_prob' in names and 'sal' in names
 
 
 @pytest.mark.heavy
-def test_export_onnx_check_catches_a_wrong_scale(_export_onnx_files, tmp_path):
-    """A quantizer bug that keeps the int8 values but stores a wrong scale for one layer (here 1.5x, the
-    first attention's qkv) is caught at the int8 tolerances."""
+@pytest.mark.parametrize('layer', ['first MatMul', 'depth head conv'])
+def test_export_onnx_check_catches_a_wrong_scale(_export_onnx_files, tmp_path, layer):
+    """A quantizer bug that keeps the int8 values but stores a wrong scale for one layer (here 1.5x: the
+    first attention's qkv, dynamic; the depth head's 3x3 conv, static) is caught at the int8 tolerances."""
     model, paths = _export_onnx_files
     proto = onnx.load(paths['int8'])
-    qkv = next(n for n in proto.graph.node if n.op_type == 'MatMulInteger')
-    scale = next(i for i in proto.graph.initializer if i.name == qkv.input[1].replace('_quantized', '_scale'))
+    inits = {i.name: i for i in proto.graph.initializer}
+    if layer == 'first MatMul':
+        qkv = next(n for n in proto.graph.node if n.op_type == 'MatMulInteger')
+        scale = inits[qkv.input[1].replace('_quantized', '_scale')]
+    else:  # the DequantizeLinear that expands the conv's int8 weight
+        scale = inits[next(n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+                           and n.input[0] == 'model.heads.depth.conv.weight_quantized').input[1]]
     scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 1.5, scale.name))
     broken = str(tmp_path / 'broken.onnx')
     onnx.save(proto, broken)
@@ -1933,7 +1955,10 @@ def _export_coreml_packages(tmp_path_factory):
 def test_export_coreml_program_matches_pytorch(_export_coreml_packages, weights):
     model, paths = _export_coreml_packages
     how, lines = export.check_coreml(paths[weights], model, False, _EXPORT_SIZE, weights)
-    assert weights in how and len(lines) == 4
+    # the 4 outputs, the run with subnormals flushed, and (fp16 arithmetic) the largest sum inside an op
+    assert weights in how and len(lines) == 4 + 1 + (weights != 'fp32')
+    assert 'with subnormals flushed to zero' in lines[4]
+    assert export.subnormal_parameters(export.load_mil_program(paths[weights])) == {}
     spec = export.import_coremltools().models.MLModel(paths[weights], skip_model_load=True).get_spec()
     assert spec.description.input[0].type.WhichOneof('Type') == 'imageType'
     outputs = {o.name: o for o in spec.description.output}
@@ -1993,6 +2018,93 @@ def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages, 
         export.check_coreml(broken, model, False, _EXPORT_SIZE, 'int8')
 
 
+class _PatchEmbedTimes(export.AppModel):
+    """The app model with its input scaled by 1 / factor and the patch embedding's weights by factor:
+    the same outputs, the weights' magnitudes moved (factor 1 / 255: the normalisation folded whole
+    into the conv, as export.py once did)."""
+
+    def __init__(self, model, factor):
+        super().__init__(model)
+        self.factor = factor
+        with torch.no_grad():
+            self.model.backbone.patch_embed.proj.weight.mul_(factor)
+
+    def forward(self, image):
+        x = image * (1 / 255) / self.factor  # (B, 3, H, W), at most 255 / (255 factor)
+        return tuple(postprocess(self.model(x), self.probabilities).values())
+
+
+@pytest.mark.heavy
+def test_export_coreml_subnormal_scales_are_refused_and_flushed_weights_checked(tmp_path):
+    """The normalisation folded whole into the patch conv (weights / (255 std)) makes every int8 scale of
+    that conv an fp16 subnormal: the check refuses it, naming the op and the count, and hardware that
+    flushes them (the flushed run) would see no image at all."""
+    model = _export_tiny(TASKS['nyud'])
+    path = str(tmp_path / 'folded.mlpackage')
+    export.export_coreml(_PatchEmbedTimes(model, 1 / 255), _EXPORT_SIZE, path, 'int8', *_export_describe(model, 'nyud'))
+    channels = model.backbone.patch_embed.proj.out_channels
+    with pytest.raises(export.CheckFailed, match=f'{channels} quantization parameters are fp16 subnormals.*'
+                                                 f'constexpr_affine_dequantize .*patch_embed.*: {channels}$'):
+        export.check_coreml(path, model, False, _EXPORT_SIZE, 'int8')
+    main = export.load_mil_program(path)
+    frames = export.check_images(2, _EXPORT_SIZE)
+    normal = [export.run_mil_program(main, f[None])['depth'] for f in frames]
+    flushed = [export.run_mil_program(main, f[None], flush=True)['depth'] for f in frames]
+    assert np.abs(normal[0] - normal[1]).max() > 0.1 and np.array_equal(flushed[0], flushed[1])
+    # fp16 weights: the flushed run fails where flushing changes the outputs (weights x 2^-12: most of
+    # the patch embedding's values subnormal)
+    path = str(tmp_path / 'tiny_weights.mlpackage')
+    export.export_coreml(_PatchEmbedTimes(model, 2 ** -12), _EXPORT_SIZE, path, 'fp16', *_export_describe(model, 'nyud'))
+    with pytest.raises(export.CheckFailed, match='^with subnormals flushed to zero, outputs differ'):
+        export.check_coreml(path, model, False, _EXPORT_SIZE, 'fp16')
+
+
+@pytest.mark.heavy
+def test_export_coreml_fp16_overflow_inside_an_op_is_caught(tmp_path):
+    """Tokens 300x larger: each value still fits fp16 (the patch embedding's output, at most ~1e3), but
+    the first LayerNorm's sum of squares over the 192 channels does not: the fp16 check fails naming it."""
+    model = _export_tiny(TASKS['nyud'])
+    with torch.no_grad():
+        model.backbone.patch_embed.proj.weight.mul_(300)
+        model.backbone.patch_embed.proj.bias.mul_(300)
+    path = str(tmp_path / 'fp16.mlpackage')
+    export.export_coreml(export.AppModel(model), _EXPORT_SIZE, path, 'fp16', *_export_describe(model, 'nyud'))
+    with pytest.raises(export.CheckFailed, match=r"^layer_norm '.*' forms a sum of .* beyond fp16's 65504"):
+        export.check_coreml(path, model, False, _EXPORT_SIZE, 'fp16')
+
+
+@pytest.mark.heavy
+def test_export_readme_python_snippet_letterboxes_like_predict(tmp_path, capsys):
+    """The README's onnxruntime snippet, run as written (its two paths pointed at a test export and at a
+    500x375 photo stored sideways with an EXIF orientation): its outputs equal predict's on the upright
+    photo within the fp32 file's tolerance, so an app that copies it sees what evaluation sees."""
+    size = (384, 512)  # a 500x375 photo fits: padded at the bottom and right
+    model = export.at_size(_export_tiny(TASKS['nyud']), size)
+    path = str(tmp_path / 'model.onnx')
+    meta, descriptions = export.describe({'dataset': 'nyud', 'backbone': 'tiny'}, model.tasks, False, size,
+                                         os.devnull, 0)
+    export.export_onnx(export.AppModel(model), size, path, 'fp32', meta, descriptions)
+    upright = Image.fromarray(export.check_images(1, (375, 500))[0].transpose(1, 2, 0).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'photo.png', exif=exif)  # stored 375 wide
+    readme = open(os.path.join(os.path.dirname(_EXPORT_SCRIPT), 'README.md')).read()
+    code = re.search(r'onnxruntime in Python:\n\n```python\n(.*?)```', readme, re.S)[1]
+    for old, new in (("'runs/nyud/taskexpert_nyud_large_448x576.onnx'", repr(path)),
+                     ("'room.jpg'", repr(str(tmp_path / 'photo.png')))):
+        assert code.count(old) == 1
+        code = code.replace(old, new)
+    snippet = {}
+    exec(code, snippet)
+    got = {k: v[None] for k, v in snippet['out'].items()}
+    assert got['semseg'].shape == (1, 375, 500) and 'm' in capsys.readouterr().out
+    ref = {k: v[None] for k, v in predict(model, upright).items()}
+    with torch.no_grad():  # the raw outputs predict post-processed, for the comparison's near-ties
+        x = F.pad(normalise(torch.from_numpy(np.array(upright)).permute(2, 0, 1)), (0, 12, 0, 9))[None]
+        raw = {t: o[..., :375, :500].numpy() for t, o in model(x).items()}
+    export.compare(got, ref, raw, export.TOLERANCE['fp32'])  # raises if out of tolerance
+
+
 def test_export_compare_allows_ties_only():
     logits = np.zeros((1, 3, 2, 2), np.float32)
     logits[0, 0] = [[5, 1], [1, 1]]  # pixel (0, 0): class 0 clearly; the others: classes 0 and 1 tie
@@ -2046,6 +2158,29 @@ def test_export_install_swaps_a_package_folder(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(['m.mlpackage', work.name])  # the old one inside the work folder
 
 
+def test_export_install_keeps_the_old_package_when_the_final_move_fails(tmp_path, monkeypatch):
+    """The old package is moved aside, then the move of the new one fails (a full disk, a permission):
+    the old one is back in place, whole, and the error is raised."""
+    final = tmp_path / 'm.mlpackage'
+    work = tmp_path / export.work_dir('m.mlpackage')
+    for folder, text in ((final, 'old'), (work / 'm.mlpackage', 'new')):
+        folder.mkdir(parents=True)
+        (folder / 'weight.bin').write_text(text)
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(os.path.join(work.name, 'm.mlpackage')):
+            raise OSError(28, 'No space left on device')
+        replace(src, dst)
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    with pytest.raises(OSError, match='No space left'):
+        export.install(str(work / 'm.mlpackage'), str(final))
+    monkeypatch.undo()
+    assert (final / 'weight.bin').read_text() == 'old' and os.listdir(final) == ['weight.bin']
+    export.remove(str(work))  # what run_target's finally does: the old package survives it
+    assert (final / 'weight.bin').read_text() == 'old'
+
+
 @pytest.mark.heavy
 def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files, tmp_path, capsys):
     """The main metrics measured on an exported file's outputs (class maps, probabilities) are those
@@ -2068,7 +2203,9 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
                      warmup=0)
     out = capsys.readouterr().out
     assert 'PyTorch eager' in out and all(f'onnx {w}' in out for w in paths), out
-    assert out.count(' MiB ') == 2 and out.count('the speed of PyTorch eager') == 2, out
+    # and, for comparison, the int8 file's quantization without calibration (dynamic alone), not written
+    assert out.count(' MiB ') == 2 and out.count('not written') == 1, out
+    assert out.count('the speed of PyTorch eager') == 3 and 'onnx int8 dynamic' in out, out
 
 
 def _export_cli(*args, cwd):
@@ -2151,18 +2288,68 @@ def test_export_failed_target_keeps_old_file_and_exits_nonzero(_export_checkpoin
     assert f'removed {killed.name}' in capsys.readouterr().out
 
 
+def test_export_int8_onnx_without_val_frames_is_a_one_line_error(_export_checkpoint, tmp_path, monkeypatch):
+    ckpt = torch.load(_export_checkpoint[1], weights_only=True)
+    ckpt['config']['data_root'] = str(tmp_path / 'NYUDv2')  # trained on data this machine does not have
+    torch.save(ckpt, tmp_path / 'last.pt')
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'onnx',
+                                      '--weights', 'int8'])
+    with pytest.raises(SystemExit) as e:
+        export.main()
+    message = str(e.value)
+    assert message.startswith('export.py: ') and '\n' not in message, message
+    assert 'ONNX int8 is calibrated on val frames' in message and 'NYUDv2' in message, message
+    assert message.endswith('pass --data-root with a val split') and os.listdir(tmp_path) == ['last.pt'], message
+
+
+@pytest.mark.heavy
+def test_export_metadata_names_the_checkpoint_without_a_path(_export_checkpoint, tmp_path, monkeypatch, capsys):
+    """The files export.py writes (here ONNX and Core ML int8: the ONNX one made from an fp32 export)
+    name their checkpoint by file name, SHA-256 and step and hold no path of this machine; the
+    letterbox rule and padding are there."""
+    run = tmp_path / 'private' / 'run'
+    run.mkdir(parents=True)
+    shutil.copy(_export_checkpoint[1], run / 'last.pt')
+    data.make_synthetic(str(tmp_path / 'rooms'), 1, 4, size=(32, 48))
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(run / 'last.pt'), '--target', 'all',
+                                      '--weights', 'int8', '--val-images', '1', '--calib-images', '4',
+                                      '--data-root', str(tmp_path / 'rooms')])
+    export.main()
+    assert capsys.readouterr().out.count('main metrics on 1 val images') == 2
+    digest = hashlib.sha256((run / 'last.pt').read_bytes()).hexdigest()
+    stem = run / 'taskexpert_nyud_tiny_32x48'
+    ct = export.import_coremltools()
+    for file in (f'{stem}_int8.onnx', f'{stem}_int8.mlpackage'):
+        if file.endswith('.onnx'):
+            proto = onnx.load(file)
+            meta = {p.key: p.value for p in proto.metadata_props}
+            texts = [*meta.values(), *(v.doc_string for v in [*proto.graph.input, *proto.graph.output])]
+        else:
+            spec = ct.models.MLModel(file, skip_model_load=True).get_spec()
+            meta = dict(spec.description.metadata.userDefined)
+            texts = [*meta.values(), spec.description.metadata.shortDescription, spec.description.metadata.author,
+                     *(f.shortDescription for f in [*spec.description.input, *spec.description.output])]
+        assert (meta['checkpoint'], meta['checkpoint_sha256'], meta['step']) == ('last.pt', digest, '5'), file
+        assert json.loads(meta['padding']) == [123.675, 116.28, 103.53] and 'top left' in meta['input']
+        assert not [t for t in texts if str(tmp_path) in t or re.search(r'(^|[\s\'"(=])/[\w.-]+/', t)], file
+
+
 def test_export_int8_onnx_is_quantized_from_the_fp32_file_of_the_same_run(_export_checkpoint, tmp_path, monkeypatch):
     shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    data.make_synthetic(str(tmp_path / 'rooms'), 1, 5, size=(32, 48))
     calls = []
 
-    def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None):
-        calls.append((weights, fp32 and os.path.basename(fp32), os.path.isfile(fp32 or '')))
+    def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, calibration=None):
+        calls.append((weights, fp32 and os.path.basename(fp32), os.path.isfile(fp32 or ''),
+                      None if calibration is None else calibration.shape))
         with open(path, 'w') as f:
             f.write(weights)
     monkeypatch.setattr(export, 'export_onnx', export_onnx)
     monkeypatch.setattr(export, 'check_onnx', lambda path, *args: ('stub check', ['ok']))
     monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'onnx',
-                                      '--weights', 'int8', 'fp32', '--val-images', '0'])
+                                      '--weights', 'int8', 'fp32', '--val-images', '0', '--calib-images', '3',
+                                      '--data-root', str(tmp_path / 'rooms')])
     export.main()
-    assert calls == [('fp32', None, False), ('int8', 'taskexpert_nyud_tiny_32x48.onnx', True)]
+    # int8 calibrated on 3 of the 5 val rooms, at the export size
+    assert calls == [('fp32', None, False, None), ('int8', 'taskexpert_nyud_tiny_32x48.onnx', True, (3, 3, 32, 48))]
     assert (tmp_path / 'taskexpert_nyud_tiny_32x48_int8.onnx').read_text() == 'int8'
