@@ -795,16 +795,23 @@ class SaliencyMeter(Meter):
 
 
 # ---- boundary detection: ODS / OIS F-measure as SEISM computes it (no MATLAB) ---------------------
-# Pipeline per image (SEISM on the reference's saved predictions): edge NMS of the probability map
-# (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds binarise
-# (>= t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT boundary
-# pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total predicted
-# and matched / total GT pixels. ODS: counts summed over the split per threshold, best F. OIS: each
-# image at its own best threshold, counts summed, F. Unlike the reference we keep float probabilities
-# (it saves 8-bit PNGs before NMS and thresholding: a < 1/255 shift of each threshold). Thinning
-# dominates the cost for the flat maps of an untrained model (every threshold's map is nearly the
-# whole image; see _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation
-# costs').
+# Pipeline per image, as SEISM scores the 8-bit PNGs the reference saves (InvPT's README and
+# prismformore/Boundary-Detection-Evaluation-Tools: SEISM's read_one_cont_png, eval_method, Dollar's
+# edgesEvalImg): the map the PNG holds (probability_levels / 255), edge NMS of it as read_one_cont_png
+# does (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds
+# binarise (> t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT
+# boundary pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total
+# predicted and matched / total GT pixels. ODS: counts summed over the split per threshold, best F.
+# OIS: each image at its own best threshold, counts summed, F. Thinning dominates the cost for the
+# flat maps of an untrained model (every threshold's map is nearly the whole image; see
+# _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation costs').
+
+def probability_levels(logit):
+    """Logits (any shape) -> uint8 255 sigmoid(logit), truncated as numpy's astype(np.uint8) truncates:
+    the 8-bit map the reference writes per image as edge/<id>.png and sal/<id>.png (InvPT
+    evaluation/evaluate_utils.py, save_model_pred_for_one_task), hence what SEISM scores."""
+    return (255 * logit.float().sigmoid()).to(torch.uint8)
+
 
 # 0.001, 0.01, 0.02, ..., 0.99, 0.999: SEISM's 101 thresholds
 EDGE_THRESHOLDS = np.concatenate([[0.001], np.arange(1, 100) / 100, [0.999]])
@@ -819,12 +826,11 @@ def _conv_tri(img, r):
 
 
 def _edge_nms(E, r=1, s=5, m=1.01):
-    """Non-maximum suppression of an edge probability map E (H, W), as the evaluation scripts of CNN
-    edge detectors (HED / RCF, SEISM's nms_process, pyEdgeEval) do it with Dollar's toolbox: smooth
-    E with convTri(E, 1), take the orientation of edgesDetect (second derivatives of convTri(E, 4)),
-    then edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
-    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s)."""
-    E = _conv_tri(E, 1)
+    """Non-maximum suppression of an edge map E (H, W) as SEISM's read_one_cont_png does it with
+    Dollar's toolbox: the orientation of edgesDetect (second derivatives of convTri(E, 4)), then
+    edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
+    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s).
+    (The BSDS scripts of HED / RCF smooth E with convTri(E, 1) first; SEISM reads the PNG as is.)"""
     h, w = E.shape
     Oy, Ox = np.gradient(_conv_tri(E, 4))  # np.gradient = MATLAB gradient(2): central, one-sided at borders
     Oxx = np.gradient(Ox, axis=1)
@@ -1048,11 +1054,11 @@ def _edge_counts(prob, target, max_dist):
 
 
 def _thresholded_and_thinned(nms):
-    """Every binarised map nms >= t of the thresholds, thinned at once. Only the distinct maps are
-    lanes: the map changes at threshold j only if some value lies in [t_j-1, t_j). -> (lane_of:
+    """Every binarised map nms > t of the thresholds, thinned at once. Only the distinct maps are
+    lanes: the map changes at threshold j only if some value lies in (t_j-1, t_j]. -> (lane_of:
     threshold j -> its lane, K lanes (lane K: the empty map), words: lane i's bit per predicted pixel,
     in groups of 64 lanes; pr, pc: the predicted pixels kept at some threshold)."""
-    level = np.searchsorted(EDGE_THRESHOLDS, nms, side='right')  # (H, W) in 0..101: thresholds at or below
+    level = np.searchsorted(EDGE_THRESHOLDS, nms, side='left')  # (H, W) in 0..101: thresholds below
     present = np.bincount(level.ravel(), minlength=len(EDGE_THRESHOLDS) + 1) > 0
     present[0] = False
     rank = np.cumsum(present)  # level -> number of lanes holding its pixels; lane i = {rank > i}
@@ -1091,11 +1097,10 @@ def _f_measure(counts):
     return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(prec), where=prec + rec > 0)
 
 
-def _edge_job(logit, target, max_dist):
-    """One image's boundary counts (see _edge_counts) from its logits (H, W) float32; what a worker
-    of an EdgePool runs."""
-    prob = torch.sigmoid(torch.from_numpy(logit).double()).numpy()
-    return _edge_counts(prob, target, max_dist)
+def _edge_job(levels, target, max_dist):
+    """One image's boundary counts (see _edge_counts) from its 8-bit map (H, W) uint8 (see
+    probability_levels), read as SEISM reads the PNG: levels / 255; what a worker of an EdgePool runs."""
+    return _edge_counts(levels / 255.0, target, max_dist)
 
 
 class EdgePool(concurrent.futures.ProcessPoolExecutor):
@@ -1115,8 +1120,9 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
 
 
 class EdgeMeter(Meter):
-    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`). Each image
-    is scored as it arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
+    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`), of the 8-bit
+    maps that the saved PNGs hold (probability_levels of the logits given). Each image is scored as it
+    arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
     With a pool (EdgePool) the images are scored in its workers: update() returns at once unless
     2 x workers images are still waiting; state() and score() wait for all. Same sums either way."""
     SUMS = ('counts', 'ois')
@@ -1129,9 +1135,9 @@ class EdgeMeter(Meter):
 
     def update(self, pred, target):
         pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
-        logit = pred[:, 0].float().cpu().numpy()  # (B, h, w): each map's one copy to the host
-        target = target.detach().cpu().reshape(logit.shape).to(torch.uint8).numpy()
-        for p, t in zip(logit, target):
+        levels = probability_levels(pred[:, 0]).cpu().numpy()  # (B, h, w) uint8: each map's one copy to the host
+        target = target.detach().cpu().reshape(levels.shape).to(torch.uint8).numpy()
+        for p, t in zip(levels, target):
             if self.pool is None:
                 self._add(_edge_job(p, t, self.max_dist))
                 continue

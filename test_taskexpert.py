@@ -619,15 +619,17 @@ def test_metrics_edge_perfect_shifted_and_ignored():
 
 
 def _metrics_flat_prediction(H=40, W=56, seed=0):
-    """Edge probabilities of an untrained model (nearly flat): its NMS keeps almost every pixel, and
-    the maps of the thresholds are the whole image less 0-4 fading border rings."""
+    """Edge probabilities of an untrained model (nearly flat: 6 levels in its 8-bit map), whose NMS
+    keeps its plateaus, more than half of the image."""
     rng = np.random.default_rng(seed)
     return 0.48 + 0.02 * rng.random((H, W))
 
 
 def test_metrics_nested_maps_thinned_at_once_as_one_by_one():
     rng = np.random.default_rng(0)
-    values = [_edge_nms(_metrics_flat_prediction(seed=1))] + [rng.random((19, 23)) ** p for p in (0.3, 1, 3)]
+    # a constant map survives NMS whole: the thresholds' maps are the image less 0-4 fading border rings
+    values = [_edge_nms(np.full((40, 56), 125 / 255)), _edge_nms(_metrics_flat_prediction(seed=1))]
+    values += [rng.random((19, 23)) ** p for p in (0.3, 1, 3)]
     for v in values:
         level = np.searchsorted(np.sort(rng.choice(EDGE_THRESHOLDS, 40, replace=False)), v, side='right')
         lanes = _thin_lanes(level, 40)  # bit k: lane k = thin(level > k), all 40 together
