@@ -37,12 +37,14 @@ from PIL import Image
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
 
-from taskexpert import IGNORE_INDEX, PATCH, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise
+from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
+                        postprocess)
 
 DOWNLOAD_HELP = """\
 Datasets (README.md, section 'Datasets'): the multi-task copies used by ATRC / InvPT,
   https://data.vision.ee.ethz.ch/brdavid/atrc/NYUDv2.tar.gz
   https://data.vision.ee.ethz.ch/brdavid/atrc/PASCALContext.tar.gz
+(README.md lists mirrors on HKUST's SharePoint, should these be down.)
 Extract with `tar xzf`, then pass the extracted folder as --data-root.
 NYUD-v2 (NYUDv2.tar.gz, the multi-task copy used by ATRC / InvPT), 795 train / 654 val:
   NYUDv2/
@@ -639,12 +641,14 @@ class SegMeter(Meter):
     """Semantic segmentation / human parts: one confusion matrix over the split (255 ignored).
     IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU = mean over ALL classes, as the reference
     SemsegMeter / HumanPartsMeter: a class absent from both GT and prediction scores 0 there (it never
-    happens on the full NYUD / PASCAL val splits, but lowers mIoU on small subsets)."""
+    happens on the full NYUD / PASCAL val splits, but lowers mIoU on small subsets). 'class_IoU' is
+    each class's IoU by its name (names: the dataset's class table, in class-id order), as the
+    reference meters print them; mIoU is their mean."""
     SUMS = ('conf',)
 
-    def __init__(self, num_classes):
-        self.num_classes = num_classes
-        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # (gt, pred)
+    def __init__(self, names):
+        self.names, self.num_classes = tuple(names), len(names)
+        self.conf = torch.zeros(len(names), len(names), dtype=torch.int64)  # (gt, pred)
 
     def update(self, pred, target):
         # checked where the target is (on the CPU, as the loader gives it): no wait on the device
@@ -663,7 +667,8 @@ class SegMeter(Meter):
         conf = self.conf.double()
         tp = conf.diag()
         iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1e-8)
-        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item()}
+        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item(),
+                'class_IoU': dict(zip(self.names, (100 * iou).tolist()))}
 
 
 class DepthMeter(Meter):
@@ -795,16 +800,23 @@ class SaliencyMeter(Meter):
 
 
 # ---- boundary detection: ODS / OIS F-measure as SEISM computes it (no MATLAB) ---------------------
-# Pipeline per image (SEISM on the reference's saved predictions): edge NMS of the probability map
-# (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds binarise
-# (>= t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT boundary
-# pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total predicted
-# and matched / total GT pixels. ODS: counts summed over the split per threshold, best F. OIS: each
-# image at its own best threshold, counts summed, F. Unlike the reference we keep float probabilities
-# (it saves 8-bit PNGs before NMS and thresholding: a < 1/255 shift of each threshold). Thinning
-# dominates the cost for the flat maps of an untrained model (every threshold's map is nearly the
-# whole image; see _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation
-# costs').
+# Pipeline per image, as SEISM scores the 8-bit PNGs the reference saves (InvPT's README and
+# prismformore/Boundary-Detection-Evaluation-Tools: SEISM's read_one_cont_png, eval_method, Dollar's
+# edgesEvalImg): the map the PNG holds (probability_levels / 255), edge NMS of it as read_one_cont_png
+# does (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds
+# binarise (> t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT
+# boundary pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total
+# predicted and matched / total GT pixels. ODS: counts summed over the split per threshold, best F.
+# OIS: each image at its own best threshold, counts summed, F. Thinning dominates the cost for the
+# flat maps of an untrained model (every threshold's map is nearly the whole image; see
+# _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation costs').
+
+def probability_levels(logit):
+    """Logits (any shape) -> uint8 255 sigmoid(logit), truncated as numpy's astype(np.uint8) truncates:
+    the 8-bit map the reference writes per image as edge/<id>.png and sal/<id>.png (InvPT
+    evaluation/evaluate_utils.py, save_model_pred_for_one_task), hence what SEISM scores."""
+    return (255 * logit.float().sigmoid()).to(torch.uint8)
+
 
 # 0.001, 0.01, 0.02, ..., 0.99, 0.999: SEISM's 101 thresholds
 EDGE_THRESHOLDS = np.concatenate([[0.001], np.arange(1, 100) / 100, [0.999]])
@@ -819,12 +831,11 @@ def _conv_tri(img, r):
 
 
 def _edge_nms(E, r=1, s=5, m=1.01):
-    """Non-maximum suppression of an edge probability map E (H, W), as the evaluation scripts of CNN
-    edge detectors (HED / RCF, SEISM's nms_process, pyEdgeEval) do it with Dollar's toolbox: smooth
-    E with convTri(E, 1), take the orientation of edgesDetect (second derivatives of convTri(E, 4)),
-    then edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
-    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s)."""
-    E = _conv_tri(E, 1)
+    """Non-maximum suppression of an edge map E (H, W) as SEISM's read_one_cont_png does it with
+    Dollar's toolbox: the orientation of edgesDetect (second derivatives of convTri(E, 4)), then
+    edgesNmsMex(E, O, r=1, s=5, m=1.01): a pixel survives if m * E is not below the bilinearly
+    interpolated E at +-1..r px along the normal; the s-px image border is faded linearly (x / s).
+    (The BSDS scripts of HED / RCF smooth E with convTri(E, 1) first; SEISM reads the PNG as is.)"""
     h, w = E.shape
     Oy, Ox = np.gradient(_conv_tri(E, 4))  # np.gradient = MATLAB gradient(2): central, one-sided at borders
     Oxx = np.gradient(Ox, axis=1)
@@ -1048,11 +1059,11 @@ def _edge_counts(prob, target, max_dist):
 
 
 def _thresholded_and_thinned(nms):
-    """Every binarised map nms >= t of the thresholds, thinned at once. Only the distinct maps are
-    lanes: the map changes at threshold j only if some value lies in [t_j-1, t_j). -> (lane_of:
+    """Every binarised map nms > t of the thresholds, thinned at once. Only the distinct maps are
+    lanes: the map changes at threshold j only if some value lies in (t_j-1, t_j]. -> (lane_of:
     threshold j -> its lane, K lanes (lane K: the empty map), words: lane i's bit per predicted pixel,
     in groups of 64 lanes; pr, pc: the predicted pixels kept at some threshold)."""
-    level = np.searchsorted(EDGE_THRESHOLDS, nms, side='right')  # (H, W) in 0..101: thresholds at or below
+    level = np.searchsorted(EDGE_THRESHOLDS, nms, side='left')  # (H, W) in 0..101: thresholds below
     present = np.bincount(level.ravel(), minlength=len(EDGE_THRESHOLDS) + 1) > 0
     present[0] = False
     rank = np.cumsum(present)  # level -> number of lanes holding its pixels; lane i = {rank > i}
@@ -1091,11 +1102,10 @@ def _f_measure(counts):
     return np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(prec), where=prec + rec > 0)
 
 
-def _edge_job(logit, target, max_dist):
-    """One image's boundary counts (see _edge_counts) from its logits (H, W) float32; what a worker
-    of an EdgePool runs."""
-    prob = torch.sigmoid(torch.from_numpy(logit).double()).numpy()
-    return _edge_counts(prob, target, max_dist)
+def _edge_job(levels, target, max_dist):
+    """One image's boundary counts (see _edge_counts) from its 8-bit map (H, W) uint8 (see
+    probability_levels), read as SEISM reads the PNG: levels / 255; what a worker of an EdgePool runs."""
+    return _edge_counts(levels / 255.0, target, max_dist)
 
 
 class EdgePool(concurrent.futures.ProcessPoolExecutor):
@@ -1115,8 +1125,9 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
 
 
 class EdgeMeter(Meter):
-    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`). Each image
-    is scored as it arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
+    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`), of the 8-bit
+    maps that the saved PNGs hold (probability_levels of the logits given). Each image is scored as it
+    arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
     With a pool (EdgePool) the images are scored in its workers: update() returns at once unless
     2 x workers images are still waiting; state() and score() wait for all. Same sums either way."""
     SUMS = ('counts', 'ois')
@@ -1129,9 +1140,9 @@ class EdgeMeter(Meter):
 
     def update(self, pred, target):
         pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
-        logit = pred[:, 0].float().cpu().numpy()  # (B, h, w): each map's one copy to the host
-        target = target.detach().cpu().reshape(logit.shape).to(torch.uint8).numpy()
-        for p, t in zip(logit, target):
+        levels = probability_levels(pred[:, 0]).cpu().numpy()  # (B, h, w) uint8: each map's one copy to the host
+        target = target.detach().cpu().reshape(levels.shape).to(torch.uint8).numpy()
+        for p, t in zip(levels, target):
             if self.pool is None:
                 self._add(_edge_job(p, t, self.max_dist))
                 continue
@@ -1208,17 +1219,18 @@ EDGE_MAX_DIST = {'nyud': 0.011, 'synthetic': 0.011, 'pascal': 0.0075}
 
 
 def make_meters(tasks, dataset, pool=None):
-    """task -> meter for `tasks` (TASKS[dataset]: task -> output channels, which give the classes);
-    pool: an EdgePool for the boundary metric, or None to score boundaries here."""
+    """task -> meter for the tasks named in `tasks` (or the keys of a dict such as TASKS[...]); the
+    dataset's class tables (CLASS_NAMES) give the classes; pool: an EdgePool for the boundary metric,
+    or None to score boundaries here."""
     if dataset not in EDGE_MAX_DIST:
         raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
     meters = {}
-    for task, channels in tasks.items():
+    for task in tasks:
         if task not in TASK_TABLE:
             raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
         kind = TASK_TABLE[task].kind
         if kind == 'classes':
-            meters[task] = SegMeter(channels)
+            meters[task] = SegMeter(CLASS_NAMES[TASK_SET[dataset]][task])
         elif kind == 'binary':  # saliency and boundaries: one logit each, judged very differently
             meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool) if task == 'edge' else SaliencyMeter()
         else:
@@ -1226,20 +1238,54 @@ def make_meters(tasks, dataset, pool=None):
     return meters
 
 
+def crops(outputs, batch):
+    """Each image of a batch cut to its content (meta['size']: the padding is no part of it), as the
+    benchmarks score and save it -> (meta, outputs task -> (1, C, h, w), the batch's tensors name ->
+    (1, ..., h, w): the image and its targets), image by image."""
+    for i, meta in enumerate(batch['meta']):
+        h, w = meta['size']
+        yield (meta, {t: o[i:i + 1, :, :h, :w] for t, o in outputs.items()},
+               {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
+
+
 def update_meters(meters, outputs, batch, edge_ids=None):
     """Feed one batch to `meters` (make_meters), image by image as the benchmarks score: each image
-    cropped to its content (meta['size']: the padding is no part of it), human parts only on images
-    with a person (meta['has_human']), boundaries only on the ids in edge_ids (None: every image).
+    cropped to its content (crops), human parts only on images with a person (meta['has_human']),
+    boundaries only on the ids in edge_ids (None: every image).
     outputs: task -> raw predictions (B, C, H, W) on any device; batch: as the loaders give it."""
-    # boundaries first: with a pool, its workers score them while the other meters run here
-    for t, meter in sorted(meters.items(), key=lambda item: item[0] != 'edge'):
-        for i, meta in enumerate(batch['meta']):
-            h, w = meta['size']
+    for meta, preds, targets in crops(outputs, batch):
+        # boundaries first: with a pool, its workers score them while the other meters run here
+        for t, meter in sorted(meters.items(), key=lambda item: item[0] != 'edge'):
             if t == 'human_parts' and not meta.get('has_human', False):
                 continue
             if t == 'edge' and edge_ids is not None and meta['id'] not in edge_ids:
                 continue
-            meter.update(outputs[t][i:i + 1, :, :h, :w], batch[t][i:i + 1, ..., :h, :w])
+            meter.update(preds[t], targets[t])
+
+
+def write_predictions(folder, outputs, batch):
+    """Write what the field's offline tools read, per image of a batch (cropped to its content) and
+    task, into folder/<task>/<id>.<ext> as the reference saves its predictions (InvPT
+    evaluation/evaluate_utils.py, save_model_pred_for_one_task; SEISM reads edge/): edge, sal: 8-bit
+    PNG of probability_levels; semseg, human_parts: PNG of class indices (NYUD's 0..39: the
+    segmentation file's id - 1, as InvPT saves them); normals: RGB PNG (n + 1) 255 / 2 truncated;
+    depth: .mat with 'depth' (h, w) float32 metres, clamped at 0. Each file written atomically."""
+    for meta, raw, _ in crops(outputs, batch):
+        for task, x in postprocess(raw).items():
+            kind, path = TASK_TABLE[task].kind, os.path.join(folder, task, meta['id'])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if kind == 'depth':
+                mat = {'depth': x[0, 0].clamp(min=0).cpu().numpy()}  # (h, w)
+                atomic_write(path + '.mat', lambda f: scipy.io.savemat(f, mat))
+                continue
+            if kind == 'binary':
+                v = probability_levels(raw[task][0, 0])  # (h, w), the values the boundary metric scores
+            elif kind == 'classes':
+                v = x[0].to(torch.uint8)  # (h, w) class indices
+            else:  # normals: unit vectors (3, h, w) -> (h, w, 3) RGB
+                v = ((x[0] + 1) * 255 / 2).to(torch.uint8).permute(1, 2, 0)
+            png = Image.fromarray(v.cpu().numpy())
+            atomic_write(path + '.png', lambda f: png.save(f, format='PNG'))
 
 
 def trivial_scores(loader, tasks, dataset):

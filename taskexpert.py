@@ -426,8 +426,10 @@ class TaskExpert(nn.Module):
     @classmethod
     def from_config(cls, config):
         """An untrained model from train.py's settings (its config.json, or the 'config' saved with a
-        trained model): the dataset's tasks and the model keys; the other settings are ignored."""
-        return cls(TASKS[TASK_SET[config['dataset']]], backbone=config['backbone'],
+        trained model): the dataset's tasks that config['tasks'] names, in the dataset's order, and the
+        model keys; the other settings are ignored."""
+        tasks = {t: c for t, c in TASKS[TASK_SET[config['dataset']]].items() if t in config['tasks']}
+        return cls(tasks, backbone=config['backbone'],
                    img_size=tuple(config['img_size']), num_experts=config['num_experts'],
                    expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
                    memory_write=config['memory_write'], grad_checkpoint=config['grad_checkpoint'],
@@ -693,8 +695,8 @@ def load_pretrained(model, name):
 # torch.load(weights_only=True) (tensors and plain data only)
 #   .pt               the full training state: 'model', 'optimizer', 'scaler', 'step', 'rng' (one RNG
 #                     state per process), 'config' (train.py's settings), 'best' (in best.pt: its record)
-#   best.safetensors  the model to share: its weights alone, 'config', 'step' and 'metrics' (its
-#                     evaluation) as JSON strings in the file's metadata
+#   best.safetensors  the model to share: its weights alone, 'config', 'step', 'metrics' (its
+#                     evaluation) and 'selection' (how it was chosen) as JSON strings in its metadata
 # -------------------------------------------------------------------------------------------------
 
 def atomic_write(path, write):
@@ -734,10 +736,11 @@ def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best=None
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def save_weights(path, model, step, config, metrics):
-    """The model to share as .safetensors: its weights alone, with the settings, the training step and
-    the metrics of its evaluation as JSON strings in the metadata."""
-    meta = {'config': json.dumps(config), 'step': json.dumps(step), 'metrics': json.dumps(metrics)}
+def save_weights(path, model, step, config, metrics, selection):
+    """The model to share as .safetensors: its weights alone, with the settings, the training step, the
+    metrics of its evaluation and a sentence on how it was selected as JSON strings in the metadata."""
+    meta = {k: json.dumps(v) for k, v in
+            (('config', config), ('step', step), ('metrics', metrics), ('selection', selection))}
     blob = safetensors.torch.save(model.state_dict(), meta)
     atomic_write(path, lambda f: f.write(blob))
 
@@ -753,7 +756,7 @@ def read_checkpoint(path, mmap=False):
             with safetensors.safe_open(path, framework='pt') as f:
                 meta = f.metadata() or {}
                 ckpt = {'model': {k: f.get_tensor(k) for k in f.keys()},
-                        **{k: json.loads(v) for k, v in meta.items() if k in ('config', 'step', 'metrics')}}
+                        **{k: json.loads(meta[k]) for k in ('config', 'step', 'metrics', 'selection') if k in meta}}
         else:
             ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torn, truncated or foreign file

@@ -34,7 +34,7 @@ from data import (EDGE_SUBSETS, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool
                   _edge_nms, _maximum_matching, _thin_lanes, delta_m, make_meters, thin)
 from taskexpert import (ABLATIONS, IMAGENET_MEAN, IMAGENET_STD, TASK_TABLE, TASKS, MultiTaskLoss, TaskExpert,
                         denormalise, load_pretrained, normalise, postprocess, predict, pretrained_file,
-                        read_checkpoint, resample_pos_embed, save_checkpoint, sincos_pos_embed)
+                        read_checkpoint, resample_pos_embed, save_checkpoint, save_weights, sincos_pos_embed)
 
 
 # ==================================================================================================
@@ -473,16 +473,18 @@ def _metrics_onehot(labels, C):
 def test_metrics_seg_known_confusion():
     target = torch.tensor([[[0, 0, 1, 1, 255]]])
     pred = _metrics_onehot(torch.tensor([[[0, 1, 1, 1, 0]]]), 2)
-    m = SegMeter(2)
+    m = SegMeter(('wall', 'floor'))
     m.update(pred, target)
     s = m.score()
     # class 0: TP 1, FN 1 -> 1/2; class 1: TP 2, FP 1 -> 2/3; the void pixel never counts
+    assert s['class_IoU'] == pytest.approx({'wall': 50.0, 'floor': 100 * 2 / 3})
     assert s['mIoU'] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
     assert s['pixAcc'] == pytest.approx(75.0)
     # perfect prediction: 100; a class absent from GT and prediction scores 0 (reference behaviour)
-    m = SegMeter(3)
+    m = SegMeter(('a', 'b', 'c'))
     m.update(_metrics_onehot(torch.tensor([[[0, 1, 1]]]), 3), torch.tensor([[[0, 1, 1]]]))
     assert m.score()['mIoU'] == pytest.approx(100 * 2 / 3) and m.score()['pixAcc'] == 100
+    assert m.score()['class_IoU'] == {'a': 100.0, 'b': 100.0, 'c': 0.0}
     with pytest.raises(ValueError, match='target labels'):
         m.update(_metrics_onehot(torch.tensor([[[0]]]), 3), torch.tensor([[[5]]]))
 
@@ -557,7 +559,12 @@ def test_metrics_two_batches_equal_one_batch(task):
     whole.update(pred, target)
     halves.update(pred[:1], target[:1])
     halves.update(pred[1:], target[1:])
-    assert whole.score() == pytest.approx(halves.score())
+    assert whole.score() == _metrics_approx(halves.score())
+
+
+def _metrics_approx(scores, **tolerance):
+    """A meter's scores for ==, its floats and the floats of its per-class IoU approximately."""
+    return {k: pytest.approx(v, **tolerance) for k, v in scores.items()}
 
 
 def test_metrics_meter_states_of_shards_add_up():
@@ -572,7 +579,7 @@ def test_metrics_meter_states_of_shards_add_up():
             part[t].update(out[t][2 * k:2 * k + 2], batch[t][2 * k:2 * k + 2])
         for a, b in zip(halves[0][t].state(), halves[1][t].state()):
             a += b
-        assert halves[0][t].score() == pytest.approx(whole[t].score(), rel=1e-12), t
+        assert halves[0][t].score() == _metrics_approx(whole[t].score(), rel=1e-12), t
 
 
 # ---- boundaries -----------------------------------------------------------------------------------
@@ -620,15 +627,17 @@ def test_metrics_edge_perfect_shifted_and_ignored():
 
 
 def _metrics_flat_prediction(H=40, W=56, seed=0):
-    """Edge probabilities of an untrained model (nearly flat): its NMS keeps almost every pixel, and
-    the maps of the thresholds are the whole image less 0-4 fading border rings."""
+    """Edge probabilities of an untrained model (nearly flat: 6 levels in its 8-bit map), whose NMS
+    keeps its plateaus, more than half of the image."""
     rng = np.random.default_rng(seed)
     return 0.48 + 0.02 * rng.random((H, W))
 
 
 def test_metrics_nested_maps_thinned_at_once_as_one_by_one():
     rng = np.random.default_rng(0)
-    values = [_edge_nms(_metrics_flat_prediction(seed=1))] + [rng.random((19, 23)) ** p for p in (0.3, 1, 3)]
+    # a constant map survives NMS whole: the thresholds' maps are the image less 0-4 fading border rings
+    values = [_edge_nms(np.full((40, 56), 125 / 255)), _edge_nms(_metrics_flat_prediction(seed=1))]
+    values += [rng.random((19, 23)) ** p for p in (0.3, 1, 3)]
     for v in values:
         level = np.searchsorted(np.sort(rng.choice(EDGE_THRESHOLDS, 40, replace=False)), v, side='right')
         lanes = _thin_lanes(level, 40)  # bit k: lane k = thin(level > k), all 40 together
@@ -699,6 +708,22 @@ def test_metrics_make_meters_and_main_metric_keys():
         make_meters(TASKS['nyud'], 'cityscapes')
     with pytest.raises(ValueError, match='unknown task'):
         make_meters({'semseg': 40, 'flow': 2}, 'nyud')
+
+
+@pytest.mark.parametrize('dataset', ['nyud', 'pascal'])
+def test_metrics_class_iou_by_name_averages_to_miou(dataset):
+    tasks = {t: c for t, c in TASKS[dataset].items() if TASK_TABLE[t].kind == 'classes'}
+    out, batch = _metrics_batch(tasks, B=2, H=48, W=64, seed=7)
+    for t, meter in make_meters(tasks, dataset).items():
+        meter.update(out[t].detach(), batch[t])
+        scores = meter.score()
+        assert list(scores['class_IoU']) == list(data.CLASS_NAMES[dataset][t]) and len(scores['class_IoU']) == tasks[t]
+        assert sum(scores['class_IoU'].values()) / tasks[t] == pytest.approx(scores['mIoU'], rel=1e-12)
+        pred, gt = out[t].argmax(1), batch[t]
+        for c, name in ((0, data.CLASS_NAMES[dataset][t][0]), (tasks[t] - 1, data.CLASS_NAMES[dataset][t][-1])):
+            tp, fp, fn = (((pred == c) & (gt == c)).sum(), ((pred == c) & (gt != c) & (gt != 255)).sum(),
+                          ((pred != c) & (gt == c)).sum())
+            assert scores['class_IoU'][name] == pytest.approx(100 * tp.item() / (tp + fp + fn).item()), name
 
 
 def test_metrics_delta_m():
@@ -1298,7 +1323,7 @@ def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
                 '--batch-size', '1', '--eval-workers', '0'])
     ddp, one = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('ddp', 'one'))
     for t in ('semseg', 'depth', 'normals', 'edge'):
-        assert ddp[t] == pytest.approx(one[t], rel=1e-6), t
+        assert ddp[t] == _metrics_approx(one[t], rel=1e-6), t
 
 
 def test_train_resume_across_precisions(_train_run, tmp_path, monkeypatch):
@@ -1423,15 +1448,17 @@ def test_train_torchrun_sharded_eval_equals_one_process(_train_run, tmp_path):
             '--scenes', '2', '3', '--workers', '0', '--eval-workers', '0']
     train.main(args + ['--out-dir', str(tmp_path / 'one'), '--batch-size', '1'])  # the same model batches as:
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'train.py', *args, '--out-dir', str(tmp_path / 'two'), '--batch-size', '2'], cwd=HERE, env=ONE_THREAD,
-                       capture_output=True, text=True, timeout=300)
+                        'train.py', *args, '--out-dir', str(tmp_path / 'two'), '--batch-size', '2',
+                        '--save-predictions'], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('eval at step') == 1  # rank 0 alone reports
+    val_ids = data.NYUD(str(tmp_path / 'data'), 'val', train=False).ids
+    assert sorted(os.listdir(tmp_path / 'two' / 'val_step6' / 'edge')) == [f'{i}.png' for i in val_ids]  # both shares
     one, two = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('one', 'two'))
     assert one['edge_images'] == two['edge_images'] == 'all 3 val images'
     assert one['edge'] == two['edge']  # integer counts: exactly
     for t in ('semseg', 'depth', 'normals'):  # float sums, added in another order
-        assert two[t] == pytest.approx(one[t], rel=1e-9), t
+        assert two[t] == _metrics_approx(one[t], rel=1e-9), t
     assert two['gate_memory']['block6'] == pytest.approx(one['gate_memory']['block6'], rel=1e-6)
 
 
@@ -1488,7 +1515,10 @@ def _train_error_call(fn, capsys):
     (['--amp', 'fp16', '--device', 'cpu', '--benchmark'], 'fp16 needs a CUDA'),
     (['--lr'], 'expected one argument'),
     (['--no-such-flag'], 'unrecognized arguments'),
-    (['--loss-weights', 'sal=2'], '--loss-weights sal=2.0: needs a task of synthetic'),
+    (['--loss-weights', 'sal=2'], '--loss-weights sal=2.0: needs a task of this synthetic run'),
+    (['--tasks', 'depth', 'sal'], '--tasks sal: synthetic has no task sal; its tasks are semseg, depth, normals, edge'),
+    (['--tasks', 'depth', '--loss-weights', 'edge=2'],
+     '--loss-weights edge=2.0: needs a task of this synthetic run (depth)'),
     (['--loss-weights', 'depth=x'], "'depth=x' is not TASK=WEIGHT"),
     (['--loss-weights', 'depth=nan'], '--loss-weights depth=nan'),
     (['--lr', 'nan'], '--lr nan'),
@@ -1498,6 +1528,8 @@ def _train_error_call(fn, capsys):
     (['--batch-size', '6', '--accum-steps', '4'], '--batch-size 6 must split evenly into 1 process(es) x --accum-steps 4'),
     (['--accum-steps', '0'], '--accum-steps 0: must be at least 1'),
     (['--flops-only'], '--flops-only applies to --benchmark only'),
+    (['--baselines', 'no/such/run'], '--baselines no/such/run: not a folder of train.py'),
+    (['--predict', 'photos', '--save-predictions'], '--save-predictions applies to training and --eval-only'),
 ])
 def test_train_bad_flags_give_one_line_errors(argv, expected, tmp_path, capsys):
     code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out'), '--data-root', str(tmp_path / 'data')], capsys)
@@ -1733,6 +1765,79 @@ def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypat
     assert props['step'] == str(model.step)
     code, msg = _train_error(['--resume', shared, '--out-dir', str(tmp_path / 'resumed')], capsys)
     assert code != 0 and 'weights alone' in msg and '\n' not in msg
+
+
+@pytest.mark.heavy
+def test_train_save_predictions_writes_the_files_seism_scores(tmp_path, capsys):
+    """--eval-only --save-predictions on rooms of NYUD's size (425x560, padded to 432x560): one file per
+    val image and task at the image's size, as InvPT writes them (edge: uint8(255 sigmoid), truncated),
+    and the odsF logged is the odsF of those 8-bit edge PNGs. --eval-only prints each class's IoU."""
+    root = data.make_synthetic(str(tmp_path / 'rooms'), 0, 2, (425, 560))
+    cfg = train.resolve_config(*train.parse_args(['--dataset', 'nyud', '--data-root', root, '--img-size', '432', '560',
+                                                  '--backbone', 'tiny', '--taps', '1', '2', '--num-experts', '2',
+                                                  '--expert-dim', '16']))
+    torch.manual_seed(0)
+    model = TaskExpert.from_config(cfg).eval()
+    save_weights(str(tmp_path / 'model.safetensors'), model, 7, cfg, {}, 'untrained, for a test')
+    train.main(['--eval-only', '--save-predictions', '--checkpoint', str(tmp_path / 'model.safetensors'),
+                '--out-dir', str(tmp_path / 'eval'), '--batch-size', '1', '--workers', '0', '--eval-workers', '0'])
+    logged = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
+    table = capsys.readouterr().out.split('semseg IoU per class (%):\n')[1]  # each class by name, with its IoU
+    assert len(logged['semseg']['class_IoU']) == 40
+    assert all(f'{name} {v:5.1f}' in table for name, v in logged['semseg']['class_IoU'].items())
+    folder, val = tmp_path / 'eval' / 'val_step7', data.NYUD(root, split='val', train=False, size=(432, 560))
+    assert sorted(os.listdir(folder)) == ['depth', 'edge', 'normals', 'semseg']
+    assert sorted(os.listdir(folder / 'edge')) == [f'{i}.png' for i in val.ids]
+    counts = 0
+    for i, id_ in enumerate(val.ids):
+        sample = val[i]
+        with torch.no_grad():
+            out = {t: o[0, :, :425, :560] for t, o in model(sample['image'][None]).items()}  # the image's pixels
+        files = {t: np.asarray(Image.open(folder / t / f'{id_}.png')) for t in ('edge', 'semseg', 'normals')}
+        assert files['edge'].dtype == np.uint8 and files['edge'].shape == (425, 560)
+        np.testing.assert_array_equal(files['edge'], (255 * torch.sigmoid(out['edge'][0])).to(torch.uint8).numpy())
+        np.testing.assert_array_equal(files['semseg'], out['semseg'].argmax(0).numpy())  # class indices 0..39
+        normals = (torch.nn.functional.normalize(out['normals'], dim=0) + 1) * 255 / 2
+        np.testing.assert_array_equal(files['normals'], normals.to(torch.uint8).permute(1, 2, 0).numpy())
+        depth = scipy.io.loadmat(folder / 'depth' / f'{id_}.mat')['depth']
+        np.testing.assert_array_equal(depth, out['depth'][0].clamp(min=0).numpy())  # metres
+        counts = counts + data._edge_counts(files['edge'] / 255, sample['edge'][0, :425, :560].numpy(), 0.011)
+    assert logged['edge']['odsF'] == 100 * data._f_measure(counts).max() and 0 < logged['edge']['odsF'] < 100
+
+
+@pytest.mark.heavy
+def test_train_single_task_runs_give_delta_m(_train_run, tmp_path, capsys):
+    """--tasks depth trains and evaluates a single-task model end to end; one such run per task as
+    --baselines gives each evaluation of a multi-task run Delta_m over the runs' last evaluations. A
+    run's last evaluation is marked as the one to report, as best.safetensors' metadata says."""
+    runs = [str(tmp_path / t) for t in TASKS['nyud']]
+    for t, run in zip(TASKS['nyud'], runs):
+        train.main(_train_tiny_args(_train_run / 'data', run, '--tasks', t, '--max-iters', '4', '--eval-every', '2',
+                                    *(['--save-predictions'] if t == 'depth' else [])))
+    depth = tmp_path / 'depth'
+    assert json.load(open(depth / 'config.json'))['loss_weights'] == {'depth': 5.0}
+    model = TaskExpert.from_checkpoint(str(depth / 'best.safetensors'))
+    assert list(model.heads) == ['depth'] and [list(m.gates) for m in model.mmoe] == [['depth'], ['depth']]
+    evals = [json.loads(line) for line in open(depth / 'metrics.jsonl')][:2]  # (then the input-blind predictors')
+    assert [e['step'] for e in evals] == [2, 4] and [e.get('report') for e in evals] == [None, True]
+    assert not {'semseg', 'normals', 'edge'} & evals[0].keys()
+    assert torch.load(depth / 'best.pt', weights_only=True)['best']['metric'] == 'depth rmse'
+    assert 'report the last evaluation' in read_checkpoint(str(depth / 'best.safetensors'))['selection']
+    assert os.listdir(depth / 'val_step4') == ['depth'] and not (depth / 'val_step2').exists()  # the last one only
+    capsys.readouterr()
+    multi = tmp_path / 'multi'
+    train.main(_train_tiny_args(_train_run / 'data', multi, '--max-iters', '2', '--eval-every', '1',
+                                '--baselines', *runs))
+    assert capsys.readouterr().out.count('Delta_m') == 2
+    single = {}  # by hand: each task's main metric at the last evaluation of its run
+    for t, run in zip(TASKS['nyud'], runs):
+        single[t] = [r for r in map(json.loads, open(os.path.join(run, 'metrics.jsonl'))) if t in r][-1][t]
+    for e in [r for r in map(json.loads, open(multi / 'metrics.jsonl')) if 'semseg' in r]:
+        metric = {t: (e[t][TASK_TABLE[t].metric], single[t][TASK_TABLE[t].metric]) for t in TASKS['nyud']}
+        gains = [(1 if TASK_TABLE[t].higher else -1) * (m / b - 1) for t, (m, b) in metric.items()]
+        assert e['delta_m'] == pytest.approx(100 * sum(gains) / 4, rel=1e-9, abs=1e-9)
+    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'no', '--baselines', *runs[:3]), capsys)
+    assert code != 0 and 'no run for edge' in msg and '\n' not in msg and not (tmp_path / 'no').exists()
 
 
 def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monkeypatch, capsys):
@@ -2123,8 +2228,9 @@ def test_export_compare_allows_ties_only():
 def _export_checkpoint(tmp_path_factory):
     """A train.py-style checkpoint of a small standard model -> (model, path)."""
     torch.manual_seed(0)
-    config = dict(dataset='nyud', backbone='tiny', img_size=[32, 48], num_experts=2, expert_dim=16,
-                  taps=[3, 6, 9, 12], gate='token', memory_write='replace', ablation='none', grad_checkpoint='off')
+    config = dict(dataset='nyud', tasks=list(TASKS['nyud']), backbone='tiny', img_size=[32, 48], num_experts=2,
+                  expert_dim=16, taps=[3, 6, 9, 12], gate='token', memory_write='replace', ablation='none',
+                  grad_checkpoint='off')
     model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(32, 48), num_experts=2, expert_dim=16).eval()
     path = tmp_path_factory.mktemp('checkpoint') / 'last.pt'
     torch.save({'model': model.state_dict(), 'config': config, 'step': 5}, path)

@@ -10,11 +10,13 @@
 
 What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings),
 train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: every metric and the
-gate diagnostics), curves.png (losses and main metrics so far), last.pt (the full state, to resume),
-best.pt and best.safetensors (best = highest semseg mIoU on the val split; the latter the weights
-alone, to share), vis/ (panels of a few val images: ground truth next to prediction per task) and
-gates.png (mean gate weights; none with --ablation static). While it trains, train.lock holds the
-folder (its pid and host): a second run on it is refused.
+gate diagnostics; the last one, marked "report", is the one to report), curves.png (losses and main
+metrics so far), last.pt (the full state, to resume), best.pt and best.safetensors (best = highest
+semseg mIoU on the val split, which is the benchmarks' test split, hence no number to report; the
+latter the weights alone, to share), vis/ (panels of a few val images: ground truth next to
+prediction per task), gates.png (mean gate weights; none with --ablation static) and, with
+--save-predictions, val_step<N>/ (the last evaluation's predictions as the offline tools read them).
+While it trains, train.lock holds the folder (its pid and host): a second run on it is refused.
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
 randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -62,7 +65,7 @@ COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_d
               augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
               amp='auto', device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
-              compile=False, eval_workers=None)
+              compile=False, eval_workers=None, tasks=None, save_predictions=False, baselines=[])
 DATASET_DEFAULTS = {
     'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
     'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext', eval_every=20000),
@@ -76,7 +79,7 @@ DATASET_DEFAULTS = {
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
 }
 SETTINGS = set(COMMON) | {'dataset', 'data_root', 'img_size', 'scenes'}  # what config.json records of the flags
-MODEL_KEYS = ('dataset', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write',
+MODEL_KEYS = ('dataset', 'tasks', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write',
               'ablation')
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
@@ -92,6 +95,8 @@ def make_parser(dataset='synthetic', argument_default=None):
     a = p.add_argument
     a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (generated offline), nyud or pascal (default: %(default)s)')
     a('--data-root', help='dataset folder (default: %(default)s)')
+    a('--tasks', nargs='+', metavar='TASK', help='train and evaluate these of the dataset\'s tasks only, e.g. '
+      '--tasks depth for a single-task baseline of the same model (default: all of them)')
     a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: %(default)s)')
     a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
       help='network input size, divisible by 16 (default: %(default)s)')
@@ -125,6 +130,12 @@ def make_parser(dataset='synthetic', argument_default=None):
     a('--checkpoint', metavar='PATH', help='model for --eval-only / --predict, .pt or .safetensors '
       '(default: <out-dir>/best.pt)')
     a('--eval-only', action='store_true', help='evaluate --checkpoint on the val split and exit')
+    a('--save-predictions', action=argparse.BooleanOptionalAction, help='with --eval-only and at a run\'s last '
+      'evaluation: write every val image\'s predictions as the offline tools read them (edge/<id>.png for SEISM, '
+      '...) to <out-dir>/val_step<N>/ (default: %(default)s)')
+    a('--baselines', nargs='*', metavar='RUN_DIR', help='folders of runs on the same dataset, one per task (the '
+      'single-task runs of --tasks): every evaluation also reports Delta_m against their last evaluations; '
+      'alone: none (default: none)')
     a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel (.png) '
       'and the predictions at its size (.npz)')
     a('--benchmark', action='store_true', help='count the FLOPs, then time training and inference on random '
@@ -193,6 +204,8 @@ def resolve_config(args, given, ckpt_config=None):
     given = {k: v for k, v in given.items() if k in SETTINGS}
     weights = dict(given.pop('loss_weights', []))  # the ones given change the defaults, one by one
     if ckpt_config is not None:
+        if 'tasks' in given:
+            given['tasks'] = task_list(ckpt_config['dataset'], given['tasks'])
         changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
         if changed:
             fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
@@ -203,14 +216,25 @@ def resolve_config(args, given, ckpt_config=None):
     cfg = {k: getattr(args, k) for k in {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}}
     if 'expert_dim' not in given and cfg['backbone'] != DATASET_DEFAULTS[dataset].get('backbone', cfg['backbone']):
         cfg['expert_dim'] = None  # a row's expert width goes with the row's backbone
-    cfg['loss_weights'] = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]},
-                           **DATASET_DEFAULTS[dataset].get('loss_weights', {}), **weights}
+    cfg['tasks'] = task_list(dataset, cfg['tasks'])
+    defaults = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]},
+                **DATASET_DEFAULTS[dataset].get('loss_weights', {})}
+    cfg['loss_weights'] = {**{t: w for t, w in defaults.items() if t in cfg['tasks']}, **weights}
     # the model defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
     cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
     cfg['taps'] = list(cfg['taps'] or preset['taps'])
     cfg['img_size'] = list(cfg['img_size'])
     return cfg
+
+
+def task_list(dataset, names):
+    """--tasks on `dataset` -> those of its tasks, in the dataset's order (None: all of them)."""
+    known = TASKS[TASK_SET[dataset]]
+    for t in names or ():
+        if t not in known:
+            fail(f'--tasks {t}: {dataset} has no task {t}; its tasks are {", ".join(known)}')
+    return [t for t in known if names is None or t in names]
 
 
 def check_config(cfg, training=True):
@@ -238,10 +262,10 @@ def check_config(cfg, training=True):
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
     if (cfg['eval_workers'] or 0) < 0:
         fail(f'--eval-workers {cfg["eval_workers"]}: must not be negative')
-    tasks = TASKS[TASK_SET[cfg['dataset']]]
     for t, w in cfg['loss_weights'].items():
-        if t not in tasks or not 0 <= w < math.inf:
-            fail(f'--loss-weights {t}={w}: needs a task of {cfg["dataset"]} ({", ".join(tasks)}) and a weight >= 0')
+        if t not in cfg['tasks'] or not 0 <= w < math.inf:
+            fail(f'--loss-weights {t}={w}: needs a task of this {cfg["dataset"]} run ({", ".join(cfg["tasks"])}) '
+                 'and a weight >= 0')
     if 'scenes' in cfg and cfg['dataset'] != 'synthetic':
         fail('--scenes applies to --dataset synthetic only')
     if cfg['dataset'] == 'synthetic' and min(cfg['scenes']) < 1:
@@ -297,7 +321,7 @@ def open_datasets(cfg, splits=('train', 'val')):
     share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     try:
         sets = [data.READERS[cfg['dataset']](root, split=s, train=s == 'train' and cfg['augment'], size=size,
-                                             seed=cfg['seed']) for s in splits]
+                                             tasks=cfg['tasks'], seed=cfg['seed']) for s in splits]
         for ds in sets:  # every file read once now: a bad one stops the run before its first step
             ds.check(cfg['workers'], *share)
         return sets
@@ -562,8 +586,14 @@ def open_run_folder(cfg, tasks, step):
     evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
     best_pt = os.path.join(out, 'best.pt')
     best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
-    done = [r for r in evals if r.get('step') == step and 'semseg' in r and 'eval_only' not in r]
+    done = [r for r in training_evaluations(evals) if r['step'] == step]
     return best, {t: done[-1][t] for t in tasks} if done else None
+
+
+def training_evaluations(records):
+    """The records of a run's own evaluations among its metrics.jsonl lines (not those of --eval-only,
+    not the input-blind predictors')."""
+    return [r for r in records if 'eval_only' not in r and any(t in r for t in TASK_TABLE)]
 
 
 def train(cfg, device, world, rank, resume=None, pool=None):
@@ -711,12 +741,13 @@ def edge_pool(cfg):
 
 
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None):
+def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
     """-> (scores dict task -> metrics, gate means [tap][task] -> list of E[+1] floats, the first
     `keep` samples of this process as (image, targets, predictions, id) cropped to their size, on
     the CPU). `loader` reads this process's share of the split (shard_loader); under torchrun the
     sums of the meters and gates are all-reduced, so every process returns the whole split's scores.
-    Rank 0 prints progress at every tenth of its share."""
+    save_to: a folder for the predictions' files (data.write_predictions), each process writing those
+    of its share. Rank 0 prints progress at every tenth of its share."""
     model.eval()
     if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
         for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
@@ -738,11 +769,12 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None):
         gates.add(model.gates, batch['meta'], images.shape[-2:])
         torch.set_num_threads(meter_threads)
         data.update_meters(meters, outputs, batch, edge_ids)
+        if save_to:
+            data.write_predictions(save_to, outputs, batch)
         torch.set_num_threads(threads)  # (the model's)
-        for i, meta in enumerate(batch['meta'][:keep - len(kept)]):
-            h, w = meta['size']
-            kept.append((batch['image'][i, :, :h, :w], {t: batch[t][i, ..., :h, :w] for t in meters},
-                         {t: outputs[t][i, :, :h, :w].cpu() for t in meters}, meta['id']))
+        for meta, preds, targets in itertools.islice(data.crops(outputs, batch), keep - len(kept)):
+            kept.append((targets['image'][0], {t: targets[t][0] for t in meters},
+                         {t: preds[t][0].cpu() for t in meters}, meta['id']))
         done += len(images)
         log_progress(done, len(images), len(loader.dataset), len(split), t0)
     sums = [x for m in meters.values() for x in m.state()] + gates.state()
@@ -791,10 +823,16 @@ def log_progress(done, batch, share, total, t0):
 
 
 def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag=None):
-    """Evaluate (every process, see evaluate); rank 0 prints every metric and the evaluation's images,
-    seconds and images/s, appends them to metrics.jsonl, draws panels and gates.png. Returns the scores."""
+    """Evaluate (every process, see evaluate); rank 0 prints every metric, Delta_m over --baselines and
+    the evaluation's images, seconds and images/s, appends them to metrics.jsonl (the run's last
+    evaluation marked 'report': the numbers to report, README 'Evaluation'), draws panels and
+    gates.png. With --save-predictions, --eval-only and a run's last evaluation also write the
+    predictions' files to <out-dir>/val_step<step>/. tag: --eval-only's checkpoint. Returns the scores."""
+    final = tag is None and step == cfg['max_iters']
+    save_to = os.path.join(cfg['out_dir'], f'val_step{step}') if cfg['save_predictions'] and (tag or final) else None
     t0 = time.time()
-    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool)
+    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool,
+                                    save_to=save_to)
     if not is_main():
         return results
     seconds, split = time.time() - t0, whole_split(loader)
@@ -803,17 +841,19 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
               for b, tap in zip(model.taps, gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    edges, _ = data.edge_subset(cfg['dataset'], split.ids)
-    record = {'step': step, **({'eval_only': tag} if tag else {}), **results, 'edge_images': edges,
-              'gate_memory': memory, 'gates': by_tap}
-    log(f'eval at step {step} ({len(split)} val images, {seconds:.1f} s, {len(split) / seconds:.1f} img/s; '
-        f'boundaries on {edges}):')
-    for t, scores in results.items():
-        log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items()) +
-            f'   [main: {TASK_TABLE[t].metric}, {"higher" if TASK_TABLE[t].higher else "lower"} is better]')
-    if memory:
-        log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
-            f'{b} {sum(v.values()) / len(v):.3f}' for b, v in memory.items()))
+    edges = {'edge_images': data.edge_subset(cfg['dataset'], split.ids)[0]} if 'edge' in results else {}
+    record = {'step': step, **({'eval_only': tag} if tag else {}), **({'report': True} if final else {}),
+              **results, **edges, 'gate_memory': memory, 'gates': by_tap}
+    baselines = read_baselines(cfg)
+    if baselines:
+        record['delta_m'] = data.delta_m({t: results[t][TASK_TABLE[t].metric] for t in results}, baselines)
+        record['baselines'] = baselines
+    boundaries = f'; boundaries on {edges["edge_images"]}' if edges else ''
+    log(f'eval at step {step} ({len(split)} val images, {seconds:.1f} s, {len(split) / seconds:.1f} img/s'
+        f'{boundaries}):')
+    log_scores(record, results, per_class=tag is not None)
+    if save_to:
+        log(f'  the predictions of the {len(split)} val images: {save_to}/<task>/<id>.png (depth .mat)')
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), record)
     vis = os.path.join(cfg['out_dir'], 'vis')
     os.makedirs(vis, exist_ok=True)
@@ -826,37 +866,101 @@ def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag
     return results
 
 
+def log_scores(record, results, per_class):
+    """An evaluation's lines: every task's metrics, with per_class (--eval-only) each class's IoU in a
+    table as the reference meters print them, the memory's gate weight, Delta_m over --baselines."""
+    for t, scores in results.items():
+        log(f'  {t:12s} ' + '  '.join(f'{k} {v:.4g}' for k, v in scores.items() if k != 'class_IoU') +
+            f'   [main: {TASK_TABLE[t].metric}, {"higher" if TASK_TABLE[t].higher else "lower"} is better]')
+    for t, scores in results.items() if per_class else ():
+        if 'class_IoU' in scores:
+            log(class_table(t, scores['class_IoU']))
+    if record['gate_memory']:
+        log('  memory gate weight per tap (mean over tasks): ' + '  '.join(
+            f'{b} {sum(v.values()) / len(v):.3f}' for b, v in record['gate_memory'].items()))
+    if 'delta_m' in record:
+        log(f'  Delta_m {record["delta_m"]:+.2f} % over the --baselines (' +
+            ', '.join(f'{t} {TASK_TABLE[t].metric} {v:.4g}' for t, v in record['baselines'].items()) + ')')
+
+
+def class_table(task, iou):
+    """dict class name -> IoU (%) -> a table of the classes in id order, five to a line."""
+    width = max(map(len, iou))
+    cells = [f'{name:>{width}s} {v:5.1f}' for name, v in iou.items()]
+    return '\n'.join([f'  {task} IoU per class (%):'] + ['    ' + '  '.join(cells[i:i + 5])
+                                                          for i in range(0, len(cells), 5)])
+
+
+def read_baselines(cfg):
+    """--baselines -> task -> its main metric at the last evaluation of the run that trained it (the
+    number a run reports), for every task of this run; None without --baselines. Stops with one line
+    naming the folder when it is not a run of this dataset with an evaluation, or when a task is in
+    two of the runs or in none."""
+    if not cfg['baselines']:
+        return None
+    found = {}  # task -> (main metric, folder)
+    for folder in cfg['baselines']:
+        files = [os.path.join(folder, name) for name in ('config.json', 'metrics.jsonl')]
+        if not all(map(os.path.isfile, files)):
+            fail(f'--baselines {folder}: not a folder of train.py\'s (no config.json and metrics.jsonl there)')
+        with open(files[0]) as f:
+            dataset = json.load(f)['dataset']
+        evals = training_evaluations(read_jsonl(files[1]))
+        if not evals:
+            fail(f'--baselines {folder}: its metrics.jsonl holds no evaluation yet')
+        if dataset != cfg['dataset']:
+            fail(f'--baselines {folder}: a run on {dataset}; this one is on {cfg["dataset"]}')
+        for t in TASK_TABLE.keys() & evals[-1].keys():
+            if t in found:
+                fail(f'--baselines: {t} is in both {found[t][1]} and {folder}; pass one run per task')
+            found[t] = evals[-1][t][TASK_TABLE[t].metric], folder
+            if found[t][0] == 0:  # Delta_m's gains are relative to it
+                fail(f'--baselines {folder}: its {t} {TASK_TABLE[t].metric} is 0, no baseline for a relative gain')
+    missing = [t for t in cfg['tasks'] if t not in found]
+    if missing:
+        fail(f'--baselines: no run for {", ".join(missing)}; pass one for each task of this run '
+             f'(e.g. one of --tasks {missing[0]})')
+    return {t: found[t][0] for t in cfg['tasks']}
+
+
 def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, best, results=None, pool=None):
     """Evaluate the checkpoint just saved at `step` (unless its `results` are known: logged before a
-    kill); when semseg improves on `best`, write it as best.safetensors, then as best.pt with the best
-    record; -> the best record. save(path, best=...) writes the full checkpoint of `step`. Only best.pt
-    holds the record (last.pt is written before its evaluation) and it is written last, so the record
-    always names weights that exist."""
+    kill); when the main metric of the run's first task (semseg, when trained) improves on `best`,
+    write it as best.safetensors, then as best.pt with the best record; -> the best record.
+    save(path, best=...) writes the full checkpoint of `step`. Only best.pt holds the record (last.pt
+    is written before its evaluation) and it is written last, so the record always names weights that
+    exist. The val split is the test split of NYUD-v2 and PASCAL-Context: best.* is a convenience
+    chosen on test, and the last evaluation is the one to report, as the metadata says."""
     evaluated, out = results is None, cfg['out_dir']
     if evaluated:  # by every process, each on its share (see evaluate); rank 0 alone writes
         results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool)
     if not is_main():
         return best
-    key = TASK_TABLE['semseg'].metric
-    value = results['semseg'][key]
-    if best is None or value > best['value']:
-        best = {'metric': f'semseg {key}', 'value': value, 'step': step}
-        save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results)
+    task = next(iter(model.tasks))
+    key, higher = TASK_TABLE[task].metric, TASK_TABLE[task].higher
+    metric, value = f'{task} {key}', results[task][key]
+    if best is None or (value > best['value'] if higher else value < best['value']):
+        best = {'metric': metric, 'value': value, 'step': step}
+        selection = (f'the {"highest" if higher else "lowest"} {metric} of the run\'s evaluations on the val '
+                     'split, which is the test split of NYUD-v2 and PASCAL-Context: a convenience, not a number '
+                     'to report; report the last evaluation (its line in metrics.jsonl says "report": true)')
+        save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results, selection)
         save(os.path.join(out, 'best.pt'), best=best)
-        log(f'saved {out}/best.safetensors and best.pt (semseg {key} {value:.2f})')
+        log(f'saved {out}/best.safetensors and best.pt ({metric} {value:.4g}; chosen on val = test: report the '
+            'last evaluation)')
     else:
-        log(f'best.pt: semseg {key} {best["value"]:.2f} at step {best["step"]}')
+        log(f'best.pt: {metric} {best["value"]:.4g} at step {best["step"]}')
     logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
     draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
     if evaluated and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
-        compare_with_trivial(results, whole_split(loader), cfg, step)  # the whole split, not a share
+        compare_with_trivial(results, model.tasks, whole_split(loader), cfg, step)  # the whole split, not a share
     return best
 
 
-def compare_with_trivial(results, val_ds, cfg, step):
+def compare_with_trivial(results, tasks, val_ds, cfg, step):
     """End of a synthetic run: the main metrics next to the input-blind predictors'."""
     loader = data.eval_loader(val_ds, cfg['batch_size'], cfg['workers'])
-    trivial = data.trivial_scores(loader, TASKS[TASK_SET[cfg['dataset']]], cfg['dataset'])
+    trivial = data.trivial_scores(loader, tasks, cfg['dataset'])
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
     log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
     for t, scores in results.items():
@@ -1233,6 +1337,8 @@ def check_modes(args):
         fail('--checkpoint is read by --eval-only and --predict; to continue training use --resume PATH')
     if (args.flops_only or args.peak_tflops) and not args.benchmark:
         fail(f'--{"flops-only" if args.flops_only else "peak-tflops"} applies to --benchmark only')
+    if (args.save_predictions or args.baselines) and (args.predict or args.benchmark):
+        fail(f'--{"save-predictions" if args.save_predictions else "baselines"} applies to training and --eval-only')
 
 
 def open_checkpoint(args):
@@ -1275,6 +1381,7 @@ def main(argv=None):
             predict_images(model.to(device), args.predict, args.out_dir or os.path.join(out_dir, 'predictions'),
                            device, amp_dtype)
         return
+    read_baselines(cfg)  # a bad --baselines stops here, before the first step or image
     device, world, rank = setup_distributed(cfg['device'])  # under torchrun, evaluation is sharded too
     pool = edge_pool(cfg)
     try:
