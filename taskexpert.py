@@ -441,7 +441,11 @@ class TaskExpert(nn.Module):
         CPU in eval mode; its settings and training step as model.config and model.step. Raises
         FileNotFoundError / ValueError with a one-line message (see read_checkpoint, load_weights)."""
         ckpt = read_checkpoint(path)
-        model = cls.from_config(ckpt['config'])
+        try:
+            model = cls.from_config(ckpt['config'])
+        except KeyError as e:  # a setting that the train.py that wrote it did not have yet
+            raise ValueError(f'{path}: its config has no {e} setting: it was written by an older train.py, '
+                             'whose checkpoints this version does not read') from None
         load_weights(model, ckpt['model'], path)
         model.config, model.step = ckpt['config'], ckpt['step']
         return model.eval()

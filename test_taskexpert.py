@@ -2334,6 +2334,17 @@ def test_export_without_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
         export.main()
 
 
+def test_export_checkpoint_of_an_older_train_py_is_a_one_line_error(_export_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint whose config lacks a setting this version needs (here 'tasks', from before --tasks)."""
+    ckpt = torch.load(_export_checkpoint[1], weights_only=True)
+    del ckpt['config']['tasks']
+    torch.save(ckpt, tmp_path / 'old.pt')
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'old.pt'), '--target', 'onnx'])
+    with pytest.raises(SystemExit, match=r"^export\.py: .*old\.pt: its config has no 'tasks' setting: it was "
+                                         r"written by an older train\.py"):
+        export.main()
+
+
 def test_export_bad_checkpoint_error_names_export_py(tmp_path, monkeypatch):
     """A damaged checkpoint given to export.py: one line that names export.py and the file."""
     bad = tmp_path / 'best.pt'
