@@ -310,6 +310,21 @@ def subnormals(a):
     return int(((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
 
 
+def refuse_subnormals(bad, what):
+    """bad: dict op -> how many of its values are subnormal; what: a phrase for them ('3 <what>')."""
+    if bad:
+        raise CheckFailed(f'{sum(bad.values())} {what}, read as 0 by hardware without subnormals: ' +
+                          ', '.join(f'{op}: {n}' for op, n in bad.items()))
+
+
+def compare_flushed(got, ref, raw, tol):
+    """compare() for the run with subnormals flushed to zero: the same limits, its failure saying so."""
+    try:
+        compare(got, ref, raw, tol)
+    except CheckFailed as e:
+        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+
+
 # -------------------------------------------------------------------------------------------------
 # Writing files: in a work folder beside the final path, moved into place when checked
 # -------------------------------------------------------------------------------------------------
@@ -487,18 +502,12 @@ def check_onnx(path, model, probabilities, img_size, weights):
     more with subnormals flushed to zero. No stored float (weights, quantization scales) may be subnormal.
     int8 is checked on rooms alone: its convs' input ranges are calibrated on real frames, and clip
     those of the noise frame, as they would clip any frame unlike the calibration's."""
-    bad = onnx_subnormals(path)
-    if bad:
-        raise CheckFailed(f'{sum(bad.values())} stored values are subnormal, read as 0 by hardware without '
-                          'subnormals: ' + ', '.join(f'{op}: {n}' for op, n in bad.items()))
+    refuse_subnormals(onnx_subnormals(path), 'stored values are subnormal')
     images = check_images(3, img_size, seed=1, noise=weights != 'int8')
     ref, raw = reference(model, images, probabilities)
     tol = TOLERANCE['int8 onnx' if weights == 'int8' else weights]
     lines = compare(load_onnx(path)(images), ref, raw, tol)
-    try:
-        compare(load_onnx(path, flush=True)(images), ref, raw, tol)
-    except CheckFailed as e:
-        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+    compare_flushed(load_onnx(path, flush=True)(images), ref, raw, tol)
     lines.append('with subnormals flushed to zero (none stored; onnxruntime\'s denormals-are-zero mode): '
                  'within the same limits')
     frames = '3 rooms' if weights == 'int8' else '3 frames (room, noise, room)'
@@ -821,13 +830,17 @@ def one_at_a_time(run):
     return predict
 
 
+def interpreter(main, flush=False, peak=None):
+    """An ML program's main function as a predict function (see load_coreml), run by run_mil_program."""
+    return one_at_a_time(lambda im: run_mil_program(main, im, flush, peak))
+
+
 def load_coreml(package):
     """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array, the
     frames run one at a time (the input is one image): Core ML itself on macOS (CPU, Apple's kernels),
     else the ML program interpreter above."""
     if platform.system() != 'Darwin':
-        main = load_mil_program(package)
-        return one_at_a_time(lambda im: run_mil_program(main, im))
+        return interpreter(load_mil_program(package))
     from PIL import Image
     ct = import_coremltools()
     mlmodel = ct.models.MLModel(package, compute_units=ct.ComputeUnit.CPU_ONLY)
@@ -840,20 +853,14 @@ def check_coreml(path, model, probabilities, img_size, weights):
     interpreter (which checks fp16 sums); then its program once more with subnormals flushed to zero
     (the interpreter, everywhere). No quantization parameter may be subnormal."""
     main = load_mil_program(path)
-    bad = subnormal_parameters(main)
-    if bad:
-        raise CheckFailed(f'{sum(bad.values())} quantization parameters are fp16 subnormals, read as 0 by hardware '
-                          'without subnormals: ' + ', '.join(f'{op}: {n}' for op, n in bad.items()))
+    refuse_subnormals(subnormal_parameters(main), 'quantization parameters are fp16 subnormals')
     images = check_images(2, img_size, seed=1)
     ref, raw = reference(model, images, probabilities)
     tol, peak = TOLERANCE[weights], {}
     darwin = platform.system() == 'Darwin'
-    run = load_coreml(path) if darwin else one_at_a_time(lambda im: run_mil_program(main, im, peak=peak))
+    run = load_coreml(path) if darwin else interpreter(main, peak=peak)
     lines = compare(run(images), ref, raw, tol)
-    try:
-        compare(one_at_a_time(lambda im: run_mil_program(main, im, flush=True))(images), ref, raw, tol)
-    except CheckFailed as e:
-        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+    compare_flushed(interpreter(main, flush=True)(images), ref, raw, tol)
     n, total = stored_subnormals(main)
     lines.append(f'with subnormals flushed to zero ({n:,} of the {total:,} stored values, and those computed): '
                  'within the same limits')
