@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import zlib
 
@@ -38,7 +39,7 @@ from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
 
 from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
-                        postprocess)
+                        postprocess, unknown_kind)
 
 DOWNLOAD_HELP = """\
 Datasets (README.md, section 'Datasets'): the multi-task copies used by ATRC / InvPT,
@@ -141,11 +142,87 @@ def _read(path, load):
                         f'{_SEE_README}') from e
 
 
-def _png(path, mode=None):
+def _png(path, mode=None, modes=()):
+    """An image file -> (its PIL mode, its values: as stored, or converted to `mode` when its own mode is
+    one of `modes`, else None)."""
     def load(p):
         with Image.open(p) as im:
-            return np.array(im.convert(mode) if mode else im)
+            if mode is None:
+                return im.mode, np.array(im)
+            return im.mode, np.array(im.convert(mode)) if im.mode in modes else None
     return _read(path, load)
+
+
+# Images the readers take and what reading them as RGB does to them (None: nothing); every other mode
+# (16-bit or float greyscale, CMYK, ...) would be misread by a conversion and is refused
+RGB_READS = {'RGB': None, 'RGBA': 'their alpha channel dropped', 'L': 'greyscale, read as RGB (grey in R, G, B)',
+             'LA': 'greyscale, read as RGB (grey in R, G, B)', 'P': 'palette colours, read as RGB',
+             'PA': 'palette colours, read as RGB'}
+
+
+def _image(path):
+    """An image -> (uint8 (h, w, 3) RGB, the conversion it took or None)."""
+    mode, rgb = _png(path, 'RGB', RGB_READS)
+    if rgb is None:
+        raise DataError(f'{path}: a {mode} image (16-bit, float, CMYK...); the readers take 8-bit RGB, greyscale '
+                        'or palette images: convert it to 8-bit RGB')
+    return rgb, RGB_READS[mode]
+
+
+def _labels(path, top, void=None):
+    """A class-index PNG (one channel, 8 or 16 bits; a palette image's indices) -> uint8 (h, w), every
+    value in 0..top or `void`. A colour label image (a visualisation) cannot be read back: refused."""
+    mode, a = _png(path)
+    if a.ndim != 2:
+        raise DataError(f'{path}: a {mode} label image; labels are one-channel PNGs of class indices, not colours')
+    bad = (a > top) & (a != void) if void is not None else a > top
+    if bad.any():
+        why = (f'{void} = void' if void is not None else
+               f'0 = void, 1..{top} the classes; a map of 0..{top - 1} with {int(a.max())} as void?')
+        raise DataError(f'{path}: label {int(a[bad][0])} outside 0..{top} ({why})')
+    return a.astype(np.uint8)
+
+
+def _grey(path, what):
+    """A one-channel map of 0..255 levels (edges 0 / 255, saliency), stored as greyscale, 1-bit, palette
+    or RGB with equal channels -> uint8 (h, w). A map of 0 / 1 alone would read as all-negative: refused."""
+    mode, a = _png(path, 'L', ('L', 'LA', '1', 'P', 'PA', 'RGB', 'RGBA'))
+    if a is None:
+        raise DataError(f'{path}: a {mode} {what} image; {what} maps are 8-bit PNGs of 0..255')
+    if a.max() == 1:
+        raise DataError(f'{path}: a {what} map of 0 / 1 values; the dataset stores 0 / 255: multiply it by 255')
+    return a
+
+
+def _normals(path):
+    """normals/<id>.png -> float32 (h, w, 3) (decode_normals); an RGBA file's alpha is dropped."""
+    mode, a = _png(path, 'RGB', ('RGB', 'RGBA'))
+    if a is None:
+        raise DataError(f'{path}: a {mode} normals image; normals are RGB PNGs, n = 2 v / 255 - 1')
+    return decode_normals(a)
+
+
+MAX_DEPTH = 80.0  # metres: the reference's depth meter counts 0 < depth < 80 (TaskPrompter eval_depth.py)
+
+
+def _depth(path):
+    """depth/<id>.npy -> float32 (h, w) metres, 0 = invalid (so are NaN, inf and negative values). An
+    integer map (millimetres?), depths beyond MAX_DEPTH, an .npz archive or a map of another shape are
+    refused."""
+    a = _read(path, lambda p: np.load(p, allow_pickle=False))
+    if not isinstance(a, np.ndarray):
+        raise DataError(f'{path}: an .npz archive; depth maps are single .npy arrays (numpy.save)')
+    if a.dtype.kind != 'f':
+        raise DataError(f'{path}: depth of dtype {a.dtype}; depth maps hold metres as floats (millimetres? / 1000)')
+    if a.ndim == 3 and 1 in (a.shape[0], a.shape[2]):
+        a = a.reshape(a.shape[:2] if a.shape[2] == 1 else a.shape[1:])
+    if a.ndim != 2:
+        raise DataError(f'{path}: depth of shape {a.shape}; one (h, w) map of metres is expected')
+    a = a.astype(np.float32)
+    a[~np.isfinite(a) | (a < 0)] = 0  # 0 = invalid
+    if a.max() >= MAX_DEPTH:
+        raise DataError(f'{path}: depth up to {a.max():.4g}; depth maps hold metres (millimetres? / 1000)')
+    return a
 
 
 def _mat(path, key):
@@ -156,12 +233,20 @@ def _mat(path, key):
 
 
 def _read_split(path):
+    """A split file: UTF-8 text (a byte-order mark allowed), one id a line, each once -> the ids."""
     if not os.path.isfile(path):
         raise DataError(f'{path}: split file not found; {_SEE_README}')
-    with open(path) as f:
-        ids = [line.strip() for line in f if line.strip()]
+    try:
+        text = _read(path, lambda p: open(p, 'rb').read()).decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path}: not UTF-8 text (byte {e.start}); a split file lists one id a line') from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f'{path}: split file lists no ids; {_SEE_README}')
+    if len(set(ids)) < len(ids):
+        seen = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise DataError(f'{path}: id {twice} is listed twice; list each id once')
     return ids
 
 
@@ -176,12 +261,6 @@ def _check_shape(path, a, shape):
     if a.shape[:2] != shape:
         raise DataError(f'{path}: size {a.shape[:2]} differs from its image {shape}; re-extract it '
                         f'or {_SEE_README}')
-
-
-def _check_labels(path, a, top):
-    bad = (a > top) & (a != 255)
-    if bad.any():
-        raise DataError(f'{path}: label {int(a[bad][0])} outside 0..{top} (255 = void)')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -219,21 +298,21 @@ def human_parts_from_anno(path, shape):
     Only person objects (class_ind 15) that carry parts are drawn, as in the reference."""
     anno = _mat(path, 'anno')
     target = np.zeros(shape, np.uint8)
-    has_human = False
-    objects = anno[0, 0]['objects']
-    for obj in objects.ravel():
-        parts = obj['parts']
-        if int(np.asarray(obj['class_ind']).ravel()[0]) != PERSON_CLASS or parts.size == 0:
-            continue
-        has_human = True
-        for part in parts.ravel():
-            name = str(np.asarray(part['part_name']).ravel()[0])
-            if name not in HUMAN_PART_GROUPS:
-                raise DataError(f'{path}: unknown person part {name!r}')
-            mask = np.asarray(part['mask']).astype(bool)
-            _check_shape(path, mask, shape)
-            target[mask] = HUMAN_PART_GROUPS[name]
-    return target, has_human
+    try:  # a struct of another layout fails here as a KeyError, IndexError, ValueError, ...
+        persons = [o['parts'] for o in anno[0, 0]['objects'].ravel()
+                   if int(np.asarray(o['class_ind']).ravel()[0]) == PERSON_CLASS and o['parts'].size]
+        parts = [(str(np.asarray(p['part_name']).ravel()[0]), np.asarray(p['mask']).astype(bool))
+                 for person in persons for p in person.ravel()]
+    except Exception as e:
+        raise DataError(f'{path}: not a PASCAL-Part annotation ({type(e).__name__}: {e}); {_SEE_README}') from None
+    for name, mask in parts:
+        if name not in HUMAN_PART_GROUPS:
+            raise DataError(f'{path}: unknown person part {name!r}')
+        if mask.ndim != 2:
+            raise DataError(f'{path}: part mask of shape {mask.shape}; (h, w) masks are expected')
+        _check_shape(path, mask, shape)
+        target[mask] = HUMAN_PART_GROUPS[name]
+    return target, bool(persons)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -242,22 +321,26 @@ def human_parts_from_anno(path, shape):
 
 
 def _nearest(a, h, w):
-    """Nearest-neighbour resize of (h0, w0[, C]) to (h, w), pixel-centre aligned like PIL's."""
-    rows = np.minimum(((np.arange(h) + 0.5) * a.shape[0] / h).astype(np.int64), a.shape[0] - 1)
-    cols = np.minimum(((np.arange(w) + 0.5) * a.shape[1] / w).astype(np.int64), a.shape[1] - 1)
+    """Nearest-neighbour resize of (h0, w0[, C]) to (h, w) as OpenCV's INTER_NEAREST, which the reference
+    resizes labels with: source pixel floor(i * h0 / h) (not pixel-centre aligned)."""
+    rows = np.minimum((np.arange(h) * a.shape[0] / h).astype(np.int64), a.shape[0] - 1)
+    cols = np.minimum((np.arange(w) * a.shape[1] / w).astype(np.int64), a.shape[1] - 1)
     return a[rows[:, None], cols]
 
 
 def random_scale(sample, rng, lo=0.5, hi=2.0):
-    """Resize everything by one factor s ~ U(lo, hi): bilinear for the image, nearest for the labels
-    (nearest copies the stored normal vectors); depth / s, as the scene looks s times closer."""
+    """Resize everything by one factor s ~ U(lo, hi) to int(h s) x int(w s), as the reference
+    RandomScaling: the image bilinear without antialiasing (OpenCV's INTER_LINEAR; float32, not rounded),
+    the labels nearest (which copies the stored normal vectors); depth / s, as the scene looks s times
+    closer."""
     s = rng.uniform(lo, hi)
     h0, w0 = sample['image'].shape[:2]
-    h, w = max(1, round(h0 * s)), max(1, round(w0 * s))
+    h, w = max(1, int(h0 * s)), max(1, int(w0 * s))
     out = {}
     for k, a in sample.items():
         if k == 'image':
-            out[k] = np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR))
+            x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).permute(2, 0, 1)[None]  # (1, 3, h0, w0)
+            out[k] = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
         else:
             out[k] = _nearest(a, h, w)
     if 'depth' in out:
@@ -266,17 +349,19 @@ def random_scale(sample, rng, lo=0.5, hi=2.0):
 
 
 def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
-    """Crop a window of size min(image, size); re-drawn (up to `tries` times) while one semseg class
-    covers more than `max_ratio` of its labelled pixels, as mmseg's cat_max_ratio does."""
+    """Crop a window of size min(image, size), as the reference RandomCrop (mmseg's cat_max_ratio): a
+    window whose semseg labels hold a single class, or one class on max_ratio or more of them, is drawn
+    again, up to `tries` times; the window drawn after the last failure is kept unchecked."""
     h0, w0 = sample['image'].shape[:2]
     h, w = min(h0, size[0]), min(w0, size[1])
-    for _ in range(tries):
+    for k in range(tries + 1):
         y, x = rng.integers(0, h0 - h + 1), rng.integers(0, w0 - w + 1)
-        if 'semseg' not in sample:
+        if k == tries or 'semseg' not in sample:
             break
         labels = sample['semseg'][y:y + h, x:x + w]
-        counts = np.bincount(labels[labels != 255].ravel())
-        if counts.sum() == 0 or counts.max() <= max_ratio * counts.sum():
+        counts = np.bincount(labels[labels != IGNORE_INDEX].ravel())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() < max_ratio * counts.sum():
             break
     return {k: a[y:y + h, x:x + w] for k, a in sample.items()}
 
@@ -289,24 +374,42 @@ def hflip(sample):
     return out
 
 
+def _convert(x, alpha=1.0, beta=0.0):
+    """x alpha + beta, clipped to 0..255 and truncated to uint8, as each step of the reference does."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def _hsv_step(x, channel, change):
+    """RGB uint8 (h, w, 3) -> HSV, change(channel values) -> RGB uint8; PIL's HSV (hue 0..255 for 360 deg)."""
+    hsv = np.array(Image.fromarray(x).convert('HSV'))
+    hsv[..., channel] = change(hsv[..., channel])
+    return np.asarray(Image.fromarray(hsv, 'HSV').convert('RGB'))
+
+
 def photometric(image, rng):
-    """mmseg-style PhotoMetricDistortion on the image only, each step with p = 0.5: brightness
-    +-32, contrast x[0.5, 1.5], saturation x[0.5, 1.5], hue +-18 deg. uint8 -> float32 0..255."""
-    x = image.astype(np.float32)
+    """The reference PhotoMetricDistortion (TaskPrompter data/transforms.py, after mmseg's) on the RGB
+    image, truncated to uint8 first and after each step; each step with p = 0.5: brightness +
+    U(-32, 32); contrast x U(0.5, 1.5), first or last (50/50); saturation x U(0.5, 1.5) and hue + d, with
+    d uniform in -18..17 of OpenCV's hue units (2 deg each: -36..+34 deg), each in HSV. The reference
+    converts with OpenCV (hue 0..179), we with PIL (hue 0..255, shifted by d x 2 x 255 / 360 and
+    rounded): README, 'Training recipe', says how much the two differ. uint8 -> float32 0..255."""
+    x = _convert(image)
+
+    def contrast(x):
+        return _convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
     if rng.random() < 0.5:
-        x = x + rng.uniform(-32, 32)
+        x = _convert(x, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5
+    if contrast_first:
+        x = contrast(x)
     if rng.random() < 0.5:
-        x = x * rng.uniform(0.5, 1.5)
-    x = np.clip(x, 0, 255)
-    sat, hue = rng.random() < 0.5, rng.random() < 0.5
-    if sat or hue:
-        hsv = np.asarray(Image.fromarray(x.astype(np.uint8)).convert('HSV')).astype(np.float32)
-        if sat:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        if hue:  # PIL's hue runs 0..255 for 0..360 deg
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 255 / 360) % 256
-        x = np.asarray(Image.fromarray(hsv.astype(np.uint8), 'HSV').convert('RGB')).astype(np.float32)
-    return x
+        x = _hsv_step(x, 1, lambda v: _convert(v, alpha=rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.5:
+        shift = rng.integers(-18, 18) * 2 * 255 / 360  # in PIL's hue units
+        x = _hsv_step(x, 0, lambda v: np.round(v + shift).astype(np.int64) % 255)
+    if not contrast_first:
+        x = contrast(x)
+    return x.astype(np.float32)
 
 
 def augment(sample, size, rng):
@@ -339,13 +442,15 @@ def to_tensors(sample, size):
         kind = TASK_TABLE[k].kind
         a = np.asarray(a)
         pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (a.ndim - 2)
-        a = np.pad(a, pad, constant_values=0 if kind in ('depth', 'normals') else IGNORE_INDEX)
         if kind == 'classes':
-            out[k] = torch.from_numpy(a.astype(np.int64))  # (H, W)
-        elif a.ndim == 3:
-            out[k] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1), np.float32))  # (C, H, W)
+            out[k] = torch.from_numpy(np.pad(a, pad, constant_values=IGNORE_INDEX).astype(np.int64))  # (H, W)
+        elif kind in ('binary', 'depth'):  # (1, H, W): binary maps padded with void, depth with 0 = invalid
+            a = np.pad(a, pad, constant_values=IGNORE_INDEX if kind == 'binary' else 0)
+            out[k] = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None]
+        elif kind == 'normals':  # (3, H, W), padded with the invalid zero vector
+            out[k] = torch.from_numpy(np.ascontiguousarray(np.pad(a, pad).transpose(2, 0, 1), np.float32))
         else:
-            out[k] = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None]  # (1, H, W)
+            raise unknown_kind(k, 'padding')
     return out
 
 
@@ -400,21 +505,27 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
         share = range(rank, len(self), world)
         loader = torch.utils.data.DataLoader(_Probe(self), batch_size=None, sampler=share, num_workers=workers)
         most, too_large = (0, 0), None  # the largest height and width; (i, h, w) of a first image too large
-        for done, (i, problem, (h, w)) in enumerate(loader, 1):
+        read_as = {}  # conversion -> (files, the first file)
+        for done, (i, problem, (h, w), conversions) in enumerate(loader, 1):
             if problem:
                 raise DataError(problem)
             most = max(most[0], h), max(most[1], w)
             if too_large is None and (h > self.size[0] or w > self.size[1]):
                 too_large = i, h, w
+            for path, how in conversions:
+                n, first = read_as.get(how, (0, path))
+                read_as[how] = n + 1, first
             if rank == 0 and len(share) >= 200:
                 _progress(done, len(share), f'checking {self.split} ({self.root})')
         if too_large and not self.train:
             self._check_fits(*too_large, most=most)
+        for how, (n, first) in read_as.items() if rank == 0 else ():  # each conversion said once
+            print(f'note: {n} image(s) of {self.root} {self.split}: {how} (e.g. {first})', file=sys.stderr)
 
 
 class _Probe(torch.utils.data.Dataset):
-    """Sample i of a reader -> (i, the problem with it or '', its (h, w)). A problem comes back as a
-    value, not an exception, so that one read in a worker process stays one line."""
+    """Sample i of a reader -> (i, the problem with it or '', its (h, w), the conversions its files took).
+    A problem comes back as a value, not an exception, so that one read in a worker process stays one line."""
 
     def __init__(self, reader):
         self.reader = reader
@@ -423,8 +534,8 @@ class _Probe(torch.utils.data.Dataset):
         try:
             _, meta = self.reader.load(i)
         except DataError as e:
-            return i, str(e), (0, 0)
-        return i, '', meta['size']
+            return i, str(e), (0, 0), []
+        return i, '', meta['size'], meta['read_as']
 
 
 class NYUD(_MultiTaskDataset):
@@ -445,26 +556,27 @@ class NYUD(_MultiTaskDataset):
         return os.path.join(self.root, folder, id_ + ext)
 
     def load(self, i):
+        """Sample i -> (the sample's arrays, its meta: 'id', 'size' (h, w), 'read_as': the conversions
+        its files took, as (file, conversion)))."""
         id_ = self.ids[i]
-        image = _png(self.path('image', id_), 'RGB')
+        image, read_as = _image(self.path('image', id_))
         shape = image.shape[:2]
         sample = {'image': image}
         for t in self.tasks:
             p = self.path(t, id_)
             if t == 'semseg':
-                raw = _png(p)
-                _check_labels(p, raw, 40)
-                a = (raw.astype(np.int64) - 1).astype(np.uint8)  # 0 (void) - 1 wraps to 255
+                a = (_labels(p, 40).astype(np.int64) - 1).astype(np.uint8)  # 0 (void) - 1 wraps to 255
             elif t == 'depth':
-                a = _read(p, np.load).astype(np.float32).squeeze()
-                a[~np.isfinite(a) | (a < 0)] = 0  # 0 = invalid
+                a = _depth(p)
             elif t == 'normals':
-                a = decode_normals(_png(p, 'RGB'))
-            else:  # edge, stored 0 / 255
-                a = (_png(p, 'L') > 127).astype(np.uint8)
+                a = _normals(p)
+            elif t == 'edge':  # stored 0 / 255
+                a = (_grey(p, 'edge') > 127).astype(np.uint8)
+            else:
+                raise ValueError(f'NYUD has no reader for task {t!r}')
             _check_shape(p, a, shape)
             sample[t] = a
-        return sample, {'id': id_, 'size': shape}
+        return sample, {'id': id_, 'size': shape, 'read_as': [(self.path('image', id_), read_as)] * bool(read_as)}
 
 
 class PASCALContext(_MultiTaskDataset):
@@ -495,30 +607,35 @@ class PASCALContext(_MultiTaskDataset):
                                  'sal': ('sal_distill', id_ + '.png')}[task])
 
     def load(self, i):
+        """Sample i -> (its arrays, its meta: as NYUD's, and 'has_human')."""
         id_ = self.ids[i]
-        image = _png(self.path('image', id_), 'RGB')
+        image, read_as = _image(self.path('image', id_))
         shape = image.shape[:2]
-        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'has_human': False}
+        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'has_human': False,
+                                          'read_as': [(self.path('image', id_), read_as)] * bool(read_as)}
         labelmap = None
         if 'edge' in self.tasks or 'normals' in self.tasks:
             p = self.path('labelmap', id_)
             labelmap = _mat(p, 'LabelMap')
+            if labelmap.ndim != 2 or labelmap.dtype.kind not in 'iu':
+                raise DataError(f'{p}: LabelMap of shape {labelmap.shape} and dtype {labelmap.dtype}; '
+                                'one (h, w) map of context class ids is expected')
             _check_shape(p, labelmap, shape)
         for t in self.tasks:
             p = self.path(t, id_)
             if t == 'semseg':
-                a = _png(p)
-                _check_labels(p, a, 20)
-                a = a.astype(np.uint8)
+                a = _labels(p, 20, void=IGNORE_INDEX)
             elif t == 'human_parts':
                 a, meta['has_human'] = human_parts_from_anno(p, shape)
             elif t == 'sal':
-                a = (_png(p, 'L').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
+                a = (_grey(p, 'saliency').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
             elif t == 'normals':
                 keep = np.isin(labelmap, PASCAL_NORMAL_CLASSES)[..., None]
-                a = np.where(keep, decode_normals(_png(p, 'RGB')), 0).astype(np.float32)
-            else:  # edge
+                a = np.where(keep, _normals(p), 0).astype(np.float32)
+            elif t == 'edge':
                 a = labelmap_edges(labelmap)
+            else:
+                raise ValueError(f'PASCAL-Context has no reader for task {t!r}')
             _check_shape(p, a, shape)
             sample[t] = a
         return sample, meta
@@ -526,6 +643,15 @@ class PASCALContext(_MultiTaskDataset):
 
 # train.py's --dataset -> its reader (the synthetic scenes are written in the NYUD layout)
 READERS = {'nyud': NYUD, 'pascal': PASCALContext, 'synthetic': NYUD}
+# what each layout looks like, and its name in messages
+LAYOUTS = {'synthetic': (('synthetic.json',), 'synthetic scenes (NYUD layout)'),
+           'nyud': (('gt_sets', 'images'), 'NYUD-v2'), 'pascal': (('ImageSets', 'JPEGImages'), 'PASCAL-Context')}
+
+
+def layout(root):
+    """The dataset a folder holds, by the files at its top (LAYOUTS), or None."""
+    return next((name for name, (files, _) in LAYOUTS.items()
+                 if all(os.path.exists(os.path.join(root, f)) for f in files)), None)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -545,7 +671,7 @@ class StepBatches(torch.utils.data.Sampler):
     s // per_epoch, whose order is a permutation drawn from (seed, epoch); each process reads its
     slice of the global batch. Items are (index, epoch) so the sample's augmentation can be seeded."""
 
-    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+    def __init__(self, n, global_batch, *, rank, world, seed, start, stop):
         self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.start, self.stop = seed, start, stop
         self.per_epoch = n // global_batch  # full batches only
@@ -579,13 +705,13 @@ class SeededSamples(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
-def train_loader(dataset, global_batch, rank, world, seed, start, stop, workers):
+def train_loader(dataset, global_batch, *, rank, world, seed, start, stop, workers):
     """The training stream of steps start..stop-1 for process `rank` of `world` (StepBatches): every
     batch and augmentation is a function of (seed, step), so a resumed run reads what an
     uninterrupted one would have, with or without worker processes."""
     return torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank, world, seed, start,
-                                                                stop),
+        SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank=rank, world=world,
+                                                                seed=seed, start=start, stop=stop),
         num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed))  # its worker seeds: never drawn from the global RNG
 
@@ -1113,15 +1239,25 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
     forked): safe beside CUDA and threads. Shut it down (or use it in a `with`) when done."""
 
     def __init__(self, workers):
-        # one thread each: the workers together already hold the cores
-        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'),
-                         initializer=torch.set_num_threads, initargs=(1,))
+        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'), initializer=_edge_worker)
         self.workers = workers
 
     def start(self):
         """Start every worker now, in the background (a spawned worker takes seconds to import torch;
         otherwise they start at the first image). Returns futures that are done once they run."""
         return [self.submit(int) for _ in range(self.workers)]
+
+    def stop(self):
+        """End the workers now, mid-image (an interrupted run has no use for their counts); shut it down after."""
+        for process in list(self._processes.values()):  # (ProcessPoolExecutor has no public way before 3.14)
+            process.terminate()
+
+
+def _edge_worker():
+    """A boundary worker's start: one thread (the workers together hold the cores), and Ctrl-C left to
+    the training process, which stops the workers itself (EdgePool.stop), without a traceback each."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EdgeMeter(Meter):
@@ -1231,10 +1367,14 @@ def make_meters(tasks, dataset, pool=None):
         kind = TASK_TABLE[task].kind
         if kind == 'classes':
             meters[task] = SegMeter(CLASS_NAMES[TASK_SET[dataset]][task])
-        elif kind == 'binary':  # saliency and boundaries: one logit each, judged very differently
-            meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool) if task == 'edge' else SaliencyMeter()
-        else:
+        elif task == 'edge':  # the binary tasks, one logit each, are judged very differently
+            meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool)
+        elif task == 'sal':
+            meters[task] = SaliencyMeter()
+        elif kind in ('normals', 'depth'):
             meters[task] = NormalsMeter() if kind == 'normals' else DepthMeter()
+        else:
+            raise unknown_kind(task, 'meter')
     return meters
 
 
@@ -1282,10 +1422,17 @@ def write_predictions(folder, outputs, batch):
                 v = probability_levels(raw[task][0, 0])  # (h, w), the values the boundary metric scores
             elif kind == 'classes':
                 v = x[0].to(torch.uint8)  # (h, w) class indices
-            else:  # normals: unit vectors (3, h, w) -> (h, w, 3) RGB
+            elif kind == 'normals':  # unit vectors (3, h, w) -> (h, w, 3) RGB
                 v = ((x[0] + 1) * 255 / 2).to(torch.uint8).permute(1, 2, 0)
-            png = Image.fromarray(v.cpu().numpy())
-            atomic_write(path + '.png', lambda f: png.save(f, format='PNG'))
+            else:
+                raise unknown_kind(task, 'prediction file')
+            write_png(path + '.png', v.cpu().numpy())
+
+
+def write_png(path, image):
+    """A PIL image or a uint8 array as a PNG file, written atomically (taskexpert.atomic_write)."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    atomic_write(path, lambda f: image.save(f, format='PNG'))
 
 
 def trivial_scores(loader, tasks, dataset):
@@ -1312,8 +1459,10 @@ def trivial_scores(loader, tasks, dataset):
             constant[t] = torch.full((1, 1, 1), depth_sum / max(depth_n, 1))
         elif kind == 'normals':
             constant[t] = F.normalize(normal_sum, dim=0)[:, None, None]
-        else:  # binary: a logit of 10 everywhere, i.e. all positive
+        elif kind == 'binary':  # a logit of 10 everywhere, i.e. all positive
             constant[t] = torch.full((1, 1, 1), 10.0)
+        else:
+            raise unknown_kind(t, 'input-blind predictor')
     meters = make_meters(tasks, dataset)
     for batch in loader:
         B, _, H, W = batch['image'].shape
@@ -1653,14 +1802,14 @@ def render_scene(rng, size):
         else:
             kind, colour = _look(NYU40_CLASSES[classes[i] - 1], rng)
         albedo[m] = _albedo(kind, colour, uv[m], rng)
-    image = _lit(rng, albedo, pos, t, dirs, normal, room, boxes)
+    image = _lit(rng, albedo, pos=pos, t=t, dirs=dirs, normal=normal, room=room, boxes=boxes)
     depth = np.where(valid, t, 0).reshape(h, w).astype(np.float32)
     normals = (normal @ rot.astype(np.float32)).reshape(h, w, 3)  # world -> camera is R^T n
     return dict(image=image.reshape(h, w, 3).astype(np.uint8), labels=classes[inst].reshape(h, w).astype(np.uint8),
                 depth=depth, normals=normals, edge=_instance_edges(inst.reshape(h, w)), intrinsics=(fx, fy, cx, cy))
 
 
-def _lit(rng, albedo, pos, t, dirs, normal, room, boxes):
+def _lit(rng, albedo, *, pos, t, dirs, normal, room, boxes):
     """The pixels' RGB 0-255 (N, 3) float32: ambient + Lambert from a lamp 10 cm above the lens (a
     flash, a head-mounted lamp), with box shadows, a near inverse-square fall-off, a tint and sensor
     noise. A light at the camera makes brightness fall with distance and with the surface's angle to
@@ -1697,7 +1846,8 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
     depth/, normals/, edge/, gt_sets/{train,val}.txt), so NYUD(root, ...) reads them. Scene i is
     drawn from numpy's Generator seeded with (seed, i): reproducible. Skipped when `root` already
     holds a complete set for the same parameters: synthetic.json says complete only once every file
-    is written, so a half-written folder is written again. Returns root."""
+    is written, so a half-written folder is written again (the marker, written atomically, is what makes
+    the set whole). Writes only into a missing or empty folder, or one holding its marker. Returns root."""
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f'make_synthetic needs n_train, n_val >= 0 and at least one scene, got {n_train}, {n_val}')
     params = dict(version=GENERATOR_VERSION, n_train=n_train, n_val=n_val, size=list(size), seed=seed)
@@ -1710,8 +1860,10 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
                 done = {}
         if done.get('complete') and all(done.get(k) == v for k, v in params.items()):
             return root
-    elif os.path.isdir(os.path.join(root, 'gt_sets')):
-        raise DataError(f'{root}: holds a dataset that make_synthetic did not write; choose another folder')
+    elif os.path.isdir(root) and os.listdir(root):  # never write into a folder of someone else's files
+        names = sorted(os.listdir(root))
+        raise DataError(f'{root}: holds files that make_synthetic did not write ({", ".join(names[:3])}'
+                        f'{", ..." * (len(names) > 3)}); pass an empty or new folder for the synthetic scenes')
     for folder in ('images', 'segmentation', 'depth', 'normals', 'edge', 'gt_sets'):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
     atomic_write(marker, lambda f: f.write(json.dumps(dict(params, complete=False)).encode()))

@@ -12,12 +12,12 @@ prediction of each task. Everything else below is our reconstruction, exposed as
 Notation (as in the paper): X_l tokens after backbone block l, (B, N, C) with N = (H/16)(W/16);
 T tasks; E experts; D expert width; Z_e expert features; g_t gate of task t; M_t memory of task t.
 
-Read top to bottom: the tasks -> ViT backbone -> MMoE -> task heads -> TaskExpert -> the loss ->
-what a model takes and returns (normalisation, postprocess, predict) -> its files (ImageNet weights,
-train.py's checkpoints). The benchmarks' data and scoring are in data.py, training in train.py,
-export for phones in export.py; this file imports none of them.
+Read top to bottom: the tasks -> ViT backbone -> MMoE -> task heads -> TaskExpert -> the loss -> what a
+model takes and returns (normalisation, postprocess, predict) -> its files (ImageNet weights, checkpoints).
+Data and scoring are in data.py, training in train.py, export in export.py; this file imports none of them.
 """
 import contextlib
+import errno
 import json
 import math
 import os
@@ -48,12 +48,11 @@ class Task(NamedTuple):
     """What a task's head predicts (its kind) and how the task is weighed and judged. The kind is
     what the code switches on:
 
-      kind      head output        loss (MultiTaskLoss)      postprocess        meter (data.py)    drawn
-      classes   C logits           cross-entropy             argmax: class ids  SegMeter           palette
-      binary    1 logit            balanced BCE              sigmoid            SaliencyMeter or   grey
-                                                                                EdgeMeter
-      normals   3 values           L1 of the unit vector     unit vector        NormalsMeter       RGB
-      depth     1 value, metres    L1                        as is              DepthMeter         viridis
+      kind     head output      loss (MultiTaskLoss)   postprocess        meter (data.py)          drawn
+      classes  C logits         cross-entropy          argmax: class ids  SegMeter                 palette
+      binary   1 logit          balanced BCE           sigmoid            SaliencyMeter, EdgeMeter grey
+      normals  3 values         L1 of the unit vector  unit vector        NormalsMeter             RGB
+      depth    1 value, metres  L1                     as is              DepthMeter               viridis
     """
     kind: str
     loss_weight: float  # ATRC / InvPT: NYUD semseg 1, depth 1, normals 10, edge 50; PASCAL 1, 2, 5, 10, 50
@@ -70,6 +69,11 @@ TASK_TABLE = {
     'edge': Task('binary', 50.0, 'odsF', True),
 }
 IGNORE_INDEX = 255  # void / padding in the targets of the 'classes' and 'binary' tasks
+
+
+def unknown_kind(task, what):
+    """The error of a switch on a task's kind without a case for it (a task added with a new kind)."""
+    return ValueError(f'task {task!r} of kind {TASK_TABLE[task].kind!r}: no {what} for this kind')
 
 # -------------------------------------------------------------------------------------------------
 # ViT backbone (Dosovitskiy et al.), parameter names and arithmetic as timm's VisionTransformer, so
@@ -150,12 +154,9 @@ class Block(nn.Module):
 
 
 def resample_pos_embed(pos_embed, grid, old_grid=None):
-    """Bicubic resampling of a learned position embedding (1, 1 + h0*w0, C) to grid (h, w), in fp32.
-
-    The class-token slot is kept as is. Without old_grid, a checkpoint's grid is taken to be square
-    (e.g. 24x24 for a 384 model -> 28x36 for NYUD's 448x576) or, if it has h*w patches, (h, w). antialias as timm does, which matters
-    only when shrinking.
-    """
+    """Bicubic resampling (fp32, antialiased as timm) of a learned position embedding (1, 1 + h0*w0, C)
+    to grid (h, w); the class-token slot is kept. Without old_grid, a checkpoint's grid is square (24x24
+    for a 384 model -> 28x36 for NYUD's 448x576), or already (h, w)."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     if old_grid is None and patch_pos.shape[1] == grid[0] * grid[1]:
         return pos_embed  # saved at this grid already (e.g. our own fine-tuned backbone)
@@ -183,11 +184,8 @@ def sincos_pos_embed(grid, dim):
 
 
 class VisionTransformer(nn.Module):
-    """ViT-{tiny,small,base,large}/16 with class token and learned absolute position embedding.
-
-    The position embedding lives at the training grid (img_size / 16): a checkpoint's 24x24 grid is
-    resampled once, at load (`load_pretrained`), not in every forward pass.
-    """
+    """ViT-{tiny,small,base,large}/16 with class token and learned absolute position embedding, which
+    lives at the training grid (img_size / 16): a checkpoint's is resampled once, at load."""
 
     def __init__(self, embed_dim, depth, num_heads, img_size, drop_path=0.0):
         super().__init__()
@@ -198,9 +196,8 @@ class VisionTransformer(nn.Module):
         # stochastic depth grows linearly with depth, as in timm / DeiT
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, p) for p in np.linspace(0, drop_path, depth).tolist())
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # From scratch, a 2-D sine-cosine start (as MAE / MoCo v3) gives every token its row and
-        # column from the first step instead of timm's N(0, 0.02); pretrained weights replace it.
-        # Depth leans on position (the floor's depth follows the image row; README, 'Results').
+        # From scratch, a 2-D sine-cosine start (as MAE / MoCo v3) gives every token its row and column from
+        # step 1, which depth leans on (README, 'Results'); pretrained weights replace it.
         with torch.no_grad():
             self.pos_embed[0, 1:] = sincos_pos_embed(self.grid, embed_dim)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -228,6 +225,10 @@ class VisionTransformer(nn.Module):
             x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
             if i + 1 in taps:
                 tapped.append(x[:, 1:])
+        # the last tap is read through the final LayerNorm (per token), as the authors' ViT taps are
+        # (InvPT models/transformers/vit.py `x = self.norm(x)[:, 1:]`; TaskPrompter, MLoRE likewise);
+        # the earlier taps are the raw residual stream on both sides
+        tapped[-1] = self.norm(tapped[-1])
         return tapped
 
 
@@ -254,13 +255,12 @@ class MMoE(nn.Module):
         M_t <- F_t ('replace', default) or M_t + F_t ('add')                           [ours]
     At the first MMoE the memory is still empty: its gates weigh the E experts only.  [ours]
 
-    Our choices in detail: experts are Linear -> LayerNorm -> GELU; the gate sees each token
-    together with the image mean (its context); it is softmaxed per token by default or, with
-    gate='image', once per image from the mean of the token logits. gate='static' (ablation
-    baseline, first MMoE only) has no gates: every task reads the same fixed mean of the experts.
+    Our choices in detail: experts are Linear -> LayerNorm -> GELU; the gate sees each token with the
+    image mean (its context), softmaxed per token, or with gate='image' once per image from the mean of
+    the token logits. gate='static' (ablation, first MMoE only): every task reads the experts' mean.
     """
 
-    def __init__(self, tasks, in_dim, num_experts, expert_dim, first, gate, memory_write):
+    def __init__(self, tasks, in_dim, *, num_experts, expert_dim, first, gate, memory_write):
         super().__init__()
         self.E, self.D, self.first = num_experts, expert_dim, first
         self.gate_mode, self.memory_write, self.tasks = gate, memory_write, list(tasks)
@@ -272,9 +272,8 @@ class MMoE(nn.Module):
         self.gates = nn.ModuleDict({} if gate == 'static' else {t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
 
     def expert_features(self, h):
-        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype. Under CUDA
-        autocast LayerNorm runs in fp32; the result is cast back once, so the T gated sums below
-        share one low-precision copy instead of each casting (and saving) its own."""
+        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype: LayerNorm runs in fp32
+        under autocast, cast back once so that the T gated sums share one low-precision copy."""
         z = F.layer_norm(h, (self.D,), eps=1e-6) * self.expert_norm_weight + self.expert_norm_bias
         return F.gelu(z).to(h.dtype)
 
@@ -324,8 +323,14 @@ class TaskHead(nn.Module):
     def forward(self, m, grid, size):
         x = m.transpose(1, 2).reshape(m.shape[0], -1, *grid)  # (B, D, H/16, W/16)
         x = F.interpolate(x, scale_factor=4, mode='bilinear', align_corners=False)
-        x = self.pred(F.gelu(self.bn(self.conv(x))))  # (B, out, H/4, W/4)
-        return F.interpolate(x, size=size, mode='bilinear', align_corners=False)  # (B, out, H, W)
+        x = F.gelu(self.bn(self.conv(x)))  # (B, D, H/4, W/4), in the autocast dtype if any
+        # The prediction itself in fp32, also under autocast: the reference trains and tests in fp32,
+        # and bf16 keeps 8 bits of mantissa (depth 3 m +- 0.012 m) for the loss, the meters and the
+        # saved files. The 1x1 conv is ~0.1 % of the model's FLOPs.
+        autocast = x.device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            x = self.pred(x.float())  # (B, out, H/4, W/4)
+            return F.interpolate(x, size=size, mode='bilinear', align_corners=False)  # (B, out, H, W)
 
 
 ABLATIONS = ('none', 'no-memory', 'static')  # TaskExpert(ablation=...): the parts removed
@@ -345,22 +350,16 @@ class TaskExpert(nn.Module):
       gate          'token' (a mixture per token) | 'image' (one mixture per image)
       memory_write  'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
       drop_path     stochastic depth of the backbone (default 0.15 for base/large, 0 for tiny/small)
-      grad_checkpoint  activation checkpointing while training, less memory for more compute, same
-                    numbers: 'off', 'mmoe' (the MMoE modules: +1 % FLOPs) or 'all' (also the backbone
-                    blocks: one more backbone forward, +17 % for ViT-L). Never the heads: their
-                    BatchNorm would update its running statistics twice.
-      ablation      what to remove, to measure what each part buys (README, 'Ablation'):
-                    'none'       the full model;
-                    'no-memory'  no memory: one MMoE, at the last tap, gates over its E experts and
-                                 the heads read its output (without the memory nothing carries an
-                                 earlier MMoE's output to the heads, so earlier MMoEs are not built);
-                    'static'     no memory and no gates: the same experts at the last tap, averaged
-                                 with fixed weights 1/E into one feature that every head reads. It
-                                 differs from 'no-memory' only by the gates (same experts, same
-                                 width), so the pair measures dynamic per-task assembly and nothing
-                                 else; a single narrower projection would mix in a loss of capacity.
-    After a forward pass, `self.gates` holds one dict per tap: task -> gate weights (B, N, E[+1]);
-    with ablation='static' the one dict is empty.
+      grad_checkpoint  activation checkpointing while training, the same numbers for more compute: 'off',
+                    'mmoe' (the MMoE modules: +1 % FLOPs) or 'all' (also the backbone blocks: +17 % for
+                    ViT-L); never the heads, whose BatchNorm would update its statistics twice.
+      ablation      what to remove, to measure what each part buys (README, 'Ablation'): 'none';
+                    'no-memory' (one MMoE, at the last tap: without the memory nothing carries an
+                    earlier MMoE's output to the heads); 'static' (that MMoE without gates: its E
+                    experts averaged with fixed weights 1/E, the same experts and width, so that
+                    static vs no-memory measures the gates alone)
+    After a forward pass, `self.gate_weights` holds one dict per tap: task -> the gates' weights
+    (B, N, E[+1]); with ablation='static' the one dict is empty.
     Bad options raise ValueError('<option> <value>: what is wrong'); the scripts turn the option into
     their flag (img_size -> --img-size) for their one-line error, so each rule lives here only.
     """
@@ -395,31 +394,29 @@ class TaskExpert(nn.Module):
         self.backbone = VisionTransformer(p['embed_dim'], p['depth'], p['num_heads'], img_size,
                                           p['drop_path'] if drop_path is None else drop_path)
         self.mmoe = nn.ModuleList(
-            MMoE(self.tasks, p['embed_dim'], num_experts, expert_dim, i == 0,
-                 'static' if ablation == 'static' else gate, memory_write)
+            MMoE(self.tasks, p['embed_dim'], num_experts=num_experts, expert_dim=expert_dim, first=i == 0,
+                 gate='static' if ablation == 'static' else gate, memory_write=memory_write)
             for i in range(len(self.taps)))
         self.heads = nn.ModuleDict({t: TaskHead(expert_dim, c) for t, c in self.tasks.items()})
-        # The final LayerNorm is only there so timm checkpoints load strictly: the MMoEs read the
-        # un-normed block outputs. Blocks after the last tap feed nothing either: they are not run.
-        # Neither gets a gradient, so both are frozen (DDP fails on trainable parameters without
-        # one) and kept, so that ImageNet checkpoints still load strictly.
-        self.backbone.norm.requires_grad_(False)
+        # Blocks after the last tap feed nothing: they are not run, get no gradient and are frozen
+        # (DDP fails on trainable parameters without one), and kept so that ImageNet checkpoints
+        # still load strictly.
         self.backbone.blocks[self.taps[-1]:].requires_grad_(False)
         self.grad_checkpoint = grad_checkpoint
-        self.gates = []
+        self.gate_weights = []
 
     def forward(self, x):
         """x (B, 3, H, W) ImageNet-normalised -> dict task -> raw prediction (B, C_t, H, W)."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         recompute = self.grad_checkpoint if self.training and torch.is_grad_enabled() else 'off'
         tapped = self.backbone.forward_features(x, self.taps, recompute=recompute == 'all')
-        memory, self.gates = None, []
+        memory, self.gate_weights = None, []
         for mmoe, x_l in zip(self.mmoe, tapped):
             if recompute == 'off':
                 memory, g = mmoe(x_l, memory)
             else:  # keep X_l and the memory for backward, run the MMoE again there
                 memory, g = checkpoint(mmoe, x_l, memory, use_reentrant=False)
-            self.gates.append(g)
+            self.gate_weights.append(g)
         # the memory after the last MMoE feeds every task's final prediction (paper Fig. 2)
         return {t: head(memory[t], grid, x.shape[-2:]) for t, head in self.heads.items()}
 
@@ -429,11 +426,8 @@ class TaskExpert(nn.Module):
         trained model): the dataset's tasks that config['tasks'] names, in the dataset's order, and the
         model keys; the other settings are ignored."""
         tasks = {t: c for t, c in TASKS[TASK_SET[config['dataset']]].items() if t in config['tasks']}
-        return cls(tasks, backbone=config['backbone'],
-                   img_size=tuple(config['img_size']), num_experts=config['num_experts'],
-                   expert_dim=config['expert_dim'], taps=tuple(config['taps']), gate=config['gate'],
-                   memory_write=config['memory_write'], grad_checkpoint=config['grad_checkpoint'],
-                   ablation=config['ablation'])
+        return cls(tasks, img_size=tuple(config['img_size']), taps=tuple(config['taps']), **{k: config[k] for k in (
+            'backbone', 'num_experts', 'expert_dim', 'gate', 'memory_write', 'grad_checkpoint', 'ablation')})
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -441,20 +435,15 @@ class TaskExpert(nn.Module):
         CPU in eval mode; its settings and training step as model.config and model.step. Raises
         FileNotFoundError / ValueError with a one-line message (see read_checkpoint, load_weights)."""
         ckpt = read_checkpoint(path)
-        try:
-            model = cls.from_config(ckpt['config'])
-        except KeyError as e:  # a setting that the train.py that wrote it did not have yet
-            raise ValueError(f'{path}: its config has no {e} setting: it was written by an older train.py, '
-                             'whose checkpoints this version does not read') from None
+        model = cls.from_config(ckpt['config'])
         load_weights(model, ckpt['model'], path)
         model.config, model.step = ckpt['config'], ckpt['step']
         return model.eval()
 
 
 # -------------------------------------------------------------------------------------------------
-# The loss: the definitions of the code the NYUD-v2 / PASCAL-Context multi-task literature shares
-# (MTI-Net -> ATRC -> InvPT / TaskPrompter; "the reference" below, README 'References'). The paper
-# follows it and states no losses of its own.
+# The loss: the definitions of the code the NYUD-v2 / PASCAL-Context multi-task literature shares (MTI-Net
+# -> ATRC -> InvPT / TaskPrompter; "the reference", README 'References'); the paper states none of its own.
 # -------------------------------------------------------------------------------------------------
 
 def depth_valid(target):
@@ -468,10 +457,9 @@ def normals_valid(target):
 
 
 def _balanced_bce(logit, target, pos_weight=None):
-    """Binary cross-entropy with a weight w on positives and 1 - w on negatives, mean over the valid
-    (non-255) pixels, as the reference BalancedBinaryCrossEntropyLoss (HED-style). pos_weight None:
-    w = fraction of negatives among the valid pixels of the batch (saliency); else fixed (edge 0.95).
-    logit, target (B, 1, H, W). The reference's BCE(pos_weight=w/(1-w)) / (1/(1-w)) is this formula."""
+    """Binary cross-entropy weighing positives w and negatives 1 - w, mean over the valid (non-255)
+    pixels, as the reference BalancedBinaryCrossEntropyLoss (its BCE(pos_weight=w/(1-w)) / (1/(1-w))).
+    pos_weight None: w = the batch's fraction of negatives (saliency); else fixed. logit, target (B, 1, H, W)."""
     valid = target != IGNORE_INDEX
     y = (target == 1).float()
     n = valid.sum()
@@ -492,11 +480,14 @@ class MultiTaskLoss(nn.Module):
     def __init__(self, tasks, weights=None, edge_pos_weight=0.95):
         super().__init__()
         self.tasks = list(tasks)
-        unknown = [t for t in self.tasks if t not in TASK_TABLE]
-        if unknown:
+        if unknown := [t for t in self.tasks if t not in TASK_TABLE]:
             raise ValueError(f'MultiTaskLoss: unknown task(s) {unknown}; known: {sorted(TASK_TABLE)}')
         self.weights = {t: float((weights or {}).get(t, TASK_TABLE[t].loss_weight)) for t in self.tasks}
-        self.edge_pos_weight = edge_pos_weight
+        # each binary task's positive weight in its balanced BCE: saliency's from each batch (None), the
+        # edges' fixed (edge_w 0.95 in the InvPT / TaskPrompter configs; train.py --edge-pos-weight)
+        self.pos_weight = {'sal': None, 'edge': edge_pos_weight}
+        for t in [t for t in self.tasks if TASK_TABLE[t].kind == 'binary' and t not in self.pos_weight]:
+            raise unknown_kind(t, 'positive weight of its balanced BCE')
 
     def task_loss(self, task, pred, target):
         pred, kind = pred.float(), TASK_TABLE[task].kind
@@ -505,8 +496,8 @@ class MultiTaskLoss(nn.Module):
             target = target.long()
             n = (target != IGNORE_INDEX).sum()
             return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction='sum') / n.clamp(min=1)
-        if kind == 'binary':  # saliency balances each batch; edges weigh positives by a fixed 0.95
-            return _balanced_bce(pred, target, self.edge_pos_weight if task == 'edge' else None)
+        if kind == 'binary':
+            return _balanced_bce(pred, target, self.pos_weight[task])
         if kind == 'normals':
             # reference L1Loss(normalize=True): |unit(pred) - gt| summed over the 3 components, averaged
             # over valid pixels (its masked_select takes 3 values per pixel but divides by pixels);
@@ -514,8 +505,10 @@ class MultiTaskLoss(nn.Module):
             valid = normals_valid(target)
             err = (F.normalize(pred, p=2, dim=1) - target).abs() * valid
             return err.sum() / valid.sum().clamp(min=1)
-        valid = depth_valid(target)  # depth: L1 in metres over the valid pixels
-        return ((pred - target).abs() * valid).sum() / valid.sum().clamp(min=1)
+        if kind == 'depth':  # L1 in metres over the valid pixels
+            valid = depth_valid(target)
+            return ((pred - target).abs() * valid).sum() / valid.sum().clamp(min=1)
+        raise unknown_kind(task, 'loss')
 
     def forward(self, outputs, batch):
         per_task = {t: self.task_loss(t, outputs[t], batch[t]) for t in self.tasks}
@@ -532,17 +525,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics of the ImageNet-pretrain
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_MEAN, _STD = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalise(rgb):
     """RGB values 0-255, a tensor (..., 3, H, W) of any dtype -> the model's input, float32
     (x / 255 - mean) / std per channel."""
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return (rgb.float() / 255 - mean) / std
+    return (rgb.float() / 255 - _MEAN) / _STD
 
 
 def denormalise(x):
     """The inverse of normalise: (..., 3, H, W) -> RGB 0-255 float32, rounded and clamped."""
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return ((x * std + mean) * 255).round().clamp(0, 255)
+    return ((x * _STD + _MEAN) * 255).round().clamp(0, 255)
 
 
 NORMALS_EPS = 1e-4  # the smallest normal fp16 number is 6e-5: a raw normal shorter than this has no direction
@@ -561,8 +555,10 @@ def postprocess(raw, probabilities=False):
             out[task] = F.normalize(x, dim=1, eps=NORMALS_EPS)  # (B, 3, H, W) unit vectors
         elif kind == 'binary':
             out[task] = x.sigmoid()  # (B, 1, H, W) probabilities
-        else:  # depth: the head already predicts metres
+        elif kind == 'depth':  # the head already predicts metres
             out[task] = x
+        else:
+            raise unknown_kind(task, 'post-processing')
     return out
 
 
@@ -574,10 +570,9 @@ def predict(model, image, probabilities=False):
     metres, normals float32 (3, H, W) unit vectors, edge / sal float32 (1, H, W) probabilities.
 
     As in evaluation, the image is normalised and padded at the bottom / right to the network size
-    (the training size, model.backbone.grid x 16); an image larger than that is first shrunk to fit
-    (aspect kept, bilinear). The raw outputs of the content are resized (bilinear) to (H, W), then
-    post-processed: memory grows with classes x H x W (~2 GB for NYUD's 40 at 12 megapixels).
-    Runs on the model's device, in eval mode, under the caller's torch.autocast if any."""
+    (model.backbone.grid x 16), first shrunk to fit (aspect kept, bilinear) if larger. The outputs of
+    its content are resized (bilinear) to (H, W) and post-processed; class ids one class at a time
+    (class_ids). On the model's device, in eval mode, under the caller's torch.autocast if any."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'predict: an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
@@ -589,10 +584,28 @@ def predict(model, image, probabilities=False):
     fitted = image if s == 1 else image.resize((w, h), Image.BILINEAR)
     x = normalise(torch.from_numpy(np.array(fitted)).permute(2, 0, 1))  # (3, h, w)
     x = F.pad(x, (0, W - w, 0, H - h))[None]  # (1, 3, H, W): padded with 0, the mean colour, as data.py pads
-    raw = model.eval()(x.to(next(model.parameters()).device))
-    raw = {t: F.interpolate(o[..., :h, :w].float(), size=(image.height, image.width), mode='bilinear',
-                            align_corners=False) for t, o in raw.items()}  # (1, C_t, image H, image W)
-    return {name: v[0].cpu().numpy() for name, v in postprocess(raw, probabilities).items()}
+    size, out = (image.height, image.width), {}
+    for t, o in model.eval()(x.to(next(model.parameters()).device)).items():
+        o = o[..., :h, :w].float()  # (1, C_t, h, w): the image's content
+        if TASK_TABLE[t].kind == 'classes' and not probabilities:
+            out[t] = class_ids(o, size)
+        else:
+            out.update(postprocess({t: F.interpolate(o, size=size, mode='bilinear', align_corners=False)},
+                                   probabilities))
+    return {name: v[0].cpu().numpy() for name, v in out.items()}
+
+
+def class_ids(logits, size):
+    """argmax over the classes of logits (1, C, h, w) resized to size (bilinear) -> int32 (1, H, W), one
+    class at a time: the memory of a few (H, W) maps, not of C of them (40 x 48 megapixels: 7.7 GB).
+    Ties go to the first class, as argmax."""
+    score = lambda c: F.interpolate(logits[:, c:c + 1], size=size, mode='bilinear', align_corners=False)[:, 0]  # noqa: E731
+    best, ids = score(0), torch.zeros((1, *size), dtype=torch.int32, device=logits.device)
+    for c in range(1, logits.shape[1]):
+        s = score(c)  # (1, H, W)
+        better = s > best
+        best, ids = torch.where(better, s, best), ids.masked_fill_(better, c)
+    return ids
 
 
 # -------------------------------------------------------------------------------------------------
@@ -629,42 +642,42 @@ HUB_ID = re.compile(r'[\w-][\w.-]*(/[\w-][\w.-]*)?')  # a hub repository: owner/
 WEIGHT_FILES = ('.pth', '.pt', '.bin', '.safetensors', '.npz')
 
 
+# The ImageNet checkpoint the authors' code starts from, as a hub id: timm's vit_<size>_patch16_384 with
+# pretrained=True (TaskPrompter utils/common_config.py get_backbone), the AugReg ImageNet-21k -> 1k weights
+IMAGENET_WEIGHTS = 'vit_{}_patch16_384.augreg_in21k_ft_in1k'  # .format(backbone size)
+
+
 def pretrained_file(name):
     """An ImageNet checkpoint as train.py's --pretrained names it -> a local file: the path itself, else
     the model.safetensors of that Hugging Face hub repository (a bare timm name such as
-    vit_large_patch16_384.augreg_in21k_ft_in1k is timm/<name>), fetched once into the hub's cache by
-    huggingface_hub, an optional dependency. Raises FileNotFoundError, in one line that says how to
-    fetch the file by hand when the package is missing or the hub out of reach."""
+    vit_large_patch16_384.augreg_in21k_ft_in1k is timm/<name>), fetched once, with a progress bar, into
+    torch's hub cache (<TORCH_HOME>/hub/checkpoints); HF_ENDPOINT may name a mirror of the hub. Raises
+    FileNotFoundError in one line naming the file and how to fetch it by hand when it cannot be fetched."""
     if os.path.isfile(name):
         return name
     if name.endswith(WEIGHT_FILES) or not HUB_ID.fullmatch(name):
         raise FileNotFoundError(f'{name}: file not found')
     repo = name if '/' in name else f'timm/{name}'
-    file = repo.split('/')[1] + '.safetensors'
-    by_hand = (f'download it with `curl -L -o {file} https://huggingface.co/{repo}/resolve/main/model.safetensors` '
-               f'and pass --pretrained {file}')
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise FileNotFoundError(f'{name}: not a file; to fetch {repo} from the Hugging Face hub `pip install '
-                                f'huggingface_hub`, or {by_hand}') from None
-    try:
-        return hf_hub_download(repo_id=repo, filename='model.safetensors')
-    except Exception as e:  # offline, no such repository, no model.safetensors there: one remedy for all
-        why = str(e).strip().partition('\n')[0]
-        raise FileNotFoundError(f'{name}: cannot fetch model.safetensors of {repo} from the Hugging Face hub '
-                                f'({type(e).__name__}: {why}); {by_hand}') from None
+    url = f'{os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")}/{repo}/resolve/main/model.safetensors'
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', repo.replace('/', '--') + '.safetensors')
+    if not os.path.isfile(path):
+        try:  # into a temporary file beside it, renamed once complete: a broken download leaves nothing
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path)
+        except Exception as e:  # offline, blocked, no such repository: one remedy for all
+            why = str(e).strip().partition('\n')[0]
+            file = repo.split('/')[1] + '.safetensors'
+            raise FileNotFoundError(f'{name}: cannot fetch {url} ({type(e).__name__}: {why}); fetch it by hand with '
+                                    f'`curl -L -o {file} {url}` and pass --pretrained {file}') from None
+    return path
 
 
 def load_pretrained(model, name):
     """Load an ImageNet ViT checkpoint (a file or a hub id, see pretrained_file) into model.backbone,
-    strictly.
-
-    Accepts a timm state dict (.pth/.pt/.bin, possibly wrapped in {'model': ...} or {'state_dict':
-    ...}, keys possibly prefixed 'module.' or '_orig_mod.'), a .safetensors file, or Google's .npz.
-    The classifier ('head.*', 'fc_norm.*') is dropped; every other key must match in name and
-    shape, except pos_embed, which is resampled (bicubic, fp32) to the model's training grid.
-    """
+    strictly: a timm state dict (.pth/.pt/.bin, maybe wrapped in {'model': ...} or {'state_dict': ...},
+    keys maybe prefixed 'module.' or '_orig_mod.'), a .safetensors file or Google's .npz. The classifier
+    ('head.*', 'fc_norm.*') is dropped; pos_embed is resampled to the training grid; every other key
+    must match in name and shape."""
     path = pretrained_file(name)
     vit = model.backbone
     if path.endswith('.safetensors'):
@@ -676,12 +689,8 @@ def load_pretrained(model, name):
         for wrapper in ('model', 'state_dict'):
             if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                 sd = sd[wrapper]
-    clean = {}
-    for k, v in sd.items():
-        for prefix in ('module.', '_orig_mod.'):
-            k = k.removeprefix(prefix)
-        if not k.startswith(('head.', 'fc_norm.')):
-            clean[k] = v
+    plain = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
+    clean = {k: v for k, v in plain.items() if not k.startswith(('head.', 'fc_norm.'))}  # not the classifier
     own = vit.state_dict()
     missing, unexpected = sorted(own.keys() - clean.keys()), sorted(clean.keys() - own.keys())
     if missing or unexpected:
@@ -695,13 +704,15 @@ def load_pretrained(model, name):
 
 
 # -------------------------------------------------------------------------------------------------
-# Trained models' files, as train.py writes them: written atomically, loadable with
-# torch.load(weights_only=True) (tensors and plain data only)
-#   .pt               the full training state: 'model', 'optimizer', 'scaler', 'step', 'rng' (one RNG
-#                     state per process), 'config' (train.py's settings), 'best' (in best.pt: its record)
-#   best.safetensors  the model to share: its weights alone, 'config', 'step', 'metrics' (its
-#                     evaluation) and 'selection' (how it was chosen) as JSON strings in its metadata
+# Trained models' files, as train.py writes them (atomically; tensors and plain data, weights_only=True):
+#   .pt               the full training state: 'model', 'optimizer', 'scaler', 'step', 'rng' (one RNG state
+#                     per process), 'config' (train.py's settings), 'best' (in best.pt: its record), 'format'
+#   best.safetensors  the model to share: its weights alone; 'config', 'step', 'metrics' (its evaluation),
+#                     'selection' (how it was chosen) and 'format' as JSON strings in its metadata
 # -------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 2  # 2: the last MMoE reads the final LayerNorm's output (format 1, unmarked: it did not)
+
 
 def atomic_write(path, write):
     """write(file) into a temporary file beside `path`, fsync, then rename over `path`: a crash at any
@@ -714,6 +725,9 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
+        why = str(e).strip().partition('\n')[0]
+        raise OSError(errno.EIO, f'cannot write it, the disk may be full ({why})', path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -726,25 +740,24 @@ def atomic_write(path, write):
 
 
 def remove_temporaries(folder):
-    """Delete the temporary files of atomic_write calls that a kill interrupted (.<name>.tmp<pid>).
-    Only for a folder that no other process is writing into."""
-    for name in os.listdir(folder):
-        if re.fullmatch(r'\..+\.tmp\d+', name):
-            os.remove(os.path.join(folder, name))
+    """Delete the temporary files of atomic_write calls that a kill interrupted (.<name>.tmp<pid>), in a
+    folder that no other process is writing into."""
+    for name in [n for n in os.listdir(folder) if re.fullmatch(r'\..+\.tmp\d+', n)]:
+        os.remove(os.path.join(folder, name))
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, rng, config, best=None):
+def save_checkpoint(path, *, model, optimizer, scaler, step, rng, config, best=None):
     """The full training state of `step` as a .pt file (see above), to resume from."""
     ckpt = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'step': step, 'rng': rng, 'config': config, 'best': best}
+            'step': step, 'rng': rng, 'config': config, 'best': best, 'format': CHECKPOINT_FORMAT}
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def save_weights(path, model, step, config, metrics, selection):
     """The model to share as .safetensors: its weights alone, with the settings, the training step, the
     metrics of its evaluation and a sentence on how it was selected as JSON strings in the metadata."""
-    meta = {k: json.dumps(v) for k, v in
-            (('config', config), ('step', step), ('metrics', metrics), ('selection', selection))}
+    meta = {k: json.dumps(v) for k, v in (('config', config), ('step', step), ('metrics', metrics),
+                                          ('selection', selection), ('format', CHECKPOINT_FORMAT))}
     blob = safetensors.torch.save(model.state_dict(), meta)
     atomic_write(path, lambda f: f.write(blob))
 
@@ -760,7 +773,7 @@ def read_checkpoint(path, mmap=False):
             with safetensors.safe_open(path, framework='pt') as f:
                 meta = f.metadata() or {}
                 ckpt = {'model': {k: f.get_tensor(k) for k in f.keys()},
-                        **{k: json.loads(meta[k]) for k in ('config', 'step', 'metrics', 'selection') if k in meta}}
+                        **{k: json.loads(meta[k]) for k in ('config', 'step', 'metrics', 'selection', 'format') if k in meta}}
         else:
             ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torn, truncated or foreign file
@@ -769,6 +782,9 @@ def read_checkpoint(path, mmap=False):
     if not isinstance(ckpt, dict) or not {'model', 'config', 'step'} <= ckpt.keys():
         raise ValueError(f'{path} is not a model trained by train.py (no model/config/step); '
                          'ImageNet backbone weights go to train.py --pretrained')
+    if ckpt.get('format', 1) != CHECKPOINT_FORMAT:
+        raise ValueError(f'{path}: written by an older train.py (its model read the last tap without the final '
+                         'LayerNorm), which this version does not read')
     return ckpt
 
 

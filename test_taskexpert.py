@@ -4,17 +4,26 @@ training (train.py), export (export.py).
 
 Each part builds its own small fixtures in the real formats; nothing is downloaded."""
 
+import contextlib
 import copy
+import functools
 import hashlib
+import http.server
 import json
 import math
 import os
+import pathlib
 import re
+import resource
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
-import types
+import threading
+import time
+import zlib
 
 import numpy as np
 import onnx
@@ -32,7 +41,7 @@ import export
 import train
 from data import (EDGE_SUBSETS, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool, NormalsMeter, SaliencyMeter, SegMeter,
                   _edge_nms, _maximum_matching, _thin_lanes, delta_m, make_meters, thin)
-from taskexpert import (ABLATIONS, IMAGENET_MEAN, IMAGENET_STD, TASK_TABLE, TASKS, MultiTaskLoss, TaskExpert,
+from taskexpert import (ABLATIONS, CHECKPOINT_FORMAT, IMAGENET_MEAN, IMAGENET_STD, TASK_TABLE, TASKS, MultiTaskLoss, TaskExpert,
                         denormalise, load_pretrained, normalise, postprocess, predict, pretrained_file,
                         read_checkpoint, resample_pos_embed, save_checkpoint, save_weights, sincos_pos_embed)
 
@@ -64,9 +73,9 @@ def test_model_gates_are_distributions_over_experts_and_memory():
     model = _tiny(TASKS['nyud'], num_experts=5).eval()
     with torch.no_grad():
         model(torch.randn(2, 3, *_MODEL_SIZE))
-    assert len(model.gates) == 4
+    assert len(model.gate_weights) == 4
     n_tokens = (_MODEL_SIZE[0] // 16) * (_MODEL_SIZE[1] // 16)
-    for i, gates in enumerate(model.gates):
+    for i, gates in enumerate(model.gate_weights):
         for task, g in gates.items():
             # the first MMoE has no memory yet: it weighs the 5 experts only; later ones add M_t
             assert g.shape == (2, n_tokens, 5 if i == 0 else 6)
@@ -165,7 +174,7 @@ def test_model_ablations_remove_what_they_name():
     full, no_memory, static = models['none'], models['no-memory'], models['static']
     # no memory: one MMoE, at the last tap, its gates weigh the 5 experts only; static: no gates at all
     assert full.taps == (3, 6, 9, 12) and no_memory.taps == static.taps == (12,)
-    assert [g['depth'].shape for g in no_memory.gates] == [(2, 24, 5)] and static.gates == [{}]
+    assert [g['depth'].shape for g in no_memory.gate_weights] == [(2, 24, 5)] and static.gate_weights == [{}]
     n_params = {a: sum(p.numel() for p in m.parameters()) for a, m in models.items()}
     gate_params = sum(p.numel() for p in no_memory.mmoe[0].gates.parameters())
     assert n_params['static'] == n_params['no-memory'] - gate_params and n_params['no-memory'] < n_params['none']
@@ -182,11 +191,55 @@ def test_model_ablations_remove_what_they_name():
         assert shared[task] is shared['semseg']
 
 
-def test_model_other_input_size_and_bf16_autocast():
+def test_model_predictions_are_fp32_under_bf16_autocast_at_any_size():
+    """Under bf16 autocast the heads' last conv and the upsampling run in fp32: the loss, the meters and
+    the saved files see fp32 maps (a bf16 depth keeps 8 bits: 3 m +- 0.012 m), close to the fp32 model's.
+    At an input size other than the training size the position embedding is resampled for the call."""
     model = _tiny(TASKS['nyud']).eval()
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        out = model(torch.randn(1, 3, 80, 48))  # not the training size: pos-embed resampled for the call
-    assert out['semseg'].shape == (1, 40, 80, 48) and torch.isfinite(out['depth'].float()).all()
+    x = torch.randn(1, 3, 80, 48)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+    for t, c in TASKS['nyud'].items():
+        assert out[t].dtype == torch.float32 and out[t].shape == (1, c, 80, 48), t
+        torch.testing.assert_close(out[t], ref[t], rtol=0, atol=0.05 * ref[t].abs().max().item())
+        assert not torch.equal(out[t], out[t].to(torch.bfloat16).float()), t  # more than bf16's 8 bits
+    # the resampled position embedding is the one a model of that training size would hold
+    at_80x48 = copy.deepcopy(model)
+    at_80x48.backbone.set_grid((5, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(at_80x48(x)['depth'], ref['depth'])
+
+
+def test_model_last_mmoe_reads_the_final_layernorm(tmp_path):
+    """As the authors' ViT taps (InvPT vit.py: x = self.norm(x)[:, 1:]): the last MMoE reads the final
+    LayerNorm's output, the earlier ones the raw block outputs; the LayerNorm is trained, and a timm
+    checkpoint still loads strictly, its `norm` included."""
+    model = _tiny(TASKS['nyud']).train()
+    blocks, normed, read = {}, [], []
+    for i in (2, 5, 8, 11):
+        model.backbone.blocks[i].register_forward_hook(lambda m, a, o, i=i: blocks.__setitem__(i, o[:, 1:]))
+    model.backbone.norm.register_forward_hook(lambda m, a, o: normed.append(o))
+    for moe in model.mmoe:
+        moe.register_forward_pre_hook(lambda m, a: read.append(a[0]))
+    out = model(torch.randn(2, 3, *_MODEL_SIZE))
+    for i, x in zip((2, 5, 8), read[:3]):
+        assert torch.equal(x, blocks[i])
+    torch.testing.assert_close(read[3], F.layer_norm(blocks[11], (192,), model.backbone.norm.weight,
+                                                     model.backbone.norm.bias, eps=1e-6))
+    assert len(normed) == 1 and read[3] is normed[0] and not torch.allclose(read[3], blocks[11])
+    sum(o.float().mean() for o in out.values()).backward()
+    assert model.backbone.norm.weight.requires_grad and model.backbone.norm.weight.grad.abs().sum() > 0
+    sd = _timm_layout_checkpoint(model)
+    sd['norm.weight'] = torch.full((192,), 3.0)
+    torch.save(sd, tmp_path / 'vit.pth')
+    load_pretrained(model, str(tmp_path / 'vit.pth'))
+    assert torch.equal(model.backbone.norm.weight, sd['norm.weight'])
+    del sd['norm.weight']
+    torch.save(sd, tmp_path / 'vit.pth')
+    with pytest.raises(KeyError, match=r'norm\.weight'):
+        load_pretrained(model, str(tmp_path / 'vit.pth'))
 
 
 def _timm_layout_checkpoint(model, grid=(24, 24)):
@@ -230,50 +283,62 @@ def test_model_checkpoint_with_missing_or_misshapen_key_fails_clearly(tmp_path):
         load_pretrained(model, str(tmp_path / 'shape.pth'))
 
 
-def _fake_hub(monkeypatch, download):
-    """huggingface_hub as an installed package whose hf_hub_download is `download` (no network)."""
-    hub = types.ModuleType('huggingface_hub')
-    hub.hf_hub_download = download
-    monkeypatch.setitem(sys.modules, 'huggingface_hub', hub)
+@contextlib.contextmanager
+def _serving(folder):
+    """A local HTTP server of `folder`'s files, in a thread: the hub at HF_ENDPOINT, without a network."""
+    handler = functools.partial(_QuietFiles, directory=str(folder))
+    with http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f'http://127.0.0.1:{server.server_address[1]}'
+        finally:
+            server.shutdown()
 
 
-def _offline(repo_id, filename):
-    raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _closed_port_url():
+    """The address of a port nothing listens on: a hub out of reach."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}'
 
 
 _HUB_NAME = 'vit_tiny_patch16_384.augreg_in21k_ft_in1k'
-_BY_HAND = (f'curl -L -o {_HUB_NAME}.safetensors https://huggingface.co/timm/{_HUB_NAME}/resolve/main/model.safetensors'
-            f'` and pass --pretrained {_HUB_NAME}.safetensors')
 
 
-def test_model_pretrained_hub_id_resolves_offline(tmp_path, monkeypatch):
+def test_model_pretrained_hub_id_is_fetched_once_into_the_cache(tmp_path, monkeypatch):
+    """A hub id (a bare timm name is timm/<name>) is fetched from HF_ENDPOINT/<repo>/resolve/main/
+    model.safetensors once, into torch's hub cache; offline, one line says how to fetch it by hand."""
     src = _tiny(TASKS['nyud'])
     from safetensors.torch import save_file
-    save_file(_timm_layout_checkpoint(src), str(tmp_path / 'model.safetensors'))
-    asked = []
-
-    def download(repo_id, filename):  # what the hub cache returns: a local path
-        asked.append((repo_id, filename))
-        return str(tmp_path / 'model.safetensors')
-    _fake_hub(monkeypatch, download)
+    for repo in (f'timm/{_HUB_NAME}', 'someone/my_vit'):
+        (tmp_path / 'hub' / repo / 'resolve' / 'main').mkdir(parents=True)
+        save_file(_timm_layout_checkpoint(src), str(tmp_path / 'hub' / repo / 'resolve' / 'main' / 'model.safetensors'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
     model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=_MODEL_SIZE, expert_dim=32)
-    load_pretrained(model, _HUB_NAME)  # a bare timm name is timm/<name>
-    assert pretrained_file('someone/my_vit') == str(tmp_path / 'model.safetensors')
-    assert asked == [(f'timm/{_HUB_NAME}', 'model.safetensors'), ('someone/my_vit', 'model.safetensors')]
+    with _serving(tmp_path / 'hub') as url:
+        monkeypatch.setenv('HF_ENDPOINT', url)
+        load_pretrained(model, _HUB_NAME)
+        assert pretrained_file('someone/my_vit') == str(cache / 'someone--my_vit.safetensors')
     torch.testing.assert_close(model.backbone.blocks[11].mlp.fc2.weight, src.backbone.blocks[11].mlp.fc2.weight)
+    assert sorted(os.listdir(cache)) == ['someone--my_vit.safetensors', f'timm--{_HUB_NAME}.safetensors']
+    monkeypatch.setenv('HF_ENDPOINT', _closed_port_url())  # offline now: the cache answers
+    assert pretrained_file(_HUB_NAME) == str(cache / f'timm--{_HUB_NAME}.safetensors')
     with pytest.raises(FileNotFoundError, match='file not found'):  # a path is not a hub id: nothing fetched
         pretrained_file(str(tmp_path / 'vit_large_patch16_384.pth'))
-    assert len(asked) == 2
-    # offline, or huggingface_hub not installed: one line with the command to fetch the file by hand
-    _fake_hub(monkeypatch, _offline)
+    other = 'vit_small_patch16_384.augreg_in21k_ft_in1k'
     with pytest.raises(FileNotFoundError) as offline:
-        pretrained_file(_HUB_NAME)
-    monkeypatch.setitem(sys.modules, 'huggingface_hub', None)  # makes `import huggingface_hub` fail
-    with pytest.raises(FileNotFoundError) as missing:
-        pretrained_file(_HUB_NAME)
-    assert 'pip install huggingface_hub' in str(missing.value) and 'connect' in str(offline.value)
-    for e in (offline, missing):
-        assert _BY_HAND in str(e.value) and '\n' not in str(e.value), str(e.value)
+        pretrained_file(other)
+    msg = str(offline.value)
+    assert f'curl -L -o {other}.safetensors http://127.0.0.1:' in msg and f'--pretrained {other}.safetensors' in msg
+    assert 'URLError' in msg and '\n' not in msg, msg
+    assert len(os.listdir(cache)) == 2  # no partial download left behind
 
 
 def test_model_predict_any_image_size_post_processed(tmp_path):
@@ -782,7 +847,7 @@ def test_data_nyud_reader_decodes_and_pads(tmp_path):
     ds = data.NYUD(root, 'val', train=False, size=(8, 16))
     s = ds[0]
     image, seg, depth, normals, edge = _data_nyud_sample(3)
-    assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W)}
+    assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W), 'read_as': []}  # RGB: read as it is
     assert s['image'].shape == (3, 8, 16) and s['image'].dtype == torch.float32
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     want = (torch.from_numpy(image).permute(2, 0, 1) / 255 - mean) / std
@@ -858,6 +923,46 @@ def test_data_random_crop_redraws_dominated_windows():
         assert crop.shape == (10, 12) and (crop == 0).mean() <= 0.75
 
 
+class _DataScriptedRng:
+    """Stands in for numpy's Generator in photometric: random() answers from a script (< 0.5: the step
+    is taken), integers() its low or its high end, uniform() a fixed value."""
+
+    def __init__(self, script, high=False, value=1.0):
+        self.script, self.high, self.value = list(script), high, value
+
+    def random(self):
+        return self.script.pop(0)
+
+    def integers(self, lo, hi):
+        return hi - 1 if self.high else lo
+
+    def uniform(self, lo, hi):
+        return self.value
+
+
+def _data_hue(rgb):
+    """The hue in degrees of a uint8 RGB colour."""
+    import colorsys
+    return 360 * colorsys.rgb_to_hsv(*(np.asarray(rgb, np.float64) / 255))[0]
+
+
+def test_data_photometric_hue_is_the_references_plus_minus_36_degrees():
+    """The reference shifts hue by randint(-18, 17) OpenCV units of 2 degrees: -36 ... +34 degrees, as
+    its only step here (brightness, contrast, saturation not taken). The output stays 0..255 integers."""
+    image = np.tile(np.array([200, 40, 40], np.uint8), (4, 4, 1))  # red, hue 0
+    # the script: no brightness, contrast last, no saturation, hue, no contrast
+    for high, want in ((False, -36.0), (True, 34.0)):
+        out = data.photometric(image, _DataScriptedRng([0.9, 0.9, 0.9, 0.1, 0.9], high=high))
+        got = (_data_hue(out[0, 0]) + 180) % 360 - 180
+        assert abs(got - want) <= 1.5, (high, got)  # PIL's hue steps are 360 / 255 = 1.4 degrees
+        assert out.dtype == np.float32 and (out == np.round(out)).all()
+    # contrast (x 1.5) is taken in either place: first (after brightness) or last
+    bright = dict(value=1.5)
+    first = data.photometric(image, _DataScriptedRng([0.9, 0.1, 0.1, 0.9, 0.9], **bright))
+    last = data.photometric(image, _DataScriptedRng([0.9, 0.9, 0.9, 0.9, 0.1], **bright))
+    assert (first == last).all() and (first[0, 0] == [255, 60, 60]).all()  # x 1.5, truncated at 255
+
+
 def test_data_train_sample_is_seeded_and_sized(tmp_path):
     root = _data_write_nyud_tree(tmp_path)
     a = data.NYUD(root, 'train', train=True, size=(8, 10), seed=3)
@@ -882,14 +987,15 @@ def test_data_collate_and_training_stream(tmp_path):
     ds.ids = ['0001', '0001']  # one image twice: each (epoch, index) must be augmented differently
 
     def images(seed, start, workers):
-        return [b['image'] for b in data.train_loader(ds, 1, 0, 1, seed, start, stop=4, workers=workers)]
+        return [b['image'] for b in data.train_loader(ds, 1, rank=0, world=1, seed=seed, start=start, stop=4,
+                                                      workers=workers)]
     run = images(5, 0, 0)
     assert all(torch.equal(x, y) for x, y in zip(run, images(5, 0, 2)))
     assert all(torch.equal(x, y) for x, y in zip(run[2:], images(5, 2, 0)))
     assert not torch.equal(run[0], run[1]) and not torch.equal(run[0], run[2]) and not torch.equal(run[0], images(6, 0, 0)[0])
     # two processes read disjoint halves of each global batch
-    halves = [[m['id'] for b in data.train_loader(data.NYUD(root, 'train', size=(8, 10)), 2, r, 2, 0, 0, 1, 0)
-               for m in b['meta']] for r in (0, 1)]
+    halves = [[m['id'] for b in data.train_loader(data.NYUD(root, 'train', size=(8, 10)), 2, rank=r, world=2,
+                                                  seed=0, start=0, stop=1, workers=0) for m in b['meta']] for r in (0, 1)]
     assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]
 
 
@@ -976,7 +1082,7 @@ def test_data_pascal_reader_decodes(tmp_path):
     root = _data_write_pascal_tree(tmp_path)
     ds = data.PASCALContext(root, 'train', train=False, size=(16, 16))
     s = ds[0]
-    assert s['meta'] == {'id': '2008_000001', 'size': (_DATA_PH, _DATA_PW), 'has_human': True}
+    assert s['meta'] == {'id': '2008_000001', 'size': (_DATA_PH, _DATA_PW), 'has_human': True, 'read_as': []}
     assert s['semseg'][0, 0] == 255 and s['semseg'][1, 1] == 15 and (s['semseg'][_DATA_PH:] == 255).all()
     hp = s['human_parts']
     assert hp[0, 0] == 1 and hp[2, 0] == 3 and hp[7, 0] == 6  # head, upper arm, foot
@@ -1114,6 +1220,44 @@ def test_data_missing_and_unreadable_files(tmp_path):
         data.PASCALContext(proot, 'val', train=False, tasks=('edge',))[0]
 
 
+def test_data_split_files_and_annotations_a_reader_cannot_trust_are_one_line_errors(tmp_path):
+    """Split files as a user's editor may save them, and a PASCAL-Part .mat of another layout: a
+    DataError naming the file, never a traceback; a byte-order mark is read as UTF-8's."""
+    root = _data_write_nyud_tree(tmp_path / 'nyud')
+    split = os.path.join(root, 'gt_sets', 'val.txt')
+    open(split, 'wb').write('\ufeff0003\r\n'.encode('utf-8'))  # Windows Notepad: BOM and CRLF
+    assert data.NYUD(root, 'val', train=False).ids == ['0003']
+    for text, error in (('0003\n0003\n'.encode(), 'id 0003 is listed twice'), (b'0003\n\xff\xfe\n', 'not UTF-8')):
+        open(split, 'wb').write(text)
+        with pytest.raises(data.DataError, match=error) as e:
+            data.NYUD(root, 'val', train=False)
+        assert split in str(e.value) and '\n' not in str(e.value)
+    pascal = _data_write_pascal_tree(tmp_path / 'pascal')
+    ds = data.PASCALContext(pascal, 'val', train=False, size=(16, 16), tasks=('human_parts',))
+    path = ds.path('human_parts', ds.ids[0])
+    scipy.io.savemat(path, {'anno': {'imname': 'x', 'parts': []}})  # a struct without its objects
+    with pytest.raises(data.DataError, match='not a PASCAL-Part annotation') as e:
+        ds.load(0)
+    assert path in str(e.value) and '\n' not in str(e.value)
+
+
+def test_data_greyscale_and_palette_images_are_read_as_rgb_and_said_once(tmp_path, capsys):
+    root = _data_write_nyud_tree(tmp_path)
+    for id_ in ('0001', '0002'):  # greyscale photos: read as RGB, said once for the split
+        path = os.path.join(root, 'images', f'{id_}.png')
+        grey = np.asarray(Image.open(path).convert('L'))
+        Image.fromarray(grey).save(path)
+    ds = data.NYUD(root, 'train', train=False, size=(16, 16))
+    ds.check()
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
+    assert notes == [f'note: 2 image(s) of {root} train: greyscale, read as RGB (grey in R, G, B) '
+                     f'(e.g. {os.path.join(root, "images", "0001.png")})'], notes
+    image = ds[0]['image'][:, :_DATA_H, :_DATA_W]
+    rgb = image * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    torch.testing.assert_close(rgb[0], rgb[1])
+    torch.testing.assert_close(rgb[0], rgb[2])
+
+
 def test_data_image_larger_than_network(tmp_path):
     root = _data_write_nyud_tree(tmp_path)
     with pytest.raises(ValueError, match='larger than the network size'):
@@ -1238,6 +1382,18 @@ def _train_losses(out_dir):
         return [json.loads(line) for line in f]
 
 
+def _train_board(out_dir):
+    """A run folder's TensorBoard events as the viewer reads them (tensorboard's EventAccumulator: the
+    events a resumed run's purge_step drops are dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(out_dir), size_guidance={'scalars': 0, 'images': 0, 'tensors': 0})
+    return board.Reload()
+
+
+def _board_steps(board, tag):
+    return [e.step for e in board.Scalars(tag)]
+
+
 @pytest.fixture(scope='module')
 def _train_run(tmp_path_factory):
     """One finished 6-step run (evaluated and saved at steps 3 and 6), shared by several tests."""
@@ -1263,6 +1419,15 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path, capsys):
     assert gates['block6']['edge'][-1] == evals[0]['gate_memory']['block6']['edge']
     ckpt = torch.load(run / 'last.pt', weights_only=True)
     assert ckpt['step'] == 6 and ckpt['config']['img_size'] == [64, 96] and len(ckpt['rng']) == 1
+    # TensorBoard: every task's loss at each log step, each main metric at each evaluation, the pictures
+    board = _train_board(run)
+    for t in TASKS['nyud']:
+        assert _board_steps(board, f'train/{t}') == list(range(1, 7))
+        assert _board_steps(board, f'{t}/{TASK_TABLE[t].metric}') == [3, 6]
+    assert [e.value for e in board.Scalars('edge/odsF')] == pytest.approx(
+        [e['edge']['odsF'] for e in evals if 'edge' in e])
+    assert {'gates', 'panels/0006', 'panels/0007'} <= set(board.Tags()['images']) and 'config/text_summary' in board.Tags()['tensors']
+    assert _board_steps(board, 'input_blind/depth/rmse') == [6]  # the input-blind predictors', once
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
     # the synthetic defaults weigh depth x5; the logged total is the weighted sum of the task losses
     weights = json.load(open(run / 'config.json'))['loss_weights']
@@ -1291,7 +1456,7 @@ def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match='interrupted'):
         train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '6', '--eval-every', '3'))
     monkeypatch.setattr(train, 'save_checkpoint', save)
     assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['step'] == 3
@@ -1377,8 +1542,9 @@ def test_train_accumulated_micro_batches_equal_one_batch():
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
             torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
         scaler = torch.amp.GradScaler('cpu', enabled=False)
-        total, per_task, skipped = train.train_step(model, batch, MultiTaskLoss(model.tasks), optimizer, scaler,
-                                                    {'accum_steps': accum, 'clip': 1e9}, cpu, None, 1)
+        run = train.Run({'accum_steps': accum, 'clip': 1e9}, model, model, optimizer, scaler, MultiTaskLoss(model.tasks),
+                        cpu)
+        total, per_task, skipped = train.train_step(run, batch)
         assert skipped is None
         steps.append((total, per_task, applied))
     (total1, tasks1, grads1), (total2, tasks2, grads2) = steps
@@ -1467,7 +1633,8 @@ def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_p
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters())
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    save_checkpoint(str(path), model, opt, scaler, 1, [train.rng_state()], {'dataset': 'nyud'}, None)
+    state = dict(model=model, optimizer=opt, scaler=scaler, rng=[train.rng_state()], config={'dataset': 'nyud'})
+    save_checkpoint(str(path), step=1, **state)
 
     def torn_save(obj, f):
         f.write(b'PK\x03\x04 half a checkpoint')
@@ -1475,7 +1642,7 @@ def test_train_interrupted_checkpoint_write_keeps_the_previous(_train_run, tmp_p
 
     monkeypatch.setattr(torch, 'save', torn_save)
     with pytest.raises(OSError):
-        save_checkpoint(str(path), model, opt, scaler, 2, [train.rng_state()], {'dataset': 'nyud'}, None)
+        save_checkpoint(str(path), step=2, **state)
     assert os.listdir(tmp_path) == ['last.pt']  # no temporary file left behind
     assert read_checkpoint(str(path))['step'] == 1
 
@@ -1525,6 +1692,8 @@ def _train_error_call(fn, capsys):
     (['--lr', 'inf'], '--lr inf'),
     (['--clip', 'nan'], '--clip nan'),
     (['--seed', '-1'], '--seed -1'),
+    (['--seed', str(2 ** 64)], f'--seed {2 ** 64}: must be in 0 .. 2^63 - 1'),
+    (['--edge-pos-weight', '1'], '--edge-pos-weight 1.0: must be between 0 and 1'),
     (['--batch-size', '6', '--accum-steps', '4'], '--batch-size 6 must split evenly into 1 process(es) x --accum-steps 4'),
     (['--accum-steps', '0'], '--accum-steps 0: must be at least 1'),
     (['--flops-only'], '--flops-only applies to --benchmark only'),
@@ -1541,24 +1710,49 @@ def _train_nyud_args(data_root, out_dir, *extra):
     """A tiny run on a NYUD-layout fixture at 16x16: one step, evaluated at once."""
     return ['--dataset', 'nyud', '--data-root', str(data_root), '--out-dir', str(out_dir), '--img-size', '16', '16',
             '--backbone', 'tiny', '--taps', '6', '12', '--num-experts', '2', '--expert-dim', '16',
-            '--batch-size', '2', '--max-iters', '1', '--eval-every', '1', '--workers', '0', *extra]
+            '--batch-size', '2', '--max-iters', '1', '--eval-every', '1', '--workers', '0', '--pretrained', 'none',
+            *extra]
 
 
 def _train_damage(path, kind):
+    """Damage one data file of a NYUD-layout fixture as a download, a disk or a user's own export might."""
+    h, w = _DATA_H, _DATA_W
     if kind == 'truncated png':
         blob = open(path, 'rb').read()
         open(path, 'wb').write(blob[:len(blob) // 2])
     elif kind == 'zero-byte npy':
         open(path, 'wb').close()
-    elif kind == 'label 41':
-        Image.fromarray(np.full((_DATA_H, _DATA_W), 41, np.uint8)).save(path)
-    else:  # a normals map one row taller than its image
-        Image.fromarray(np.full((_DATA_H + 1, _DATA_W, 3), 128, np.uint8)).save(path)
+    elif kind in ('label 41', 'labels 0..39, 255 void'):
+        Image.fromarray(np.full((h, w), 41 if kind == 'label 41' else 255, np.uint8)).save(path)
+    elif kind == 'wrong-size normals':  # one row taller than its image
+        Image.fromarray(np.full((h + 1, w, 3), 128, np.uint8)).save(path)
+    elif kind == 'colour labels':  # a visualisation saved in place of the class indices
+        Image.fromarray(np.full((h, w, 3), 7, np.uint8)).save(path)
+    elif kind == 'depth (h, w, 3)':
+        np.save(path, np.ones((h, w, 3), np.float32))
+    elif kind == 'npz named npy':
+        with open(path, 'wb') as f:
+            np.savez(f, depth=np.ones((h, w), np.float32))
+    elif kind == 'millimetres':  # the Kinect's raw uint16
+        np.save(path, np.full((h, w), 2500, np.uint16))
+    elif kind == 'edges 0 / 1':
+        Image.fromarray(np.eye(h, w, dtype=np.uint8)).save(path)
+    elif kind == '16-bit image':
+        Image.fromarray(np.full((h, w), 40000, np.uint16)).save(path)
+    else:  # greyscale normals
+        Image.fromarray(np.full((h, w), 128, np.uint8)).save(path)
 
 
-@pytest.mark.parametrize('split, workers', [('train', '0'), ('val', '1')])  # val: read in a worker process
-@pytest.mark.parametrize('kind, file', [('truncated png', 'images/{}.png'), ('zero-byte npy', 'depth/{}.npy'),
-                                        ('label 41', 'segmentation/{}.png'), ('wrong-size normals', 'normals/{}.png')])
+@pytest.mark.parametrize('kind, file, split, workers', [
+    (kind, file, split, workers) for kind, file in (('truncated png', 'images/{}.png'), ('zero-byte npy', 'depth/{}.npy'),
+                                                    ('label 41', 'segmentation/{}.png'),
+                                                    ('wrong-size normals', 'normals/{}.png'))
+    for split, workers in (('train', '0'), ('val', '1'))] + [  # val: read in a worker process
+    # files in formats a reader would half-understand, which used to train and then crash or score wrongly
+    (kind, file, 'val', '0') for kind, file in (
+        ('colour labels', 'segmentation/{}.png'), ('labels 0..39, 255 void', 'segmentation/{}.png'),
+        ('depth (h, w, 3)', 'depth/{}.npy'), ('npz named npy', 'depth/{}.npy'), ('millimetres', 'depth/{}.npy'),
+        ('edges 0 / 1', 'edge/{}.png'), ('16-bit image', 'images/{}.png'), ('greyscale normals', 'normals/{}.png'))])
 def test_train_damaged_data_file_stops_before_step_1(kind, file, split, workers, tmp_path, capsys):
     root = _data_write_nyud_tree(tmp_path / 'data')
     path = os.path.join(root, file.format('0001' if split == 'train' else '0003'))
@@ -1580,7 +1774,7 @@ def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_pat
     """Killed at step 3 during the evaluation, or while writing the second checkpoint file: nothing on
     disk names best weights that were never saved, and the resumed run ends as an uninterrupted one."""
     run, calls = tmp_path / 'run', []
-    target = 'evaluate_and_log' if kill == 'evaluation' else 'save_checkpoint'
+    target = 'report' if kill == 'evaluation' else 'save_checkpoint'
     original = getattr(train, target)
 
     def dies(*a, **k):
@@ -1590,7 +1784,7 @@ def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_pat
         return original(*a, **k)
 
     monkeypatch.setattr(train, target, dies)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match='interrupted'):
         train.main(_train_tiny_args(_train_run / 'data', run, '--max-iters', '6', '--eval-every', '3'))
     monkeypatch.setattr(train, target, original)
     for name in ('last.pt', 'best.pt'):
@@ -1604,6 +1798,10 @@ def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_pat
     assert [r['loss'] for r in _train_losses(run)] == [r['loss'] for r in _train_losses(_train_run / 'run')]
     evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     assert [e['step'] for e in evals if 'semseg' in e] == [3, 6]
+    # TensorBoard: what the killed run wrote after its checkpoint is dropped: each step once
+    board = _train_board(run)
+    assert _board_steps(board, 'train/loss') == list(range(1, 7)) and _board_steps(board, 'semseg/mIoU') == [3, 6]
+    assert [e.value for e in board.Scalars('train/loss')] == pytest.approx([r['loss'] for r in _train_losses(run)])
 
 
 def test_train_resume_drops_a_torn_last_log_line(_train_run, tmp_path, capsys):
@@ -1672,7 +1870,7 @@ def test_train_one_run_per_out_dir(_train_run, tmp_path, monkeypatch, capsys):
     assert 'stale' in capsys.readouterr().out and not (run / 'train.lock').exists()
 
 
-def test_train_bad_checkpoints_and_a_full_disk_give_one_line_errors(_train_run, tmp_path, monkeypatch, capsys):
+def test_train_bad_checkpoints_give_one_line_errors(_train_run, tmp_path, capsys):
     junk = tmp_path / 'vit.pth'
     junk.write_bytes(b'\x80\x02 not a checkpoint')
     code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'a', '--pretrained', str(junk)), capsys)
@@ -1683,13 +1881,176 @@ def test_train_bad_checkpoints_and_a_full_disk_give_one_line_errors(_train_run, 
     for argv in (['--eval-only', '--checkpoint', str(tmp_path / 'edited.pt')], ['--resume', str(tmp_path / 'edited.pt')]):
         code, msg = _train_error(argv, capsys)
         assert code != 0 and 'edited.pt' in msg and 'do not fit' in msg and '\n' not in msg, msg
+    del ckpt['format']  # a checkpoint of train.py before the final LayerNorm fed the last MMoE
+    ckpt['config']['expert_dim'] = 32
+    torch.save(ckpt, tmp_path / 'old.pt')
+    for argv in (['--eval-only', '--checkpoint', str(tmp_path / 'old.pt')], ['--resume', str(tmp_path / 'old.pt')]):
+        code, msg = _train_error(argv, capsys)
+        assert code != 0 and 'old.pt: written by an older train.py' in msg and '\n' not in msg, msg
 
-    def full_disk(*a, **k):
-        raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(torch, 'save', full_disk)
-    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'b', '--max-iters', '3'), capsys)
-    assert code != 0 and 'No space left on device' in msg and '\n' not in msg, msg
+def _run_with_file_size_limit(argv, limit_bytes, **kw):
+    """argv in a process whose files cannot grow past limit_bytes: the kernel fails the write that would
+    (EFBIG, SIGXFSZ ignored), as on a full disk, and the writer raises whatever it really raises."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.run(argv, preexec_fn=limit, env=ONE_THREAD, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.heavy
+def test_train_full_disk_is_one_line_and_keeps_the_last_checkpoint(_train_run, tmp_path):
+    """A checkpoint that cannot be written (torch.save raises RuntimeError, not OSError, for a failed
+    write): one line naming it, exit 1, the previous last.pt intact and no temporary file left."""
+    run = tmp_path / 'run'
+    shutil.copytree(_train_run / 'run', run)
+    before = (run / 'last.pt').read_bytes()
+    r = _run_with_file_size_limit([sys.executable, 'train.py', '--resume', str(run / 'last.pt'), '--max-iters', '9',
+                                   '--eval-every', '3'], 2 ** 20, cwd=HERE)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(rf'train.py: error: {run}/last.pt: cannot write it, the disk may be full \(.*\); free some '
+                        'space or pass another --out-dir', r.stderr.strip().splitlines()[-1]), r.stderr
+    assert (run / 'last.pt').read_bytes() == before and not [n for n in os.listdir(run) if '.tmp' in n]
+
+
+def _tree(folder):
+    """Every file under folder -> its bytes: what a command must leave byte-identical."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(pathlib.Path(folder).rglob('*')) if p.is_file()}
+
+
+def _png_header(path, h, w):
+    """A PNG file that declares h x w RGB pixels and holds none: what PIL reads of a photo at open."""
+    chunk = lambda kind, body: (struct.pack('>I', len(body)) + kind + body +  # noqa: E731
+                                struct.pack('>I', zlib.crc32(kind + body) & 0xffffffff))
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.heavy
+def test_train_predict_leaves_the_photos_alone_and_gives_each_its_own_files(_train_run, tmp_path, capsys):
+    photos, ckpt = tmp_path / 'photos', str(_train_run / 'run' / 'best.safetensors')
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ('b.jpg', 'b.png'):  # one name, two images
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(photos / name)
+    before = _tree(photos)
+    for out in (photos, photos / '.'):  # the photos' own folder, by any name: refused
+        code, msg = _train_error(['--predict', str(photos), '--checkpoint', ckpt, '--out-dir', str(out)], capsys)
+        assert code != 0 and 'holds the images of --predict' in msg and '\n' not in msg, msg
+    train.main(['--predict', str(photos), '--checkpoint', ckpt, '--out-dir', str(tmp_path / 'out')])
+    assert sorted(os.listdir(tmp_path / 'out')) == ['b.jpg.npz', 'b.jpg.png', 'b.png.npz', 'b.png.png']
+    assert _tree(photos) == before
+    assert np.load(tmp_path / 'out' / 'b.jpg.npz')['semseg'].dtype == np.uint8  # class ids, not scores
+    _png_header(photos / 'huge.png', 13500, 13500)  # 182 megapixels: PIL's decompression-bomb limit
+    code, msg = _train_error(['--predict', str(photos / 'huge.png'), '--checkpoint', ckpt, '--out-dir',
+                              str(tmp_path / 'out')], capsys)
+    assert code != 0 and 'huge.png: cannot read the image' in msg and 'decompression bomb' in msg and '\n' not in msg
+
+
+def test_train_never_writes_into_another_runs_or_a_users_folder(_train_run, tmp_path, capsys):
+    """--resume into a folder holding another run, and any run into a folder of other files, are refused
+    as a fresh run into a run's folder is; the files there stay byte-identical."""
+    other, mine = tmp_path / 'other', tmp_path / 'mine'
+    shutil.copytree(_train_run / 'run', other)
+    mine.mkdir()
+    (mine / 'config.json').write_text('{"my": "settings"}')
+    trees = {d: _tree(d) for d in (other, mine)}
+    resume = ['--resume', str(_train_run / 'run' / 'last.pt')]
+    for argv, refusal in ((resume + ['--out-dir', str(other)], f'{other} already holds a run (last.pt)'),
+                          (resume + ['--out-dir', str(mine)], f'{mine} holds files that train.py did not write'),
+                          (_train_tiny_args(_train_run / 'data', mine), 'did not write (config.json)')):
+        code, msg = _train_error(argv, capsys)
+        assert code != 0 and refusal in msg and '\n' not in msg, msg
+    assert {d: _tree(d) for d in trees} == trees
+
+
+def test_train_data_root_of_other_files_or_another_dataset_is_refused(tmp_path, capsys):
+    """The synthetic scenes are written only into a new or empty folder or one of their own; a folder
+    of another dataset's layout names it. Nothing there changes."""
+    mine = tmp_path / 'mine'
+    (mine / 'images').mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(mine / 'images' / '0000.png')
+    pascal = _data_write_pascal_tree(tmp_path / 'pascal')
+    nyud = _data_write_nyud_tree(tmp_path / 'nyud')
+    trees = {d: _tree(d) for d in (mine, pascal, nyud)}
+    for argv, refusal in ((['--data-root', str(mine)], 'holds files that make_synthetic did not write (images)'),
+                          (['--data-root', pascal], 'holds PASCAL-Context, not --dataset synthetic'),
+                          (['--dataset', 'nyud', '--data-root', pascal], '--dataset pascal, or another --data-root'),
+                          (['--dataset', 'pascal', '--data-root', nyud], 'holds NYUD-v2, not --dataset pascal'),
+                          (['--data-root', nyud], 'pass --dataset nyud')):
+        code, msg = _train_error(argv + ['--pretrained', 'none', '--out-dir', str(tmp_path / 'run')], capsys)
+        assert code != 0 and refusal in msg and '\n' not in msg, msg
+    assert {d: _tree(d) for d in trees} == trees and not (tmp_path / 'run').exists()
+
+
+def _descendants(pid):
+    """The pids of a process's children, theirs, ... (Linux /proc)."""
+    kids = []
+    for task in os.listdir(f'/proc/{pid}/task'):
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in open(f'/proc/{pid}/task/{task}/children').read().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _running(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rpartition(')')[2].split()[0] not in 'ZX'
+    except OSError:
+        return False
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='reads the process tree from Linux /proc')
+def test_train_sigterm_says_what_was_saved_and_leaves_no_process(_train_run, tmp_path):
+    """SIGTERM (or Ctrl-C) during an evaluation: one line saying what was saved and how to resume, no
+    traceback, and no boundary worker or resource tracker left behind."""
+    args = _train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '600', '--eval-every', '2',
+                            '--eval-workers', '2')
+    p = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, env=ONE_THREAD, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = ''
+    while 'saved' not in out:  # the first checkpoint is saved, the evaluation starts
+        out += p.stdout.readline()
+    children = _descendants(p.pid)
+    assert len(children) >= 3, children  # two boundary workers and multiprocessing's resource tracker
+    p.send_signal(signal.SIGTERM)
+    out += p.stdout.read()
+    assert p.wait(timeout=60) == 1 and 'Traceback' not in out, out[-3000:]
+    last = str(tmp_path / 'run' / 'last.pt')
+    assert out.strip().splitlines()[-1] == (f'train.py: error: interrupted; {last} holds step 2: continue with '
+                                            f'--resume {last}'), out[-2000:]
+    deadline = time.time() + 20
+    while any(map(_running, children)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [c for c in children if _running(c)]
+    assert not (tmp_path / 'run' / 'train.lock').exists()
+
+
+@pytest.mark.heavy
+def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, capsys):
+    """--config a run's config.json repeats it: the same settings (its out-dir aside) and, on the same
+    machine, the same losses; a flag beside --config wins; a hand-written file of a few settings gives
+    those, the others default. A setting unknown or of the wrong type is a one-line error."""
+    a = _train_run / 'run'
+    train.main(['--config', str(a / 'config.json'), '--out-dir', str(tmp_path / 'b')])
+    first, again = (json.load(open(d / 'config.json')) for d in (a, tmp_path / 'b'))
+    assert again == {**first, 'out_dir': str(tmp_path / 'b')}
+    assert [r['loss'] for r in _train_losses(tmp_path / 'b')] == [r['loss'] for r in _train_losses(a)]
+    cfg = train.resolve_config(*train.parse_args(['--config', str(a / 'config.json'), '--max-iters', '2',
+                                                  '--loss-weights', 'edge=3']))
+    first.pop('out_dir')  # (main adds --out-dir)
+    assert cfg == {**first, 'max_iters': 2, 'loss_weights': {**first['loss_weights'], 'edge': 3.0}}
+    cfg = train.resolve_config(*train.parse_args(['--config', str(a / 'config.json'), '--tasks', 'depth']))
+    assert cfg['tasks'] == ['depth'] and cfg['loss_weights'] == {'depth': 5.0}  # a single-task baseline of the run
+    (tmp_path / 'some.json').write_text('{"dataset": "nyud", "tasks": ["depth"], "lr": 3e-5, "loss_weights": {"depth": 2}}')
+    cfg = train.resolve_config(*train.parse_args(['--config', str(tmp_path / 'some.json')]))
+    assert (cfg['tasks'], cfg['lr'], cfg['loss_weights'], cfg['backbone'], cfg['img_size']) == (
+        ['depth'], 3e-5, {'depth': 2.0}, 'large', [448, 576])
+    for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"), ('{"lr": "fast"}', 'lr = "fast" is not a float'),
+                        ('[1, 2]', 'holds a list'), ('{"lr": ', 'cannot read it as JSON')):
+        (tmp_path / 'bad.json').write_text(text)
+        code, msg = _train_error(['--config', str(tmp_path / 'bad.json'), '--out-dir', str(tmp_path / 'c')], capsys)
+        assert code != 0 and error in msg and '\n' not in msg and not (tmp_path / 'c').exists(), msg
 
 
 def test_train_loss_weights_flag_changes_only_the_named_tasks():
@@ -1746,13 +2107,13 @@ def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypat
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(photos / 'a.jpg')
     Image.fromarray(np.linspace(0, 255, 200 * 120 * 3).astype(np.uint8).reshape(200, 120, 3)).save(photos / 'b.png')
     train.main(['--predict', str(photos), '--checkpoint', shared, '--out-dir', str(tmp_path / 'pred')])
-    assert sorted(os.listdir(tmp_path / 'pred')) == ['a.npz', 'a.png', 'b.npz', 'b.png']
-    with Image.open(tmp_path / 'pred' / 'a.png') as a, Image.open(tmp_path / 'pred' / 'b.png') as b:
+    assert sorted(os.listdir(tmp_path / 'pred')) == ['a.jpg.npz', 'a.jpg.png', 'b.png.npz', 'b.png.png']
+    with Image.open(tmp_path / 'pred' / 'a.jpg.png') as a, Image.open(tmp_path / 'pred' / 'b.png.png') as b:
         assert a.size == (5 * 70, 14 + 50) and b.size == (5 * 38, 14 + 64)  # input + 4 tasks; b shrunk to fit 64x96
     for name, size in (('a.jpg', (50, 70)), ('b.png', (200, 120))):
         with Image.open(photos / name) as im:
             api = predict(model, im)
-        saved = np.load(tmp_path / 'pred' / name.replace(name[-4:], '.npz'))
+        saved = np.load(tmp_path / 'pred' / f'{name}.npz')
         assert sorted(saved.files) == sorted(api) and api['semseg'].shape == api['depth'].shape[1:] == size
         for k in api:
             np.testing.assert_array_equal(saved[k], api[k])
@@ -1811,9 +2172,15 @@ def test_train_single_task_runs_give_delta_m(_train_run, tmp_path, capsys):
     --baselines gives each evaluation of a multi-task run Delta_m over the runs' last evaluations. A
     run's last evaluation is marked as the one to report, as best.safetensors' metadata says."""
     runs = [str(tmp_path / t) for t in TASKS['nyud']]
-    for t, run in zip(TASKS['nyud'], runs):
-        train.main(_train_tiny_args(_train_run / 'data', run, '--tasks', t, '--max-iters', '4', '--eval-every', '2',
-                                    *(['--save-predictions'] if t == 'depth' else [])))
+    train.main(_train_tiny_args(_train_run / 'data', runs[1], '--tasks', 'depth', '--max-iters', '4', '--eval-every',
+                                '2', '--save-predictions'))
+    for t, run, value in zip(TASKS['nyud'], runs, (12.5, None, 20.0, 40.0)):  # the others' folders as runs leave them
+        if value is not None:
+            os.makedirs(run)
+            json.dump({'dataset': 'synthetic', 'tasks': [t]}, open(os.path.join(run, 'config.json'), 'w'))
+            with open(os.path.join(run, 'metrics.jsonl'), 'w') as f:  # the last evaluation counts
+                for step, v in ((2, 2 * value), (4, value)):
+                    f.write(json.dumps({'step': step, t: {TASK_TABLE[t].metric: v}}) + '\n')
     depth = tmp_path / 'depth'
     assert json.load(open(depth / 'config.json'))['loss_weights'] == {'depth': 5.0}
     model = TaskExpert.from_checkpoint(str(depth / 'best.safetensors'))
@@ -1840,11 +2207,28 @@ def test_train_single_task_runs_give_delta_m(_train_run, tmp_path, capsys):
     assert code != 0 and 'no run for edge' in msg and '\n' not in msg and not (tmp_path / 'no').exists()
 
 
-def test_train_pretrained_hub_id_offline_is_one_line(_train_run, tmp_path, monkeypatch, capsys):
-    _fake_hub(monkeypatch, _offline)
-    code, msg = _train_error(_train_tiny_args(_train_run / 'data', tmp_path / 'out', '--pretrained', _HUB_NAME), capsys)
-    assert code != 0 and _BY_HAND in msg and '\n' not in msg, msg
-    assert not (tmp_path / 'out').exists()
+def test_train_nyud_starts_from_imagenet_weights_and_offline_says_how_to_fetch_them(tmp_path, monkeypatch, capsys):
+    """`python train.py --dataset nyud` starts from the authors' ImageNet checkpoint, fetched once; with
+    no network it stops at start with one line naming it and how to fetch it by hand, writing nothing;
+    --pretrained none trains from scratch. --help shows each dataset's default weights."""
+    root = _data_write_nyud_tree(tmp_path / 'data')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('HF_ENDPOINT', _closed_port_url())
+    code, msg = _train_error(['--dataset', 'nyud', '--data-root', root, '--out-dir', str(tmp_path / 'out')], capsys)
+    name = 'vit_large_patch16_384.augreg_in21k_ft_in1k'
+    assert code != 0 and f'--pretrained: {name}: cannot fetch' in msg and '\n' not in msg, msg
+    assert f'curl -L -o {name}.safetensors' in msg and f'--pretrained {name}.safetensors' in msg, msg
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'torch' / 'hub' / 'checkpoints').exists() or \
+        not os.listdir(tmp_path / 'torch' / 'hub' / 'checkpoints')
+    train.main(_train_nyud_args(root, tmp_path / 'scratch'))  # (--pretrained none)
+    assert json.load(open(tmp_path / 'scratch' / 'config.json'))['pretrained'] == 'none'
+    for dataset, shown in (('nyud', f'default: imagenet = {name}'), ('pascal', 'vit_large_patch16_384'),
+                           ('synthetic', 'default: none')):
+        with pytest.raises(SystemExit):
+            train.main(['--dataset', dataset, '--help'])
+        assert shown in ' '.join(capsys.readouterr().out.split()), dataset
+    assert train.resolve_config(*train.parse_args(['--dataset', 'pascal', '--backbone', 'base']))['pretrained'] == \
+        'vit_base_patch16_384.augreg_in21k_ft_in1k'
 
 
 @pytest.mark.heavy
@@ -2233,7 +2617,7 @@ def _export_checkpoint(tmp_path_factory):
                   grad_checkpoint='off')
     model = TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(32, 48), num_experts=2, expert_dim=16).eval()
     path = tmp_path_factory.mktemp('checkpoint') / 'last.pt'
-    torch.save({'model': model.state_dict(), 'config': config, 'step': 5}, path)
+    torch.save({'model': model.state_dict(), 'config': config, 'step': 5, 'format': CHECKPOINT_FORMAT}, path)
     return model, path
 
 
@@ -2298,8 +2682,8 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
     val = export.open_val(config, None, _EXPORT_SIZE, model.tasks)
     assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
     base = export.main_metrics(lambda im: export.reference(model, im, False)[0], val, 2, model.tasks, 'synthetic')
-    results, _, _ = train.evaluate(model, data.eval_loader(val, 2, workers=0), 'synthetic',
-                                   torch.device('cpu'), None)
+    results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic', device=torch.device('cpu'),
+                             amp_dtype=None).scores
     assert base == pytest.approx({t: r[TASK_TABLE[t].metric] for t, r in results.items()}, rel=1e-4)
     got = export.main_metrics(export.load_onnx(paths['int8']), val, 2, model.tasks, 'synthetic')
     line = export.metric_change(got, base)
@@ -2335,13 +2719,14 @@ def test_export_without_checkpoint_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_export_checkpoint_of_an_older_train_py_is_a_one_line_error(_export_checkpoint, tmp_path, monkeypatch):
-    """A checkpoint whose config lacks a setting this version needs (here 'tasks', from before --tasks)."""
+    """A checkpoint of a train.py whose model read the last tap without the final LayerNorm (no 'format'):
+    its weights would load and give other outputs; refused in one line."""
     ckpt = torch.load(_export_checkpoint[1], weights_only=True)
-    del ckpt['config']['tasks']
+    del ckpt['format']
     torch.save(ckpt, tmp_path / 'old.pt')
     monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'old.pt'), '--target', 'onnx'])
-    with pytest.raises(SystemExit, match=r"^export\.py: .*old\.pt: its config has no 'tasks' setting: it was "
-                                         r"written by an older train\.py"):
+    with pytest.raises(SystemExit, match=r"^export\.py: .*old\.pt: written by an older train\.py \(its model read "
+                                         r"the last tap without the final LayerNorm\)"):
         export.main()
 
 

@@ -1,22 +1,27 @@
 """Train, evaluate and run TaskExpert.
 
     python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
-    python train.py --dataset nyud --pretrained vit_large_patch16_384.augreg_in21k_ft_in1k   # the paper recipe
-    torchrun --nproc_per_node=4 train.py --dataset pascal --pretrained ...   # DistributedDataParallel
+    python train.py --dataset nyud                    # the paper recipe: ViT-L from ImageNet weights (fetched once)
+    torchrun --nproc_per_node=4 train.py --dataset pascal --backbone base    # DistributedDataParallel
     python train.py --resume runs/nyud/last.pt                               # continue exactly
+    python train.py --config runs/nyud/config.json --out-dir runs/nyud-2     # a run again, from its settings
     python train.py --eval-only --checkpoint runs/nyud/best.pt
     python train.py --predict my_photos/ --checkpoint runs/nyud/best.safetensors
     python train.py --benchmark --dataset nyud                         # FLOPs, speed, MFU, memory
 
-What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings),
-train.jsonl (one line per log step), metrics.jsonl (one line per evaluation: every metric and the
-gate diagnostics; the last one, marked "report", is the one to report), curves.png (losses and main
-metrics so far), last.pt (the full state, to resume), best.pt and best.safetensors (best = highest
-semseg mIoU on the val split, which is the benchmarks' test split, hence no number to report; the
-latter the weights alone, to share), vis/ (panels of a few val images: ground truth next to
-prediction per task), gates.png (mean gate weights; none with --ablation static) and, with
---save-predictions, val_step<N>/ (the last evaluation's predictions as the offline tools read them).
-While it trains, train.lock holds the folder (its pid and host): a second run on it is refused.
+What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings, which
+--config reads back), train.jsonl (one line per log step), metrics.jsonl (one line per evaluation:
+every metric and the gate diagnostics; the last one, marked "report", is the one to report), TensorBoard
+event files (the same numbers, the panels and the gates: `tensorboard --logdir runs`), curves.png,
+last.pt (the full state, to resume), best.pt and best.safetensors (best = the best main metric of the
+run's first task, e.g. semseg mIoU, on the val split, which is the benchmarks' test split, hence no
+number to report; the latter the weights alone, to share), vis/ (panels of a few val images), gates.png
+(mean gate weights; none with --ablation static) and, with --save-predictions, val_step<N>/ (the last
+evaluation's predictions as the offline tools read them). While it trains, train.lock holds the folder.
+
+How a setting reaches the model, in two hops: the flags (their defaults: COMMON, the dataset's row,
+then a --config file) -> resolve_config -> the settings dict, which config.json and every checkpoint
+save -> TaskExpert.from_config, which reads its keys (MODEL_KEYS) and ignores the others.
 
 Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
 randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
@@ -25,8 +30,8 @@ restored from the RNG states saved in the checkpoint.
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import math
@@ -34,10 +39,12 @@ import os
 import random
 import re
 import resource
+import signal
 import socket
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,15 +55,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from data import DataError
-from taskexpert import (ABLATIONS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss, TaskExpert,
-                        atomic_write, denormalise, load_pretrained, load_weights, postprocess, predict,
-                        read_checkpoint, remove_temporaries, save_checkpoint, save_weights)
+from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
+                        TaskExpert, atomic_write, denormalise, load_pretrained, load_weights, postprocess, predict,
+                        pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
+                        unknown_kind)
 
 # -------------------------------------------------------------------------------------------------
 # Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
-# once --dataset is known, so --help shows them), then the flags given. nyud / pascal follow the
-# paper recipe (its implementation details; README, 'Training'); synthetic is a
-# from-scratch quick start tuned to finish in minutes on a 2-core CPU.
+# once --dataset is known, so --help shows them), then a --config file's, then the flags given.
+# nyud / pascal follow the authors' recipe (README, 'Training recipe': each default and the official
+# config it comes from); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
 # eval_every: 10 (NYUD) and 2 (PASCAL) evaluations in 40,000 steps, few against the training's compute
@@ -64,10 +72,12 @@ from taskexpert import (ABLATIONS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESE
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
-              amp='auto', device='auto', pretrained=None, loss_weights={}, accum_steps=1, grad_checkpoint='off',
-              compile=False, eval_workers=None, tasks=None, save_predictions=False, baselines=[])
+              amp='auto', device='auto', pretrained='imagenet', loss_weights={}, edge_pos_weight=0.95,
+              accum_steps=1, grad_checkpoint='off', compile=False, eval_workers=None, tasks=None,
+              save_predictions=False, baselines=[])
 DATASET_DEFAULTS = {
-    'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2'),
+    # NYUD: lr 1e-5, TaskPrompter's ViT-L recipe (configs/nyud/nyud_vitLp16_taskprompter.yml; MLoRE's too)
+    'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2', lr=1e-5),
     'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext', eval_every=20000),
     # From scratch in minutes on a CPU (no pretrained weights offline): tiny ViT, narrow experts,
     # 96x128 (NYUD's 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs.
@@ -76,7 +86,7 @@ DATASET_DEFAULTS = {
     # and depth lags (README, 'Results'). Scenes are generated at the network size.
     'synthetic': dict(img_size=[96, 128], data_root='data/synthetic', backbone='tiny', expert_dim=64,
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
-                      log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}),
+                      log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}, pretrained='none'),
 }
 SETTINGS = set(COMMON) | {'dataset', 'data_root', 'img_size', 'scenes'}  # what config.json records of the flags
 MODEL_KEYS = ('dataset', 'tasks', 'backbone', 'img_size', 'num_experts', 'expert_dim', 'taps', 'gate', 'memory_write',
@@ -85,19 +95,28 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
 
 
-def make_parser(dataset='synthetic', argument_default=None):
-    """The flags, with the settings of `dataset` as their defaults; argument_default=SUPPRESS instead
-    leaves out every flag not given (see parse_args)."""
+def make_parser(dataset='synthetic', defaults=None, argument_default=None):
+    """The flags, with the settings of `dataset` (and `defaults`: a --config file's) as their defaults;
+    argument_default=SUPPRESS instead leaves out every flag not given (see parse_args)."""
     p = argparse.ArgumentParser(description='Train, evaluate and run TaskExpert (ICCV 2023) on NYUD-v2, '
                                 'PASCAL-Context or synthetic scenes. Defaults that differ by dataset are '
                                 'shown for the --dataset given (e.g. --dataset nyud --help) and saved in '
                                 'config.json.', argument_default=argument_default)
+    row = {**COMMON, **DATASET_DEFAULTS[dataset], **(defaults or {})}
+    weights = f' = {IMAGENET_WEIGHTS.format(row["backbone"])} for the {row["backbone"]} backbone' * (
+        row['pretrained'] == 'imagenet')
     a = p.add_argument
     a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (generated offline), nyud or pascal (default: %(default)s)')
+    a('--config', metavar='PATH', help='a run\'s config.json (or a JSON file of some settings): its settings are '
+      'the defaults, the flags given override them')
     a('--data-root', help='dataset folder (default: %(default)s)')
     a('--tasks', nargs='+', metavar='TASK', help='train and evaluate these of the dataset\'s tasks only, e.g. '
       '--tasks depth for a single-task baseline of the same model (default: all of them)')
     a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: %(default)s)')
+    a('--pretrained', metavar='WEIGHTS', help='ImageNet weights of the backbone: imagenet = timm\'s '
+      'vit_<backbone>_patch16_384.augreg_in21k_ft_in1k (the authors\' start), fetched once into torch\'s hub cache; '
+      'a timm .pth/.bin/.safetensors or Google .npz file; a Hugging Face hub id (owner/name, or a timm name); '
+      f'none = from scratch (default: %(default)s{weights})')
     a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
       help='network input size, divisible by 16 (default: %(default)s)')
     a('--batch-size', type=int, help='global batch of one optimizer step, split over torchrun processes and '
@@ -119,6 +138,8 @@ def make_parser(dataset='synthetic', argument_default=None):
     a('--loss-weights', type=task_weight, nargs='+', metavar='TASK=W',
       help='per-task loss weights to change, e.g. depth=2 (default: the paper\'s, NYUD semseg 1 depth 1 '
       'normals 10 edge 50, PASCAL semseg 1 human_parts 2 sal 5 normals 10 edge 50; synthetic: depth 5)')
+    a('--edge-pos-weight', type=float, help='weight w of the edge pixels in the edge loss\'s balanced BCE, 1 - w '
+      'that of the others (edge_w of the InvPT / TaskPrompter configs) (default: %(default)s)')
     a('--eval-every', type=int, help='evaluate and save last.pt every N iterations, and at the end '
       '(default: %(default)s)')
     a('--log-every', type=int, help='print a progress line every N iterations (default: %(default)s)')
@@ -136,17 +157,14 @@ def make_parser(dataset='synthetic', argument_default=None):
     a('--baselines', nargs='*', metavar='RUN_DIR', help='folders of runs on the same dataset, one per task (the '
       'single-task runs of --tasks): every evaluation also reports Delta_m against their last evaluations; '
       'alone: none (default: none)')
-    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel (.png) '
-      'and the predictions at its size (.npz)')
+    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel '
+      '(<name>.png) and the predictions at its size (<name>.npz), <name> the image\'s file name')
     a('--benchmark', action='store_true', help='count the FLOPs, then time training and inference on random '
       'inputs (--amp, --compile, --grad-checkpoint, --accum-steps select the variant) and exit')
     a('--flops-only', action='store_true', help='with --benchmark: only count the FLOPs (on the meta device: '
       'instant for any backbone, e.g. ViT-L on a CPU)')
     a('--peak-tflops', type=float, help='with --benchmark: the dense bf16 peak of your accelerator in TFLOP/s, '
       'for the MFU (default: known for common NVIDIA GPUs)')
-    a('--pretrained', metavar='PATH_OR_HUB_ID', help='ImageNet ViT checkpoint for the backbone: a timm .pth/.bin/'
-      '.safetensors or .npz file, or a Hugging Face hub id such as vit_large_patch16_384.augreg_in21k_ft_in1k '
-      '(= timm/<name>; fetched with huggingface_hub)')
     a('--device', help='auto (cuda if available), cpu, cuda or cuda:N (default: %(default)s)')
     a('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
       help='CUDA autocast: auto = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU (default: %(default)s)')
@@ -165,7 +183,7 @@ def make_parser(dataset='synthetic', argument_default=None):
       'model, no-memory = one MMoE at the last tap, gates over its experts, static = no gates either: every '
       'task reads the mean of the last tap\'s experts (default: %(default)s)')
     if argument_default is None:
-        p.set_defaults(**{**COMMON, **DATASET_DEFAULTS[dataset], 'dataset': dataset})
+        p.set_defaults(**{**row, 'dataset': dataset})
     p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
     return p
 
@@ -185,16 +203,50 @@ def fail(msg):
 
 
 def parse_args(argv=None):
-    """argv -> (args, given): args with every default of the chosen dataset filled in, given the flags
-    on the command line alone (name -> value), which override a checkpoint's settings."""
-    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --dataset first: the defaults
-    pre.add_argument('--dataset')                                        # depend on it
+    """argv -> (args, given): args with every default of the chosen dataset and --config file filled in;
+    given: the settings given, by a --config file and then on the command line (name -> value), which
+    override a checkpoint's settings."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --dataset and --config first: the
+    pre.add_argument('--dataset')                                        # defaults depend on them
+    pre.add_argument('--config')
     try:
-        dataset = pre.parse_known_args(argv)[0].dataset
-    except argparse.ArgumentError:
-        dataset = None
-    p = make_parser(dataset if dataset in DATASET_DEFAULTS else 'synthetic')  # (a bad one: its error below)
-    return p.parse_args(argv), vars(make_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
+        first = pre.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # (a flag without its value: its error comes below)
+        first = argparse.Namespace(dataset=None, config=None)
+    from_file = read_config_file(first.config) if first.config else {}
+    dataset = first.dataset or from_file.get('dataset')
+    args = make_parser(dataset if dataset in DATASET_DEFAULTS else 'synthetic', from_file).parse_args(argv)
+    given = vars(make_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
+    if 'loss_weights' in from_file:  # the file's weights of the run's tasks, then those given on the command line
+        tasks = given.get('tasks', from_file.get('tasks'))
+        weights = [(t, w) for t, w in from_file['loss_weights'].items() if tasks is None or t in tasks]
+        given['loss_weights'] = [*weights, *given.get('loss_weights', [])]
+    return args, {**from_file, **given}
+
+
+def read_config_file(path):
+    """--config PATH: a run's config.json, or a JSON object of some of its settings -> those settings
+    (not its out_dir: a run writes to its own --out-dir). A setting unknown or of the wrong type stops
+    with one line."""
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f'--config {path}: cannot read it as JSON ({e})')
+    if not isinstance(settings, dict):
+        fail(f'--config {path}: holds a {type(settings).__name__}, not an object of settings')
+    settings.pop('out_dir', None)
+    defaults = {**COMMON, **DATASET_DEFAULTS['synthetic'], **DATASET_DEFAULTS['nyud'], 'dataset': 'nyud'}
+    for k, v in settings.items():
+        if k not in SETTINGS:
+            fail(f'--config {path}: unknown setting {k!r}; settings are spelt as in config.json (e.g. max_iters)')
+        kind = type(defaults.get(k))
+        number = kind in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if defaults.get(k) is not None and not (number or isinstance(v, kind)):
+            fail(f'--config {path}: {k} = {json.dumps(v)} is not a {kind.__name__}')
+    if settings.get('dataset', 'nyud') not in DATASET_DEFAULTS:
+        fail(f'--config {path}: dataset {settings["dataset"]!r}; choose one of {", ".join(DATASET_DEFAULTS)}')
+    return settings
 
 
 def resolve_config(args, given, ckpt_config=None):
@@ -220,11 +272,13 @@ def resolve_config(args, given, ckpt_config=None):
     defaults = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]},
                 **DATASET_DEFAULTS[dataset].get('loss_weights', {})}
     cfg['loss_weights'] = {**{t: w for t, w in defaults.items() if t in cfg['tasks']}, **weights}
-    # the model defaults that depend on the backbone, written out so config.json is complete
+    # the defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
     cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
     cfg['taps'] = list(cfg['taps'] or preset['taps'])
     cfg['img_size'] = list(cfg['img_size'])
+    if cfg['pretrained'] == 'imagenet':
+        cfg['pretrained'] = IMAGENET_WEIGHTS.format(cfg['backbone'])
     return cfg
 
 
@@ -257,9 +311,13 @@ def check_config(cfg, training=True):
     for k in ('lr', 'clip'):  # (comparisons written so that NaN fails them)
         if not 0 < cfg[k] < math.inf:
             fail(f'--{k} {cfg[k]}: must be a positive, finite number')
-    for k in ('weight_decay', 'warmup', 'workers', 'seed'):
+    for k in ('weight_decay', 'warmup', 'workers'):
         if not 0 <= cfg[k] < math.inf:
             fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
+    if not 0 <= cfg['seed'] < 2 ** 63:  # torch.manual_seed(seed + rank) takes 64 bits
+        fail(f'--seed {cfg["seed"]}: must be in 0 .. 2^63 - 1')
+    if not 0 < cfg['edge_pos_weight'] < 1:
+        fail(f'--edge-pos-weight {cfg["edge_pos_weight"]}: must be between 0 and 1')
     if (cfg['eval_workers'] or 0) < 0:
         fail(f'--eval-workers {cfg["eval_workers"]}: must not be negative')
     for t, w in cfg['loss_weights'].items():
@@ -309,28 +367,40 @@ def loaded(read, path):
 # Data: the datasets (data.py; their loaders: data.train_loader, data.eval_loader)
 # -------------------------------------------------------------------------------------------------
 
-def open_datasets(cfg, splits=('train', 'val')):
-    """The splits of cfg['dataset'] as data.py datasets; a missing dataset stops with the download
-    help. The synthetic scenes are generated once, at the network size, into the data folder."""
-    root, size = cfg['data_root'], tuple(cfg['img_size'])
-    if cfg['dataset'] == 'synthetic':
+def open_datasets(cfg, splits=('train', 'val'), check=True):
+    """The splits of cfg['dataset'] as data.py datasets, every file read once if `check` (check_datasets);
+    a missing dataset stops with the download help, a folder of another dataset with one line. The
+    synthetic scenes are generated once, at the network size, into the data folder."""
+    root, size, dataset = cfg['data_root'], tuple(cfg['img_size']), cfg['dataset']
+    found = data.layout(root)  # a synthetic folder is in the NYUD layout: --dataset nyud reads it too
+    if found not in (None, dataset) and (found, dataset) != ('synthetic', 'nyud'):
+        fail(f'--data-root {root} holds {data.LAYOUTS[found][1]}, not --dataset {dataset}\'s files: pass '
+             f'--dataset {found}, or another --data-root')
+    if dataset == 'synthetic':
         if is_main():
             data.write_synthetic(cfg)
         if dist.is_initialized():
             dist.barrier()
-    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     try:
         sets = [data.READERS[cfg['dataset']](root, split=s, train=s == 'train' and cfg['augment'], size=size,
                                              tasks=cfg['tasks'], seed=cfg['seed']) for s in splits]
-        for ds in sets:  # every file read once now: a bad one stops the run before its first step
-            ds.check(cfg['workers'], *share)
-        return sets
     except DataError as e:
         if not os.path.isdir(root) or 'split file not found' in str(e):
             print(f'train.py: error: {cfg["dataset"]} data not found at {root} (--data-root)\n{data.DOWNLOAD_HELP}',
                   file=sys.stderr)
             raise SystemExit(1)
         fail(str(e))
+    if check:
+        check_datasets(cfg, sets)
+    return sets
+
+
+def check_datasets(cfg, sets):
+    """Every file of the datasets read once, as training and evaluation will (each process its share):
+    a bad one stops the run with one line before its first step (data.py, _MultiTaskDataset.check)."""
+    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for ds in sets:
+        ds.check(cfg['workers'], *share)
 
 
 def to_device(batch, device):
@@ -454,7 +524,30 @@ def truncate_jsonl(path, step):
     return [record for _, record in keep]
 
 
-def train_step(model, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, world):
+@dataclasses.dataclass
+class Run:
+    """What the steps and the evaluations of one training run share."""
+    cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
+    model: TaskExpert  # the model itself: evaluations and checkpoints read it
+    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: MultiTaskLoss
+    device: torch.device
+    amp_dtype: torch.dtype = None  # the autocast dtype, None for fp32
+    world: int = 1  # torchrun processes
+    val_loader: torch.utils.data.DataLoader = None  # this process's share of the val split (shard_loader)
+    pool: data.EdgePool = None  # the boundary metric's worker processes, or None
+    board: object = None  # rank 0's TensorBoard SummaryWriter
+    best: dict = None  # the best evaluation so far, as best.pt records it
+
+    def save(self, name, step, rng, best=None):
+        """The full training state of `step` as <out-dir>/<name> (taskexpert.save_checkpoint)."""
+        save_checkpoint(os.path.join(self.cfg['out_dir'], name), model=self.model, optimizer=self.optimizer,
+                        scaler=self.scaler, step=step, rng=rng, config=self.cfg, best=best)
+
+
+def train_step(run, batch):
     """One optimizer step on this process's share of the global batch, run as cfg['accum_steps']
     micro-batches, then unscale, clip and Adam. -> (loss, per-task losses, why the step was skipped
     or None). Each micro-batch backpropagates its loss / accum_steps: the gradient of the mean
@@ -462,31 +555,31 @@ def train_step(model, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype,
     micro-batch. That equals one step on the whole batch when the micro-batches hold equally many
     valid pixels per task (the losses are means over valid pixels), BatchNorm aside (it normalises
     each micro-batch with its own statistics)."""
-    accum = cfg['accum_steps']
+    accum, scaler, optimizer = run.cfg['accum_steps'], run.scaler, run.optimizer
     m = len(batch['image']) // accum
     total, per_task = 0.0, {}
     for i in range(accum):
         micro = {k: v[i * m:(i + 1) * m] for k, v in batch.items()}
-        with model.no_sync() if world > 1 and i < accum - 1 else contextlib.nullcontext():
-            with autocast(device, amp_dtype):
-                outputs = model(micro['image'])
-            loss, losses = loss_fn(outputs, micro)
+        with run.trained.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext():
+            with autocast(run.device, run.amp_dtype):
+                outputs = run.trained(micro['image'])
+            loss, losses = run.loss_fn(outputs, micro)
             scaler.scale(loss / accum).backward()
         total = total + loss.detach() / accum
         per_task = {t: per_task.get(t, 0.0) + v.detach() / accum for t, v in losses.items()}
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g['params']]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['clip'])  # of the all-reduced gradients
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg['clip'])  # of the all-reduced gradients
     # The step's one host-device sync: is the loss, is the gradient finite? Every process decides
     # alike: the gradient norm is global, the loss flag all-reduced.
     finite = torch.stack([total, grad_norm.float()]).isfinite().float()
-    if world > 1:
+    if run.world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     loss_ok, grad_ok = finite.tolist()
     skipped = None
     if not loss_ok:  # a non-finite loss is never trained on: every process skips the step together
         bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
-                     ['another process' if world > 1 else 'the weighted sum of the tasks'])
+                     ['another process' if run.world > 1 else 'the weighted sum of the tasks'])
         skipped = f'non-finite loss in {", ".join(bad_tasks)}'
     elif not grad_ok and not scaler.is_enabled():  # under fp16 the GradScaler skips these and backs off
         skipped = 'non-finite gradient norm'
@@ -517,21 +610,38 @@ def startup_warnings(cfg, device, world):
     return lines
 
 
-def build(cfg, resume, device, world, rank, use_scaler):
-    """The model, the module that trains it (DDP and / or torch.compile around it), Adam, the
-    GradScaler and the loss for cfg, in the state of resume = (path, checkpoint) if given -> (...,
-    the step to start at)."""
+def fetch_pretrained(cfg):
+    """A fresh run's ImageNet checkpoint (--pretrained) as a local file, or None: fetched once, by the
+    first process of each machine, before anything is written; a missing one stops with one line."""
+    if cfg['pretrained'] == 'none':
+        return None
+    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()  # the first process fetches it into the shared cache
+    try:
+        path = pretrained_file(cfg['pretrained'])
+    except FileNotFoundError as e:
+        fail(f'--pretrained: {e}')
+    if dist.is_initialized() and first:
+        dist.barrier()
+    return path
+
+
+def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
+    """The Run of cfg: its model (ImageNet weights from the file `pretrained`, or the state of resume =
+    (path, checkpoint), to continue), the module that trains it (DDP and / or torch.compile around it),
+    Adam, the GradScaler and the loss."""
     path, ckpt = resume or (None, None)
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
-    if cfg['pretrained'] and ckpt is None:
+    if pretrained:
         try:
-            load_pretrained(model, cfg['pretrained'])
+            load_pretrained(model, pretrained)
         except (KeyError, ValueError, FileNotFoundError) as e:  # its one-line messages name the file
             fail(f'--pretrained: {e.args[0]}')
         except Exception as e:  # a damaged file: whatever its reader (zip, pickle, safetensors) raises
             why = str(e).strip().split('\n')[0].split('. ')[0]
-            fail(f'--pretrained {cfg["pretrained"]}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); '
+            fail(f'--pretrained {pretrained}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); '
                  'download it again')
     if world > 1 and device.type == 'cuda':
         # BatchNorm statistics over the global batch, not each GPU's share (the paper's batch 4 on 4
@@ -542,52 +652,98 @@ def build(cfg, resume, device, world, rank, use_scaler):
     # fused: one kernel for all parameters (and under fp16 the GradScaler's skip test stays on the device)
     optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    step = 0
     if ckpt is not None:
         loaded(lambda p: load_weights(model, ckpt['model'], p), path)
         optimizer.load_state_dict(ckpt['optimizer'])
         if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
             scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
         set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
-    ddp = model  # the module that trains; evaluation and checkpoints use `model` itself
+    trained = model  # evaluations and checkpoints use `model` itself
     if world > 1:  # gradients as views of DDP's all-reduce buckets: one gradient-sized copy less
-        ddp = torch.nn.parallel.DistributedDataParallel(
+        trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
     if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
-        ddp = torch.compile(ddp)
-    return model, ddp, optimizer, scaler, MultiTaskLoss(model.tasks, weights=cfg['loss_weights']), step
+        trained = torch.compile(trained)
+    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], edge_pos_weight=cfg['edge_pos_weight'])
+    return Run(cfg, model, trained, optimizer, scaler, loss_fn, device, amp_dtype, world)
 
 
-def log_start(cfg, model, datasets, device, world, why, step, resumed):
-    """The run's first lines: data, devices, precision, size, warnings, the settings."""
+def log_start(run, datasets, why, step, pretrained):
+    """The run's first lines: data, devices, precision, size, warnings, weights, the settings."""
+    cfg, model = run.cfg, run.model
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(datasets[0])} train / {len(datasets[1])} val images)')
-    log(f'device {device} x {world} process(es) | precision: {why} | '
+    log(f'device {run.device} x {run.world} process(es) | precision: {why} | '
         f'{n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.1f}M trained)')
-    for line in startup_warnings(cfg, device, world):
+    for line in startup_warnings(cfg, run.device, run.world):
         log(f'warning: {line}')
-    if not cfg['pretrained'] and cfg['dataset'] != 'synthetic':
-        log('note: no --pretrained weights: training from scratch, far below the paper (ImageNet ViT init)')
-    if resumed:
+    if step:
         log(f'resuming at step {step} of {cfg["max_iters"]}')
+    elif pretrained:
+        log(f'backbone: ImageNet weights {cfg["pretrained"]} ({pretrained})')
+    elif cfg['dataset'] != 'synthetic':
+        log('note: --pretrained none: training from scratch, far below the paper (ImageNet ViT init)')
     log('config ' + json.dumps(cfg))
 
 
-def open_run_folder(cfg, tasks, step):
-    """Rank 0: write config.json, trim the logs to `step` (a fresh run starts new ones) -> (the best
-    record, read from best.pt, the one file that holds it, so that it names weights that exist; the
-    scores of the evaluation at `step` if metrics.jsonl has them, else None)."""
-    out = cfg['out_dir']
+def check_out_dir(out, resume=None):
+    """Rank 0, holding the folder's lock: a run writes where it overwrites nobody's files. A resumed run
+    into its checkpoint's own folder; any run into a new or empty folder, or one of a run that never
+    saved a checkpoint (its config.json alone); never into a folder of another run, or of other files."""
+    if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
+        return
+    for name in ('last.pt', 'best.pt'):
+        if os.path.isfile(os.path.join(out, name)):
+            fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
+                 f'or pass another --out-dir')
+    others = sorted(set(os.listdir(out)) - {'train.lock'})
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(out, 'config.json')) as f:
+            if {'dataset', 'tasks', 'out_dir'} <= json.load(f).keys():
+                return  # train.py wrote it
+    if others:
+        fail(f'{out} holds files that train.py did not write ({", ".join(others[:3])}): pass a new or empty --out-dir')
+
+
+def open_run_folder(run, step):
+    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones), run.best (read
+    from best.pt, the one file that holds it, so that it names weights that exist) and run.board ->
+    the scores of the evaluation at `step` if metrics.jsonl has them (logged before a kill), else None."""
+    out = run.cfg['out_dir']
     os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-    truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
+    atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(run.cfg, indent=1).encode()))
+    trained = truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
     evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
     best_pt = os.path.join(out, 'best.pt')
-    best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
+    run.best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
     done = [r for r in training_evaluations(evals) if r['step'] == step]
-    return best, {t: done[-1][t] for t in tasks} if done else None
+    known = {t: done[-1][t] for t in run.model.tasks} if done else None
+    run.board = open_board(run.cfg, step, known, [r for r in trained if r['step'] == step])
+    return known
+
+
+def open_board(cfg, step, known, records):
+    """Rank 0's TensorBoard writer, into the run folder. Its events from `step` on (from step + 1 when
+    the evaluation at `step` was logged: `known`) replace the earlier ones that the viewer reads
+    (purge_step: what a killed run wrote after its checkpoint is dropped, as from the JSONL logs); the
+    training `records` of `step` that this drops are written again."""
+    from torch.utils.tensorboard import SummaryWriter  # (imported here: it takes seconds)
+    board = SummaryWriter(cfg['out_dir'], purge_step=step + 1 if known else step)
+    for record in [] if known else records:
+        add_scalars(board, step, {'train': {k: v for k, v in record.items() if k != 'step'}})
+    board.add_text('config', f'```\n{json.dumps(cfg, indent=1)}\n```', step)
+    board.flush()
+    return board
+
+
+def add_scalars(board, step, values, prefix=''):
+    """Every number of values (nested dicts) as a TensorBoard scalar named by its path, e.g. semseg/mIoU."""
+    for k, v in values.items():
+        if isinstance(v, dict):
+            add_scalars(board, step, v, f'{prefix}{k}/')
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            board.add_scalar(prefix + k, v, step)
 
 
 def training_evaluations(records):
@@ -600,39 +756,40 @@ def train(cfg, device, world, rank, resume=None, pool=None):
     """The training loop: from step 0 (or the step of resume = (path, checkpoint)) to --max-iters, a
     progress line every --log-every steps, last.pt and an evaluation every --eval-every steps and at
     the end."""
-    out, ckpt = cfg['out_dir'], resume and resume[1]
+    path, ckpt = resume or (None, None)
     amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
-    if ckpt is None and is_main():  # (checked under the out-dir lock: no other run can start there now)
-        for name in ('last.pt', 'best.pt'):
-            if os.path.isfile(os.path.join(out, name)):
-                fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
-                     f'or pass another --out-dir')
-    train_ds, val_ds = open_datasets(cfg)
+    if is_main():  # (under the out-dir's lock: no other run can start there now)
+        check_out_dir(cfg['out_dir'], path)
+    train_ds, val_ds = open_datasets(cfg, check=False)  # its files are there: the weights next, then every file read
+    pretrained = None if ckpt else fetch_pretrained(cfg)
+    check_datasets(cfg, (train_ds, val_ds))
     if len(train_ds) < cfg['batch_size']:
         fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
     if pool:
         pool.start()  # the data is good: the boundary workers start while the model trains
-    model, ddp, optimizer, scaler, loss_fn, step = build(cfg, resume, device, world, rank, use_scaler)
-    log_start(cfg, model, (train_ds, val_ds), device, world, why, step, ckpt is not None)
-    val_loader = shard_loader(val_ds, cfg, world, rank)
-    best, known = open_run_folder(cfg, model.tasks, step) if is_main() else (None, None)
-    save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, config=cfg)
-    if ckpt is not None:
-        best = finish_evaluation(model, val_loader, cfg, device, amp_dtype, step,
-                                 functools.partial(save, step=step, rng=ckpt['rng']), best, known, world, pool)
+    run = build(cfg, device=device, world=world, rank=rank, amp_dtype=amp_dtype, use_scaler=use_scaler,
+                pretrained=pretrained, resume=resume)
+    run.val_loader, run.pool, step = shard_loader(val_ds, cfg, world, rank), pool, ckpt['step'] if ckpt else 0
+    log_start(run, (train_ds, val_ds), why, step, pretrained)
+    known = open_run_folder(run, step) if is_main() else None
+    if ckpt is not None:  # a kill after last.pt was saved, before its evaluation or best.pt: finish them
+        if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
+            known = [known]
+            dist.broadcast_object_list(known, 0)
+            known = known[0]
+        finish_evaluation(run, step, ckpt['rng'], known)
     if step >= cfg['max_iters']:
         log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
         return
-    model.train()
+    run.model.train()
     bad = 0  # consecutive non-finite steps
     losses = LossLog()
-    for batch in data.train_loader(train_ds, cfg['batch_size'], rank, world, cfg['seed'], step, cfg['max_iters'],
-                                   cfg['workers']):
-        batch = to_device(batch, device)
+    for batch in data.train_loader(train_ds, cfg['batch_size'], rank=rank, world=world, seed=cfg['seed'],
+                                   start=step, stop=cfg['max_iters'], workers=cfg['workers']):
         lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
+        for g in run.optimizer.param_groups:
             g['lr'] = lr
-        total, per_task, skipped = train_step(ddp, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, world)
+        total, per_task, skipped = train_step(run, to_device(batch, device))
         step += 1
         if skipped:
             bad += 1
@@ -643,17 +800,16 @@ def train(cfg, device, world, rank, resume=None, pool=None):
             bad = 0
             losses.add(total, per_task)
         if losses.steps and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
-            losses.report(step, lr, cfg)
+            losses.report(run, step, lr)
         if step % cfg['eval_every'] == 0 or step == cfg['max_iters']:
-            best = save_and_evaluate(model, val_loader, cfg, device, amp_dtype, step,
-                                     functools.partial(save, step=step), best, bad, world, pool)
-            model.train()
+            evaluation_step(run, step, bad)
+            run.model.train()
             losses.t0 = time.time()  # the evaluation is not training time
 
 
 class LossLog:
     """The losses of the steps since the last progress line: their sums stay on the device (no wait
-    for it in the loop) and are read once per line, printed and appended to train.jsonl."""
+    for it in the loop) and are read once per line, printed, appended to train.jsonl and TensorBoard."""
 
     def __init__(self):
         self.t0, self.steps, self.sums = time.time(), 0, {}
@@ -663,8 +819,8 @@ class LossLog:
         for t, v in [('loss', total)] + list(per_task.items()):
             self.sums[t] = self.sums.get(t, 0.0) + v
 
-    def report(self, step, lr, cfg):
-        dt = time.time() - self.t0
+    def report(self, run, step, lr):
+        cfg, dt = run.cfg, time.time() - self.t0
         rec = {'step': step, **{t: v.item() / self.steps for t, v in self.sums.items()}, 'lr': lr,
                'img_s': self.steps * cfg['batch_size'] / dt}
         eta = (cfg['max_iters'] - step) * dt / self.steps
@@ -672,49 +828,18 @@ class LossLog:
             ' '.join(f'{t} {v:.4f}' for t, v in rec.items() if t not in ('step', 'loss', 'lr', 'img_s')) +
             f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
         if is_main():
+            add_scalars(run.board, step, {'train': {k: v for k, v in rec.items() if k != 'step'}})
+            run.board.flush()
             append_jsonl(os.path.join(cfg['out_dir'], 'train.jsonl'), rec)
         self.t0, self.steps, self.sums = time.time(), 0, {}
 
 
-def finish_evaluation(model, val_loader, cfg, device, amp_dtype, step, save, best, known, world, pool):
-    """A resumed run's first act: a run killed after last.pt was saved, before its evaluation or
-    best.pt were written, finishes them (evaluate_and_keep_best; the evaluation is not run again when
-    metrics.jsonl has its scores, `known`) -> the best record."""
-    if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
-        known = [known]
-        dist.broadcast_object_list(known, 0)
-        known = known[0]
-    return evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, known, pool)
-
-
-def save_and_evaluate(model, val_loader, cfg, device, amp_dtype, step, save, best, bad, world, pool):
-    """An evaluation step: last.pt first (so that a failing evaluation loses no training), then the
-    evaluation and best.pt (evaluate_and_keep_best) -> the best record. After non-finite steps the
-    outputs may be non-finite, which the meters cannot score: no evaluation then, and last.pt is
-    kept as it is if the weights themselves are not finite."""
-    out = cfg['out_dir']
-    rng = [rng_state()]  # every process's RNG state, so that each resumes its own stream
-    if world > 1:
-        rng = [None] * world
-        dist.all_gather_object(rng, rng_state())
-    save = functools.partial(save, rng=rng)
-    weights_ok = not bad or all(torch.isfinite(p).all() for p in model.parameters())
-    if weights_ok and is_main():
-        save(os.path.join(out, 'last.pt'))
-        log(f'saved {out}/last.pt')
-    if bad:
-        log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
-            ('' if weights_ok else f', {out}/last.pt kept (the weights are not finite)'))
-    else:  # every process scores its share of the val split (rank 0 alone writes)
-        best = evaluate_and_keep_best(model, val_loader, cfg, device, amp_dtype, step, save, best, pool=pool)
-    if world > 1:
-        dist.barrier()
-    return best
-
-
 # -------------------------------------------------------------------------------------------------
-# Evaluation: every metric of make_meters on the val split, gate diagnostics, pictures. Under torchrun
-# each process scores its own share of the split and the meters' sums are all-reduced.
+# Evaluation, read in one pass. In training, evaluation_step (last.pt first) -> finish_evaluation:
+#   evaluate (every process: the model on its share of the val split -> data.update_meters -> the
+#   meters' scores, all-reduced) -> report (rank 0: printed, metrics.jsonl, TensorBoard, panels,
+#   gates.png) -> keep_best (best.safetensors, best.pt) -> curves.png.
+# --eval-only: evaluate -> report.
 # -------------------------------------------------------------------------------------------------
 
 def shard_loader(val_ds, cfg, world=1, rank=0):
@@ -740,14 +865,68 @@ def edge_pool(cfg):
     return data.EdgePool(n) if n else None
 
 
+def evaluation_step(run, step, bad):
+    """At an evaluation step: last.pt first (a failing evaluation loses no training), then the
+    evaluation (finish_evaluation). After non-finite steps the outputs may be non-finite, which the
+    meters cannot score: no evaluation then, and last.pt is kept as it is if the weights themselves
+    are not finite."""
+    rng = [rng_state()]  # every process's RNG state, so that each resumes its own stream
+    if run.world > 1:
+        rng = [None] * run.world
+        dist.all_gather_object(rng, rng_state())
+    weights_ok = not bad or all(torch.isfinite(p).all() for p in run.model.parameters())
+    if weights_ok and is_main():
+        run.save('last.pt', step, rng)
+        log(f'saved {run.cfg["out_dir"]}/last.pt')
+    if bad:
+        log(f'step {step}: the last {bad} step(s) were non-finite: evaluation skipped' +
+            ('' if weights_ok else f', {run.cfg["out_dir"]}/last.pt kept (the weights are not finite)'))
+    else:
+        finish_evaluation(run, step, rng)
+    if run.world > 1:
+        dist.barrier()
+
+
+def finish_evaluation(run, step, rng, known=None):
+    """The evaluation of the checkpoint of `step` (its RNG states `rng`): by every process on its share
+    (unless its scores are `known`: logged before a kill), reported, kept as best.* when it improves on
+    run.best; then curves.png and, at the end of a synthetic run, the input-blind predictors."""
+    cfg, scores = run.cfg, known
+    if scores is None:
+        save_to = predictions_folder(cfg, step)
+        evaluation = evaluate(run.model, run.val_loader, dataset=cfg['dataset'], device=run.device,
+                              amp_dtype=run.amp_dtype, keep=PANELS, pool=run.pool, save_to=save_to)
+        scores = report(cfg, run.model, step, evaluation, board=run.board, save_to=save_to)
+    if not is_main():
+        return
+    keep_best(run, step, scores, rng)
+    logs = [read_jsonl(os.path.join(cfg['out_dir'], name)) for name in ('train.jsonl', 'metrics.jsonl')]
+    data.write_png(os.path.join(cfg['out_dir'], 'curves.png'), draw_curves(*logs, run.model.tasks))
+    if known is None and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
+        compare_with_trivial(run, step, scores)
+
+
+def predictions_folder(cfg, step, tag=None):
+    """Where --save-predictions writes an evaluation's files (--eval-only's, a run's last), else None."""
+    final = tag is not None or step == cfg['max_iters']
+    return os.path.join(cfg['out_dir'], f'val_step{step}') if cfg['save_predictions'] and final else None
+
+
+class Evaluation(NamedTuple):
+    """What evaluate returns: every process holds the whole split's scores and gate means."""
+    split: data.NYUD  # the val split (a data.py reader)
+    scores: dict  # task -> metric -> value
+    gates: list  # [tap] task -> mean gate weight of each candidate (the E experts, then the memory)
+    kept: list  # this process's first `keep` samples: (image, targets, predictions, id), cropped, on the CPU
+    seconds: float
+
+
 @torch.no_grad()
-def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
-    """-> (scores dict task -> metrics, gate means [tap][task] -> list of E[+1] floats, the first
-    `keep` samples of this process as (image, targets, predictions, id) cropped to their size, on
-    the CPU). `loader` reads this process's share of the split (shard_loader); under torchrun the
-    sums of the meters and gates are all-reduced, so every process returns the whole split's scores.
-    save_to: a folder for the predictions' files (data.write_predictions), each process writing those
-    of its share. Rank 0 prints progress at every tenth of its share."""
+def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
+    """The model on this process's share of the val split (`loader`, see shard_loader) -> Evaluation.
+    Under torchrun the sums of the meters and gates are all-reduced, so every process returns the
+    whole split's scores. save_to: a folder for the predictions' files (data.write_predictions), each
+    process writing those of its share. Rank 0 prints progress at every tenth of its share."""
     model.eval()
     if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
         for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
@@ -766,7 +945,7 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, save_
         with autocast(device, amp_dtype):
             outputs = model(images)
         outputs = {t: o.float() for t, o in outputs.items()}
-        gates.add(model.gates, batch['meta'], images.shape[-2:])
+        gates.add(model.gate_weights, batch['meta'], images.shape[-2:])
         torch.set_num_threads(meter_threads)
         data.update_meters(meters, outputs, batch, edge_ids)
         if save_to:
@@ -783,7 +962,7 @@ def evaluate(model, loader, dataset, device, amp_dtype, keep=0, pool=None, save_
             y = x.to(device)
             dist.all_reduce(y)
             x.copy_(y)
-    return {t: m.score() for t, m in meters.items()}, gates.means(), kept
+    return Evaluation(split, {t: m.score() for t, m in meters.items()}, gates.means(), kept, time.time() - t0)
 
 
 class GateMeans:
@@ -796,7 +975,7 @@ class GateMeans:
         self.tokens = torch.zeros((), dtype=torch.float64)
 
     def add(self, taps, metas, size):
-        """taps: model.gates after a forward pass; metas: the batch's; size: its (H, W)."""
+        """taps: model.gate_weights after a forward pass; metas: the batch's; size: its (H, W)."""
         valid = torch.zeros(len(metas), size[0] // PATCH, size[1] // PATCH)
         for i, meta in enumerate(metas):
             valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
@@ -822,48 +1001,59 @@ def log_progress(done, batch, share, total, t0):
             f'eta {datetime.timedelta(seconds=round(elapsed * (1 - part) / part))}')
 
 
-def evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool=None, tag=None):
-    """Evaluate (every process, see evaluate); rank 0 prints every metric, Delta_m over --baselines and
-    the evaluation's images, seconds and images/s, appends them to metrics.jsonl (the run's last
-    evaluation marked 'report': the numbers to report, README 'Evaluation'), draws panels and
-    gates.png. With --save-predictions, --eval-only and a run's last evaluation also write the
-    predictions' files to <out-dir>/val_step<step>/. tag: --eval-only's checkpoint. Returns the scores."""
-    final = tag is None and step == cfg['max_iters']
-    save_to = os.path.join(cfg['out_dir'], f'val_step{step}') if cfg['save_predictions'] and (tag or final) else None
-    t0 = time.time()
-    results, gates, kept = evaluate(model, loader, cfg['dataset'], device, amp_dtype, keep=PANELS, pool=pool,
-                                    save_to=save_to)
+def report(cfg, model, step, evaluation, *, board=None, tag=None, save_to=None):
+    """Rank 0: an evaluation's scores printed with Delta_m over --baselines and its images, seconds and
+    images/s; drawn (draw_evaluation); written to TensorBoard and, last, appended to metrics.jsonl (a
+    run's last evaluation marked 'report': the numbers to report, README 'Evaluation'; --eval-only's
+    tagged with its checkpoint, `tag`). -> the scores, on every process."""
+    scores, split = evaluation.scores, evaluation.split
     if not is_main():
-        return results
-    seconds, split = time.time() - t0, whole_split(loader)
+        return scores
     # mean gate weight per tap, task and candidate (experts 1..E, then the memory slot at every tap but
     # the first); the memory slot alone tells how much each task reads the memory. Static: no gates.
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
-              for b, tap in zip(model.taps, gates) if tap}
+              for b, tap in zip(model.taps, evaluation.gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    edges = {'edge_images': data.edge_subset(cfg['dataset'], split.ids)[0]} if 'edge' in results else {}
+    edges = {'edge_images': data.edge_subset(cfg['dataset'], split.ids)[0]} if 'edge' in scores else {}
+    final = tag is None and step == cfg['max_iters']
     record = {'step': step, **({'eval_only': tag} if tag else {}), **({'report': True} if final else {}),
-              **results, **edges, 'gate_memory': memory, 'gates': by_tap}
+              **scores, **edges, 'gate_memory': memory, 'gates': by_tap}
     baselines = read_baselines(cfg)
     if baselines:
-        record['delta_m'] = data.delta_m({t: results[t][TASK_TABLE[t].metric] for t in results}, baselines)
+        record['delta_m'] = data.delta_m({t: scores[t][TASK_TABLE[t].metric] for t in scores}, baselines)
         record['baselines'] = baselines
     boundaries = f'; boundaries on {edges["edge_images"]}' if edges else ''
-    log(f'eval at step {step} ({len(split)} val images, {seconds:.1f} s, {len(split) / seconds:.1f} img/s'
-        f'{boundaries}):')
-    log_scores(record, results, per_class=tag is not None)
+    log(f'eval at step {step} ({len(split)} val images, {evaluation.seconds:.1f} s, '
+        f'{len(split) / evaluation.seconds:.1f} img/s{boundaries}):')
+    log_scores(record, scores, per_class=tag is not None)
     if save_to:
         log(f'  the predictions of the {len(split)} val images: {save_to}/<task>/<id>.png (depth .mat)')
-    append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), record)
+    draw_evaluation(cfg, model, step, evaluation, board)
+    if board:
+        numbers = {t: {k: v for k, v in s.items() if k != 'class_IoU'} for t, s in scores.items()}
+        per_class = {f'{t}_class_IoU': s['class_IoU'] for t, s in scores.items() if 'class_IoU' in s}
+        add_scalars(board, step, {**numbers, **per_class, 'memory_gate': memory, 'delta_m': record.get('delta_m')})
+        board.flush()
+    append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), record)  # last: its line means all is written
+    return scores
+
+
+def draw_evaluation(cfg, model, step, evaluation, board=None):
+    """An evaluation's pictures: vis/<id>.png, the panels of its first images (input, then ground truth
+    above prediction per task), and gates.png; also into TensorBoard."""
     vis = os.path.join(cfg['out_dir'], 'vis')
     os.makedirs(vis, exist_ok=True)
-    for image, targets, preds, id_ in kept:
+    for image, targets, preds, id_ in evaluation.kept:
         maps = {t: m[0] for t, m in postprocess({t: p[None] for t, p in preds.items()}).items()}
-        draw_panel(denormalise(image).permute(1, 2, 0).to(torch.uint8).numpy(), maps, targets).save(
-            os.path.join(vis, f'{id_}.png'))
-    if by_tap:
-        draw_gates(gates, model.taps).save(os.path.join(cfg['out_dir'], 'gates.png'))
-    return results
+        panel = draw_panel(denormalise(image).permute(1, 2, 0).to(torch.uint8).numpy(), maps, targets)
+        data.write_png(os.path.join(vis, f'{id_}.png'), panel)
+        if board:
+            board.add_image(f'panels/{id_}', np.asarray(panel), step, dataformats='HWC')
+    if any(evaluation.gates):  # (--ablation static has no gates)
+        picture = draw_gates(evaluation.gates, model.taps)
+        data.write_png(os.path.join(cfg['out_dir'], 'gates.png'), picture)
+        if board:
+            board.add_image('gates', np.asarray(picture), step, dataformats='HWC')
 
 
 def log_scores(record, results, per_class):
@@ -923,49 +1113,43 @@ def read_baselines(cfg):
     return {t: found[t][0] for t in cfg['tasks']}
 
 
-def evaluate_and_keep_best(model, loader, cfg, device, amp_dtype, step, save, best, results=None, pool=None):
-    """Evaluate the checkpoint just saved at `step` (unless its `results` are known: logged before a
-    kill); when the main metric of the run's first task (semseg, when trained) improves on `best`,
-    write it as best.safetensors, then as best.pt with the best record; -> the best record.
-    save(path, best=...) writes the full checkpoint of `step`. Only best.pt holds the record (last.pt
-    is written before its evaluation) and it is written last, so the record always names weights that
-    exist. The val split is the test split of NYUD-v2 and PASCAL-Context: best.* is a convenience
-    chosen on test, and the last evaluation is the one to report, as the metadata says."""
-    evaluated, out = results is None, cfg['out_dir']
-    if evaluated:  # by every process, each on its share (see evaluate); rank 0 alone writes
-        results = evaluate_and_log(model, loader, cfg, device, amp_dtype, step, pool)
-    if not is_main():
-        return best
-    task = next(iter(model.tasks))
+
+def keep_best(run, step, scores, rng):
+    """Rank 0: when the main metric of the run's first task (e.g. semseg mIoU; depth RMSE for a --tasks
+    depth run) improves on run.best, the model of `step` becomes best.safetensors, then best.pt with
+    the best record. Only best.pt holds the record (last.pt is written before its evaluation) and it is
+    written last, so the record always names weights that exist. The val split is the test split of
+    NYUD-v2 and PASCAL-Context: best.* is a convenience chosen on test, and the last evaluation is the
+    one to report, as the metadata says."""
+    out, task = run.cfg['out_dir'], next(iter(run.model.tasks))
     key, higher = TASK_TABLE[task].metric, TASK_TABLE[task].higher
-    metric, value = f'{task} {key}', results[task][key]
+    metric, value, best = f'{task} {key}', scores[task][key], run.best
     if best is None or (value > best['value'] if higher else value < best['value']):
-        best = {'metric': metric, 'value': value, 'step': step}
+        run.best = {'metric': metric, 'value': value, 'step': step}
         selection = (f'the {"highest" if higher else "lowest"} {metric} of the run\'s evaluations on the val '
                      'split, which is the test split of NYUD-v2 and PASCAL-Context: a convenience, not a number '
                      'to report; report the last evaluation (its line in metrics.jsonl says "report": true)')
-        save_weights(os.path.join(out, 'best.safetensors'), model, step, cfg, results, selection)
-        save(os.path.join(out, 'best.pt'), best=best)
+        save_weights(os.path.join(out, 'best.safetensors'), run.model, step, run.cfg, scores, selection)
+        run.save('best.pt', step, rng, best=run.best)
         log(f'saved {out}/best.safetensors and best.pt ({metric} {value:.4g}; chosen on val = test: report the '
             'last evaluation)')
     else:
         log(f'best.pt: {metric} {best["value"]:.4g} at step {best["step"]}')
-    logs = [read_jsonl(os.path.join(out, name)) for name in ('train.jsonl', 'metrics.jsonl')]
-    draw_curves(*logs, model.tasks).save(os.path.join(out, 'curves.png'))
-    if evaluated and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
-        compare_with_trivial(results, model.tasks, whole_split(loader), cfg, step)  # the whole split, not a share
-    return best
 
 
-def compare_with_trivial(results, tasks, val_ds, cfg, step):
-    """End of a synthetic run: the main metrics next to the input-blind predictors'."""
-    loader = data.eval_loader(val_ds, cfg['batch_size'], cfg['workers'])
-    trivial = data.trivial_scores(loader, tasks, cfg['dataset'])
+def compare_with_trivial(run, step, scores):
+    """End of a synthetic run: the main metrics next to the input-blind predictors' (metrics.jsonl,
+    TensorBoard), on the whole val split."""
+    cfg = run.cfg
+    loader = data.eval_loader(whole_split(run.val_loader), cfg['batch_size'], cfg['workers'])
+    trivial = data.trivial_scores(loader, run.model.tasks, cfg['dataset'])
+    add_scalars(run.board, step, {'input_blind': trivial})
+    run.board.flush()
     append_jsonl(os.path.join(cfg['out_dir'], 'metrics.jsonl'), {'step': step, 'trivial': trivial})
     log('model vs. input-blind predictors on the val split (majority class / mean depth / mean normal / all-edge):')
-    for t, scores in results.items():
+    for t, task_scores in scores.items():
         key, higher = TASK_TABLE[t].metric, TASK_TABLE[t].higher
-        m, b = scores[key], trivial[t][key]
+        m, b = task_scores[key], trivial[t][key]
         log(f'  {t:12s} {key} {m:8.4g} vs {b:8.4g}  ({m / b:.2f}x, {"higher" if higher else "lower"} is better)')
 
 
@@ -1011,7 +1195,9 @@ def render(task, x, depth_range=None):
         img = ((x.permute(1, 2, 0).numpy().clip(-1, 1) + 1) * 127.5).astype(np.uint8)
         img[(x.abs().sum(0) == 0).numpy()] = 0  # invalid normals in black
         return img
-    return np.repeat((x[0].clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)  # binary: grey
+    if kind == 'binary':  # grey
+        return np.repeat((x[0].clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, -1)
+    raise unknown_kind(task, 'picture')
 
 
 def draw_panel(rgb, preds, targets=None):
@@ -1112,25 +1298,31 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def predict_images(model, source, out_dir, device, amp_dtype):
-    """--predict: each image's predictions at its own size (taskexpert.predict) as <name>.npz, and a
-    panel <name>.png of the input and every task, shrunk to the network size if larger."""
+    """--predict: per image, named by its file name with its extension (a.jpg and a.png apart), <name>.npz,
+    its predictions at its own size (taskexpert.predict; class ids as uint8), and <name>.png, a panel of
+    the input and every task, shrunk to the network size if larger; each written atomically. The inputs
+    are never touched: an output folder that holds them is refused."""
     files = ([source] if os.path.isfile(source) else
              sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS)))
     if not files:
         fail(f'--predict {source}: no images ({", ".join(IMAGE_EXTS)}) there')
+    if os.path.isdir(out_dir) and any(os.path.samefile(out_dir, os.path.dirname(os.path.abspath(f))) for f in files):
+        fail(f'--out-dir {out_dir} holds the images of --predict {source}: pass another folder for the predictions')
     os.makedirs(out_dir, exist_ok=True)
     for path in files:
         try:
             with Image.open(path) as im:
                 im = im.convert('RGB')
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # (PIL refuses images over 179 megapixels)
             fail(f'{path}: cannot read the image ({e})')
         with autocast(device, amp_dtype):
             maps = predict(model, im)
-        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
-        np.savez_compressed(stem + '.npz', **maps)
+        maps = {k: v.astype(np.uint8) if k in model.tasks and TASK_TABLE[k].kind == 'classes' else v
+                for k, v in maps.items()}  # (at most 40 classes)
+        stem = os.path.join(out_dir, os.path.basename(path))
+        atomic_write(stem + '.npz', lambda f: np.savez_compressed(f, **maps))
         im.thumbnail((model.backbone.grid[1] * PATCH, model.backbone.grid[0] * PATCH))  # a photo's panel would be huge
-        draw_panel(np.asarray(im), maps).save(stem + '.png')
+        data.write_png(stem + '.png', draw_panel(np.asarray(im), maps))
         log(f'{path} -> {stem}.png, .npz')
 
 
@@ -1150,8 +1342,10 @@ def random_batch(tasks, batch_size, size, device):
             batch[t] = torch.rand(B, 1, H, W, device=device) * 5 + 0.5
         elif kind == 'normals':
             batch[t] = F.normalize(torch.randn(B, 3, H, W, device=device), dim=1)
-        else:
+        elif kind == 'binary':
             batch[t] = (torch.rand(B, 1, H, W, device=device) < 0.1).float()
+        else:
+            raise unknown_kind(t, 'random target')
     return batch
 
 
@@ -1217,12 +1411,8 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
           f'{flops / 1e12:.4g} TFLOP (matmuls, convolutions, attention; recomputation not counted)', flush=True)
     if flops_only:
         return
-    model = TaskExpert.from_config(cfg).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'])
-    batch = random_batch(model.tasks, B, cfg['img_size'], device)
-    trained = torch.compile(model) if cfg['compile'] else model
+    run = build(cfg, device=device, world=1, rank=0, amp_dtype=amp_dtype, use_scaler=amp_dtype == torch.float16)
+    model, batch = run.model, random_batch(run.model.tasks, B, cfg['img_size'], device)
 
     def inference(backbone_only=False):
         with torch.no_grad(), autocast(device, amp_dtype):
@@ -1234,8 +1424,7 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    t_train, t_first = median_seconds(
-        lambda: train_step(trained, batch, loss_fn, optimizer, scaler, cfg, device, amp_dtype, 1), device, warmup, runs)
+    t_train, t_first = median_seconds(lambda: train_step(run, batch), device, warmup, runs)
     if device.type == 'cuda':
         peak_mem = (f'allocated {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB, reserved '
                     f'{torch.cuda.max_memory_reserved(device) / 2 ** 30:.2f} GiB (torch.cuda.max_memory_*)')
@@ -1358,6 +1547,7 @@ def open_checkpoint(args):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` or a job scheduler's stop: as Ctrl-C
     args, given = parse_args(argv)
     check_modes(args)
     if args.benchmark:
@@ -1371,6 +1561,32 @@ def main(argv=None):
     cfg = resolve_config(args, given, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
     check_config(cfg, training=not (args.eval_only or args.predict))
+    try:
+        run_mode(args, cfg, path, ckpt, model)
+    except KeyboardInterrupt:
+        fail(f'interrupted; {what_was_saved(args, cfg)}')
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def what_was_saved(args, cfg):
+    """After Ctrl-C or SIGTERM: what the interrupted command leaves, in a few words."""
+    out = cfg['out_dir']
+    if args.predict:
+        return f'the predictions written so far are in {args.out_dir or os.path.join(out, "predictions")}'
+    if args.eval_only:
+        return 'the evaluation was not finished: nothing logged'
+    last = os.path.join(out, 'last.pt')
+    with contextlib.suppress(OSError, ValueError):
+        return f'{last} holds step {read_checkpoint(last, mmap=True)["step"]}: continue with --resume {last}'
+    return 'no checkpoint was saved yet: nothing to resume'
+
+
+def run_mode(args, cfg, path, ckpt, model):
+    """--predict, --eval-only or training, with their processes: torchrun's, the boundary workers."""
+    out_dir = cfg['out_dir']
     if args.predict:
         if not os.path.exists(args.predict):
             fail(f'--predict {args.predict}: no such file or folder')
@@ -1387,10 +1603,14 @@ def main(argv=None):
     try:
         with one_line_errors(out_dir):
             if args.eval_only:
-                eval_only(cfg, model, path, device, world, rank, pool)
+                eval_only(cfg, model, path, device=device, world=world, rank=rank, pool=pool)
             else:  # rank 0 alone writes the outputs, so it alone holds the out-dir
                 with hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
                     train(cfg, device, world, rank, (path, ckpt) if ckpt else None, pool)
+    except BaseException:
+        if pool:  # interrupted or failed: the images still being scored are of no use
+            pool.stop()
+        raise
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -1398,8 +1618,8 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def eval_only(cfg, model, path, device, world, rank, pool):
-    """--eval-only: the checkpoint's model on the val split, logged as training's evaluations are (its
+def eval_only(cfg, model, path, *, device, world, rank, pool):
+    """--eval-only: the checkpoint's model on the val split, reported as training's evaluations are (its
     line in metrics.jsonl tagged with the checkpoint's path); its summary line says how long it took."""
     amp_dtype, _, why = pick_precision(cfg['amp'], device)
     model.to(device)
@@ -1407,7 +1627,10 @@ def eval_only(cfg, model, path, device, world, rank, pool):
     (val_ds,) = open_datasets(cfg, splits=('val',))
     if is_main():
         os.makedirs(cfg['out_dir'], exist_ok=True)
-    evaluate_and_log(model, shard_loader(val_ds, cfg, world, rank), cfg, device, amp_dtype, model.step, pool, tag=path)
+    save_to = predictions_folder(cfg, model.step, tag=path)
+    evaluation = evaluate(model, shard_loader(val_ds, cfg, world, rank), dataset=cfg['dataset'], device=device,
+                          amp_dtype=amp_dtype, keep=PANELS, pool=pool, save_to=save_to)
+    report(cfg, model, model.step, evaluation, tag=path, save_to=save_to)
 
 
 if __name__ == '__main__':
