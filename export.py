@@ -22,11 +22,15 @@ or 4bit. Every file reports its size, time, the check it passed (tolerances fit 
 the change of each task's main metric on val images relative to the fp32 PyTorch model. A target
 whose export or check fails prints why, the others still run, and the script exits non-zero. Files
 are written in a work folder '<final name>.tmp-<host>-<pid>' beside the final one and moved into
-place only once their check has passed; a run removes the work folders of killed runs.
+place only once their check has passed; a run removes the work folders of killed runs. A write the
+disk refuses, Ctrl-C and SIGTERM stop the run with one line saying what was written; older files of
+the names not written stay as they were. File names (file_stem) carry the model's tasks when it has
+only some of its dataset's, and its ablation.
 """
 import argparse
 import contextlib
 import copy
+import errno
 import functools
 import glob
 import hashlib
@@ -35,7 +39,9 @@ import logging
 import os
 import platform
 import re
+import resource
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -49,8 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import CLASS_NAMES, READERS, DataError, collate, make_meters, render_scene, update_meters, write_synthetic
-from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TaskExpert, denormalise, normalise,
-                        postprocess)
+from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TASKS, TaskExpert, denormalise,
+                        normalise, postprocess, unknown_kind)
 
 NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
 
@@ -284,18 +290,20 @@ def compare(got, ref, raw, tol):
             passed = bad == 0
             line = (f'{name}: {100 * diff.mean():.4f}% of pixels differ, {bad} not at a near-tie (largest '
                     f'logit gap of a flip {gap[diff].max() if diff.any() else 0:.1e}, limit {tol["logit"]:g})')
-        elif name == 'normals':
+        elif name in TASK_TABLE and TASK_TABLE[name].kind == 'normals':
             err = np.abs(g.astype(np.float64) - r).max(1)  # (B, H, W)
             length = np.linalg.norm(raw['normals'], axis=1)
             scaled = float((err * np.minimum(1, length / np.median(length))).max())
             passed = scaled <= tol['normals']
             line = (f'{name}: max |error| {err.max():.2e}, {scaled:.2e} scaled by the raw length '
                     f'(limit {tol["normals"]:g})')
-        else:
+        elif name.endswith('_prob') or TASK_TABLE[name].kind in ('binary', 'depth'):  # probabilities, metres
             limit = tol['depth' if name == 'depth' else 'prob']
             err = np.abs(g.astype(np.float64) - r)
             passed = bool((err <= limit * np.maximum(1, np.abs(r))).all())
             line = f'{name}: max |error| {err.max():.2e} (limit {limit:g}{" x max(1, |depth|)" * (name == "depth")})'
+        else:
+            raise unknown_kind(name, 'tolerance of its exported output')
         lines.append(line + ('' if passed else '  <- OUT OF TOLERANCE'))
         ok &= passed
     if not ok:
@@ -332,6 +340,20 @@ def compare_flushed(got, ref, raw, tol):
 WORK_SUFFIX = re.compile(r'\.tmp-(.+)-(\d+)$')  # '<final name>.tmp-<host>-<pid>'
 
 
+def file_stem(config, tasks, img_size):
+    """The name of a model's files without weights and extension: taskexpert_<dataset>_<backbone>_<H>x<W>,
+    then its tasks when they are not all of the dataset's (in the dataset's order, joined by '-') and its
+    ablation when it has one: the export of a depth-only or an ablated model never replaces the full
+    model's file in the same folder."""
+    every = TASKS[TASK_SET[config['dataset']]]
+    parts = ['taskexpert', config['dataset'], config['backbone'], f'{img_size[0]}x{img_size[1]}']
+    if len(tasks) < len(every):
+        parts.append('-'.join(t for t in every if t in tasks))
+    if config['ablation'] != 'none':
+        parts.append(config['ablation'])
+    return '_'.join(parts)
+
+
 def work_dir(path):
     """The folder an export of path writes in: beside it (so the final move is a rename), not named
     like an export (so nobody takes it for one), and naming its host and process, so that a later run
@@ -358,10 +380,14 @@ def alive(pid):
 
 def remove_stale_work(folder):
     """Remove the work folders that exports killed on this host left in folder -> their names. Those
-    of a process still running (another export now) and of other hosts stay."""
+    of a process still running (another export now) and of other hosts stay. A package that install
+    had moved aside when the kill came goes back to its name first, if that name is free."""
     stale = [name for name in sorted(os.listdir(folder)) if (m := WORK_SUFFIX.search(name))
              and m[1] == socket.gethostname() and not alive(int(m[2]))]
     for name in stale:
+        previous, final = os.path.join(folder, name, 'previous'), os.path.join(folder, WORK_SUFFIX.sub('', name))
+        if os.path.exists(previous) and not os.path.exists(final):
+            os.replace(previous, final)
         remove(os.path.join(folder, name))
     return stale
 
@@ -379,6 +405,79 @@ def install(tmp, path):
         if os.path.exists(previous):
             os.replace(previous, path)
         raise
+
+
+# Ctrl-C and SIGTERM stop a run between two steps of Python code: the export under way raises Stopped,
+# its work folder is removed, and main says in one line what was written. Two steps are not stopped
+# halfway (uninterrupted): install's moves, and the removal of a work folder; a signal that comes
+# during one stops the run at the next stop_if_asked.
+STOP_SIGNALS = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
+stopped_by = None  # the stop signal, once one arrived (main resets it)
+_holding = False  # inside uninterrupted()
+
+
+class Stopped(BaseException):  # not an Exception: no `except Exception` of ours or of a library catches it
+    def __init__(self, signum):
+        super().__init__(STOP_SIGNALS[signum])
+        self.signum = signum
+
+
+def stop(signum, frame):
+    """The handler of STOP_SIGNALS (main installs it). The signal is kept too: a library may turn
+    Stopped into an error of its own (torch.onnx does when it arrives during one of its imports)."""
+    global stopped_by
+    stopped_by = signum
+    if not _holding:
+        raise Stopped(signum)
+
+
+def stop_if_asked():
+    """Raise Stopped if a stop signal has arrived (held by uninterrupted, or its Stopped turned into
+    another error by a library)."""
+    if stopped_by is not None:
+        raise Stopped(stopped_by)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Ctrl-C and SIGTERM wait until the block is done (see stop_if_asked)."""
+    global _holding
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+
+
+class CannotWrite(Exception):
+    """The file system refused a write: the run stops (the next files would fail alike)."""
+
+
+REFUSED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def refused_write(e, folder):
+    """Why the file system refused a write of an export that raised e -> a phrase, or None if it did
+    not. The writers say so in their own ways: Python's file objects raise OSError (onnx.save, which
+    torch.onnx calls), shutil.copytree (coremltools' save) a shutil.Error listing (source, destination,
+    why) for each file; C++ writers raise RuntimeError without the errno (coremltools' weight writer:
+    '[MIL FileWriter]: Unknown error occurred while writing data to the file.') or leave a truncated
+    file without a word (onnxruntime's quantizer: reading it back fails to parse it). So, failing an
+    errno, the file system is asked: a file size limit (ulimit -f) set, or the disk of folder or of the
+    temporary files (where coremltools and onnxruntime's quantizer write) full."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    state = f', under a file size limit of {limit:,} bytes (ulimit -f)' * (limit != resource.RLIM_INFINITY)
+    for where in dict.fromkeys((folder, tempfile.gettempdir())):  # each disk once
+        if (free := shutil.disk_usage(where).free) < 2 ** 20:
+            state += f', {free:,} bytes free on the disk of {where}'
+    x = e
+    while x is not None:  # e, then the exceptions it was raised from or while handling
+        if isinstance(x, shutil.Error) and x.args and isinstance(x.args[0], list) and x.args[0]:
+            return x.args[0][0][-1] + state
+        if isinstance(x, OSError) and x.errno in REFUSED:
+            return (f'{x.strerror}: {x.filename}' if x.filename else x.strerror) + state
+        x = x.__cause__ or x.__context__
+    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}{state}' if state else None
 
 
 def disk_size(path):
@@ -878,21 +977,24 @@ def check_coreml(path, model, probabilities, img_size, weights):
 def open_val(config, data_root, img_size, tasks):
     """The val split of data_root, else of the checkpoint's training data (its config's data_root;
     synthetic scenes are generated there first if missing, by the same call as train.py's), read at
-    the export size -> data.py reader. Raises DataError / ValueError (a missing dataset, images larger
-    than the export size)."""
+    the export size -> data.py reader. Raises DataError / ValueError (a missing dataset or split)."""
     if data_root is None and config['dataset'] == 'synthetic':
         write_synthetic(config)
-    val = READERS[config['dataset']](data_root or config['data_root'], split='val', train=False, size=img_size,
-                                     tasks=tuple(tasks))
-    val[0]  # an image larger than the export size fails here, not after the first export
-    return val
+    return READERS[config['dataset']](data_root or config['data_root'], split='val', train=False, size=img_size,
+                                      tasks=tuple(tasks))
 
 
-def calibration_frames(val, n):
-    """n frames spread evenly over the val split (the first ones also measure the metric change),
-    float32 (n, 3, H, W) in 0-255, padded as the contract pads."""
-    ids = np.unique(np.linspace(0, len(val) - 1, min(n, len(val))).round().astype(int))
-    return denormalise(torch.stack([val[int(i)]['image'] for i in ids])).numpy()
+def read_frames(val, ids):
+    """Samples ids of val, each read once -> dict id -> sample. One that cannot be read (data.DataError:
+    a damaged file, an image larger than the export size) is left out with a warning line naming the
+    file, so that the run goes on with the others."""
+    samples = {}
+    for i in ids:
+        try:
+            samples[i] = val[i]
+        except DataError as e:
+            print(f'export.py: warning: val image {i} skipped: {e}', file=sys.stderr)
+    return samples
 
 
 def as_scores(task, x, channels):
@@ -903,16 +1005,18 @@ def as_scores(task, x, channels):
         return F.one_hot(x.long(), channels).permute(0, 3, 1, 2).float()  # (N, C, H, W)
     if kind == 'binary':
         return torch.logit(x.double())
-    return x
+    if kind in ('depth', 'normals'):
+        return x
+    raise unknown_kind(task, 'metric of its exported output')
 
 
-def main_metrics(predict, val, n, tasks, dataset):
+def main_metrics(predict, samples, tasks, dataset):
     """Each task's main metric (TASK_TABLE[task].metric) of predict (frames -> app outputs, as
-    load_onnx returns) on the first n images of val, scored as training's evaluation scores them
+    load_onnx returns) on val samples (read_frames), scored as training's evaluation scores them
     (data.update_meters) -> dict task -> value."""
     meters = make_meters(tasks, dataset)
-    for i in range(min(n, len(val))):
-        batch = collate([val[i]])
+    for sample in samples:
+        batch = collate([sample])
         out = predict(denormalise(batch['image']).numpy())  # (1, 3, H, W) the frame, 0-255
         update_meters(meters, {t: as_scores(t, out[t], tasks[t]) for t in meters}, batch)
     return {t: m.score()[TASK_TABLE[t].metric] for t, m in meters.items()}
@@ -969,25 +1073,31 @@ def benchmark(app, files, img_size, runs=20, warmup=3):
 
 def run_target(name, path, export, check, measure):
     """Export in a work folder, check it, measure it (-> a line, or None), move it into place; print
-    the report. -> True if done."""
+    the report. -> True if done, False if its export or check failed; raises CannotWrite when the file
+    system refused a write, Stopped on Ctrl-C / SIGTERM (the work folder removed either way)."""
     work = work_dir(path)
-    remove(work)  # this process's name: a leftover of an earlier process with the same pid
-    os.makedirs(work)
-    tmp = os.path.join(work, os.path.basename(path))
     t0 = time.perf_counter()
     try:
+        remove(work)  # this process's name: a leftover of an earlier process with the same pid
+        os.makedirs(work)
+        tmp = os.path.join(work, os.path.basename(path))
         export(tmp)
         t_export = time.perf_counter() - t0
         how, lines = check(tmp)
         t_check = time.perf_counter() - t0 - t_export
         measured = measure(tmp)  # on val frames: the Core ML checker's fp16 sums are checked there too
-        install(tmp, path)
+        with uninterrupted():
+            install(tmp, path)
     except Exception as e:
+        stop_if_asked()  # e may be what a library made of Stopped
+        if not isinstance(e, CheckFailed) and (why := refused_write(e, os.path.dirname(os.path.abspath(path)))):
+            raise CannotWrite(f'{name}: cannot write {path} ({why})') from None
         why = str(e) if isinstance(e, CheckFailed) else traceback.format_exc()
         print(f'{name}: FAILED ({path} not written): {why}', file=sys.stderr)
         return False
     finally:
-        remove(work)
+        with uninterrupted():
+            remove(work)
     print(f'{name}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
           f'check {t_check:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines) + f'\n  {measured}' * bool(measured))
     return True
@@ -1033,6 +1143,8 @@ def parse_args():
         raise SystemExit(f'export.py: --val-images {args.val_images}: must be 0 or more')
     if args.calib_images < 1:
         raise SystemExit(f'export.py: --calib-images {args.calib_images}: must be 1 or more')
+    if args.out_dir is not None and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SystemExit(f'export.py: --out-dir {args.out_dir} is a file: pass a folder (made if missing)')
     if args.data_root is not None and not os.path.isdir(args.data_root):
         raise SystemExit(f'export.py: --data-root {args.data_root} is not a folder: pass a dataset folder '
                          f'(README.md, section Datasets)')
@@ -1057,54 +1169,126 @@ def load_model(args):
     return path, at_size(model, img_size), img_size  # (the copy keeps .config and .step)
 
 
+def val_frames(args, config, img_size, tasks, calibrated):
+    """The val frames this run uses, read once before any export: the first --val-images (the metric
+    change) and --calib-images spread evenly over the split (ONNX int8's calibration, if calibrated)
+    -> (the split's folder, the metric's samples, the calibration frames float32 (N, 3, H, W) in 0-255
+    padded as the contract pads, or None), or a one-line error. Unreadable frames are skipped (read_frames)."""
+    if not (args.val_images or calibrated):
+        return None, [], None
+    try:
+        val = open_val(config, args.data_root, img_size, tasks)
+    except (DataError, ValueError) as e:
+        if args.data_root is not None:
+            raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
+        if calibrated:
+            raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read '
+                             f'({e}): pass --data-root with a val split')
+        print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
+        return None, [], None
+    first = range(min(args.val_images, len(val)))
+    spread = np.unique(np.linspace(0, len(val) - 1, min(args.calib_images, len(val))).round().astype(int)) \
+        if calibrated else []
+    ids = sorted({*first, *spread})
+    samples = read_frames(val, ids)
+    metric = [samples[i] for i in first if i in samples]
+    calibration = [samples[i]['image'] for i in spread if i in samples]
+    if calibrated and not calibration:
+        raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read (none '
+                         f'of the {len(spread)} frames of {val.root} it takes is usable, see above): pass --data-root '
+                         f'with a val split')
+    if first and not metric:
+        print(f'export.py: metric change not measured (none of the first {len(first)} val images of {val.root} is '
+              f'usable, see above): pass --data-root with a val split', file=sys.stderr)
+    uses = [f'the metric change is measured on {len(metric)} of the first {len(first)} val images'] * bool(metric) + \
+        [f'ONNX int8 calibrated on {len(calibration)} of {len(spread)} frames'] * calibrated
+    if len(samples) < len(ids) and uses:
+        print('export.py: ' + ', '.join(uses), file=sys.stderr)
+    return val.root, metric, denormalise(torch.stack(calibration)).numpy() if calibrated else None
+
+
+def open_out_dir(args, checkpoint):
+    """--out-dir (default: the checkpoint's folder), made if missing, after asking the file system for
+    a file there (a read-only disk, a permission; an unnamed one, gone when closed); the work folders
+    of killed exports in it removed -> its path, or a one-line error."""
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(checkpoint))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+        for name in remove_stale_work(out_dir):
+            print(f'export.py: removed {name}, the work folder of an export that was killed')
+    except OSError as e:
+        what = f'--out-dir {args.out_dir}' if args.out_dir else f"the checkpoint's folder {out_dir}"
+        raise SystemExit(f'export.py: {what} cannot be written ({e.strerror or e}): pass --out-dir with a folder you '
+                         f'can write to')
+    return out_dir
+
+
+def summary(variants, done):
+    """-> 'written: ...; not written: ...', the files of this run."""
+    written = [f'{t} {w} ({os.path.basename(done[t, w])})' for t, w in variants if (t, w) in done]
+    missing = [f'{t} {w}' for t, w in variants if (t, w) not in done]
+    return f'written: {", ".join(written) or "nothing"}' + \
+        f'; not written: {", ".join(missing)} (any older files of their names kept)' * bool(missing)
+
+
 def main():
+    global stopped_by
     args, variants = parse_args()
-    path, model, img_size = load_model(args)
-    config = model.config
-    app = AppModel(model, args.probabilities)
-    meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, model.step)
-    val = None
-    calibrated = ('onnx', 'int8') in variants
-    if args.val_images or calibrated:
-        try:
-            val = open_val(config, args.data_root, img_size, model.tasks)
-        except (DataError, ValueError) as e:
-            if args.data_root is not None:
-                raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
-            if calibrated:
-                raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read '
-                                 f'({e}): pass --data-root with a val split')
-            print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    for name in remove_stale_work(out_dir):
-        print(f'export.py: removed {name}, the work folder of an export that was killed')
-    stem = os.path.join(out_dir, f'taskexpert_{config["dataset"]}_{config["backbone"]}_{img_size[0]}x{img_size[1]}')
-    print(f'export.py: {path} ({config["dataset"]}, ViT-{config["backbone"]}), input {img_size[0]}x{img_size[1]}, '
-          f'outputs {", ".join(app.output_names)}')
-    done = export_all(variants, stem, app, model, img_size, meta, descriptions, args, val)
-    if args.benchmark and any(t == 'onnx' for t, _ in done):
-        benchmark(app, done, img_size)
+    # Ctrl-C and SIGTERM raise Stopped; the previous handlers come back at the end (main may run in a
+    # process that goes on, as in the tests)
+    stopped_by, handlers = None, {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    done = {}  # (target, weights) -> the file, as each is moved into place
+    try:
+        export_run(args, variants, done)
+    except Stopped as e:
+        print(f'export.py: stopped by {e}, the work folder removed; {summary(variants, done)}', file=sys.stderr)
+        sys.exit(128 + e.signum)  # as a shell reports a process ended by that signal
+    except CannotWrite as e:
+        raise SystemExit(f'export.py: {e}: free some space or pass another --out-dir; {summary(variants, done)}')
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     failed = [f'{t} {w}' for t, w in variants if (t, w) not in done]
     if failed:
         raise SystemExit(f'export.py: failed: {", ".join(failed)}')
 
 
-def export_all(variants, stem, app, model, img_size, meta, descriptions, args, val):
+def export_run(args, variants, done):
+    """The checkpoint, the val frames and the out-dir, checked in this order (a one-line error, with
+    nothing written), then each file exported into done; then the benchmark."""
+    path, model, img_size = load_model(args)
+    config = model.config
+    app = AppModel(model, args.probabilities)
+    meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, model.step)
+    frames = val_frames(args, config, img_size, model.tasks, ('onnx', 'int8') in variants)
+    stem = os.path.join(open_out_dir(args, path), file_stem(config, model.tasks, img_size))
+    print(f'export.py: {path} ({config["dataset"]}, ViT-{config["backbone"]}), input {img_size[0]}x{img_size[1]}, '
+          f'outputs {", ".join(app.output_names)}')
+    export_all(variants, stem, app, model, args, img_size=img_size, meta=meta, descriptions=descriptions,
+               frames=frames, done=done)
+    if args.benchmark and any(t == 'onnx' for t, _ in done):
+        benchmark(app, done, img_size)
+
+
+def export_all(variants, stem, app, model, args, *, img_size, meta, descriptions, frames, done):
     """Each (target, weights) exported, checked and moved into place (run_target), with its metric
-    change on val when asked -> dict (target, weights) -> the path of each file written."""
-    done, base = {}, {}
-    n = min(args.val_images, len(val)) if val is not None else 0
+    change on the val samples of frames (val_frames) when there are some; done: dict (target, weights)
+    -> the path of each file written, filled as they are."""
+    root, samples, calibration = frames
+    dataset, base = model.config['dataset'], {}
 
     def measure(load, tmp):
-        if not n:
+        if not samples:
             return None
         predict = load(tmp)
         if not base:  # the fp32 PyTorch model's, measured once
-            base.update(main_metrics(lambda im: reference(model, im, args.probabilities)[0], val, n, model.tasks,
-                                     model.config['dataset']))
-        got = main_metrics(predict, val, n, model.tasks, model.config['dataset'])
-        return f'main metrics on {n} val images of {val.root}, fp32 PyTorch -> this file: {metric_change(got, base)}'
+            base.update(main_metrics(lambda im: reference(model, im, args.probabilities)[0], samples, model.tasks,
+                                     dataset))
+        got = main_metrics(predict, samples, model.tasks, dataset)
+        return (f'main metrics on {len(samples)} val images of {root}, fp32 PyTorch -> this file: '
+                f'{metric_change(got, base)}')
     for target, weights in variants:
         export, check, load = {'onnx': (export_onnx, check_onnx, load_onnx),
                                'coreml': (export_coreml, check_coreml, load_coreml)}[target]
@@ -1112,14 +1296,13 @@ def export_all(variants, stem, app, model, img_size, meta, descriptions, args, v
             ('.onnx' if target == 'onnx' else '.mlpackage')
         more = {}
         if target == 'onnx':
-            more = dict(fp32=done.get(('onnx', 'fp32')),
-                        calibration=calibration_frames(val, args.calib_images) if weights == 'int8' else None)
+            more = dict(fp32=done.get(('onnx', 'fp32')), calibration=calibration if weights == 'int8' else None)
         if run_target(f'{target} {weights}', file,
                       lambda tmp: export(app, img_size, tmp, weights, meta, descriptions, **more),
                       lambda tmp: check(tmp, model, args.probabilities, img_size, weights),
                       functools.partial(measure, load)):
             done[target, weights] = file
-    return done
+        stop_if_asked()  # a signal held while a file was moved into place or a work folder removed
 
 
 if __name__ == '__main__':

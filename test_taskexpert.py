@@ -1889,13 +1889,15 @@ def test_train_bad_checkpoints_give_one_line_errors(_train_run, tmp_path, capsys
         assert code != 0 and 'old.pt: written by an older train.py' in msg and '\n' not in msg, msg
 
 
-def _run_with_file_size_limit(argv, limit_bytes, **kw):
-    """argv in a process whose files cannot grow past limit_bytes: the kernel fails the write that would
-    (EFBIG, SIGXFSZ ignored), as on a full disk, and the writer raises whatever it really raises."""
+def _run_with_file_size_limit(argv, limit_bytes, cwd):
+    """Run a command (argv, e.g. [sys.executable, 'train.py', ...]) in cwd with files limited to
+    limit_bytes (RLIMIT_FSIZE, set in the child only), as a full disk would stop it: the kernel fails
+    the write that passes the limit (EFBIG, with SIGXFSZ ignored, else it would kill the child), and
+    each writer raises whatever it really raises then -> subprocess.CompletedProcess (text output)."""
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    return subprocess.run(argv, preexec_fn=limit, env=ONE_THREAD, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(argv, cwd=cwd, env=ONE_THREAD, capture_output=True, text=True, preexec_fn=limit, timeout=600)
 
 
 @pytest.mark.heavy
@@ -1906,7 +1908,7 @@ def test_train_full_disk_is_one_line_and_keeps_the_last_checkpoint(_train_run, t
     shutil.copytree(_train_run / 'run', run)
     before = (run / 'last.pt').read_bytes()
     r = _run_with_file_size_limit([sys.executable, 'train.py', '--resume', str(run / 'last.pt'), '--max-iters', '9',
-                                   '--eval-every', '3'], 2 ** 20, cwd=HERE)
+                                   '--eval-every', '3'], 2 ** 20, HERE)
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert re.fullmatch(rf'train.py: error: {run}/last.pt: cannot write it, the disk may be full \(.*\); free some '
                         'space or pass another --out-dir', r.stderr.strip().splitlines()[-1]), r.stderr
@@ -2681,11 +2683,12 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
               'img_size': list(_EXPORT_SIZE)}
     val = export.open_val(config, None, _EXPORT_SIZE, model.tasks)
     assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
-    base = export.main_metrics(lambda im: export.reference(model, im, False)[0], val, 2, model.tasks, 'synthetic')
+    samples = list(export.read_frames(val, range(2)).values())
+    base = export.main_metrics(lambda im: export.reference(model, im, False)[0], samples, model.tasks, 'synthetic')
     results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic', device=torch.device('cpu'),
                              amp_dtype=None).scores
     assert base == pytest.approx({t: r[TASK_TABLE[t].metric] for t, r in results.items()}, rel=1e-4)
-    got = export.main_metrics(export.load_onnx(paths['int8']), val, 2, model.tasks, 'synthetic')
+    got = export.main_metrics(export.load_onnx(paths['int8']), samples, model.tasks, 'synthetic')
     line = export.metric_change(got, base)
     assert all(f'{t} {TASK_TABLE[t].metric} {base[t]:.4g} -> ' in line for t in TASKS['nyud']), line
     # the benchmark times each ONNX file next to PyTorch, with every file's size
@@ -2855,3 +2858,136 @@ def test_export_int8_onnx_is_quantized_from_the_fp32_file_of_the_same_run(_expor
     # int8 calibrated on 3 of the 5 val rooms, at the export size
     assert calls == [('fp32', None, False, None), ('int8', 'taskexpert_nyud_tiny_32x48.onnx', True, (3, 3, 32, 48))]
     assert (tmp_path / 'taskexpert_nyud_tiny_32x48_int8.onnx').read_text() == 'int8'
+
+
+def test_export_file_names_carry_the_tasks_and_the_ablation():
+    """A model of some of its dataset's tasks, or an ablated one, is another model: its files have their
+    own names (tasks in the dataset's order); the full model's stay as they were."""
+    config = {'dataset': 'nyud', 'backbone': 'tiny', 'ablation': 'none'}
+    assert export.file_stem(config, TASKS['nyud'], (96, 128)) == 'taskexpert_nyud_tiny_96x128'
+    assert export.file_stem(config, {'depth': 1}, (96, 128)) == 'taskexpert_nyud_tiny_96x128_depth'
+    assert export.file_stem({**config, 'dataset': 'synthetic', 'ablation': 'static'}, {'edge': 1, 'semseg': 40},
+                            (96, 128)) == 'taskexpert_synthetic_tiny_96x128_semseg-edge_static'
+    pascal = {'dataset': 'pascal', 'backbone': 'base', 'ablation': 'no-memory'}
+    assert export.file_stem(pascal, TASKS['pascal'], (512, 512)) == 'taskexpert_pascal_base_512x512_no-memory'
+
+
+@pytest.mark.heavy
+def test_export_of_some_tasks_keeps_the_full_model_file(_export_checkpoint, tmp_path, monkeypatch):
+    """A --tasks depth model exported into the folder of the four-task export: the four-task file is
+    byte-identical after, the depth model's file is beside it under its own name."""
+    torch.manual_seed(0)
+    ckpt = torch.load(_export_checkpoint[1], weights_only=True)
+    ckpt['config']['tasks'] = ['depth']
+    ckpt['model'] = TaskExpert({'depth': 1}, backbone='tiny', img_size=(32, 48), num_experts=2,
+                               expert_dim=16).state_dict()
+    torch.save(ckpt, tmp_path / 'depth.pt')
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'taskexpert_nyud_tiny_32x48.onnx').write_bytes(b'the four-task export')
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'depth.pt'), '--target', 'onnx',
+                                      '--val-images', '0', '--out-dir', str(out)])
+    export.main()
+    assert sorted(os.listdir(out)) == ['taskexpert_nyud_tiny_32x48.onnx', 'taskexpert_nyud_tiny_32x48_depth.onnx']
+    assert (out / 'taskexpert_nyud_tiny_32x48.onnx').read_bytes() == b'the four-task export'
+    assert [o.name for o in onnx.load(out / 'taskexpert_nyud_tiny_32x48_depth.onnx').graph.output] == ['depth']
+
+
+@pytest.mark.parametrize('where', ['a file', 'under a file'])
+def test_export_out_dir_that_cannot_be_written_is_a_one_line_error(_export_checkpoint, tmp_path, monkeypatch, where):
+    """--out-dir naming a file, or a folder inside a file: one line naming it, nothing written."""
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    (tmp_path / 'exports').write_bytes(b'a file of the user')
+    out_dir = str(tmp_path / 'exports' / ('' if where == 'a file' else 'nyud'))
+    before = _tree(tmp_path)
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'onnx',
+                                      '--val-images', '0', '--out-dir', out_dir])
+    with pytest.raises(SystemExit) as e:
+        export.main()
+    message = str(e.value.code)
+    assert message.startswith(f'export.py: --out-dir {out_dir} ') and '\n' not in message, message
+    assert ('is a file: pass a folder' if where == 'a file' else 'cannot be written (Not a directory)') in message
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize('target, older', [('onnx', 'taskexpert_nyud_tiny_32x48.onnx'),
+                                           ('coreml', 'taskexpert_nyud_tiny_32x48_fp16.mlpackage')])
+def test_export_full_disk_is_one_line_and_keeps_the_older_file(_export_checkpoint, tmp_path, target, older):
+    """Files limited to 1 MB (the file system refuses the first large write, as a full disk does): the
+    writer's error (torch.onnx: an OSError; coremltools' weight writer: a RuntimeError that names no
+    errno) ends the run in one line; the older export is byte-identical and no work folder is left."""
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    if target == 'onnx':
+        (tmp_path / older).write_bytes(b'the previous export')
+    else:  # a package is a folder
+        (tmp_path / older).mkdir()
+        (tmp_path / older / 'weight.bin').write_bytes(b'the previous export')
+    before = _tree(tmp_path)
+    r = _run_with_file_size_limit([sys.executable, _EXPORT_SCRIPT, '--checkpoint', 'last.pt', '--target', target,
+                                   '--val-images', '0'], 10 ** 6, tmp_path)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    weights = 'fp32' if target == 'onnx' else 'fp16'
+    assert error.startswith(f'export.py: {target} {weights}: cannot write {tmp_path / older} ('), error
+    assert 'free some space or pass another --out-dir; written: nothing; not written: ' in error, error
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.heavy
+def test_export_damaged_val_image_is_skipped(_export_checkpoint, tmp_path, monkeypatch, capsys):
+    """A truncated val image (the second of the split: one of the first --val-images and a calibration
+    frame): one warning naming it, the metric change measured on the others, ONNX int8 calibrated on
+    the others, both files written."""
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    rooms = data.make_synthetic(str(tmp_path / 'rooms'), 1, 4, size=(32, 48))
+    damaged = os.path.join(rooms, 'images', data.NYUD(rooms, split='val').ids[1] + '.png')
+    with open(damaged, 'r+b') as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(tmp_path / 'last.pt'), '--target', 'onnx',
+                                      '--weights', 'fp32', 'int8', '--val-images', '3', '--calib-images', '4',
+                                      '--data-root', rooms])
+    export.main()  # no SystemExit: exit status 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if damaged in line]
+    assert len(warnings) == 1 and warnings[0].startswith('export.py: warning: val image 1 skipped'), err
+    assert 'measured on 2 of the first 3 val images, ONNX int8 calibrated on 3 of 4 frames' in err, err
+    assert out.count('main metrics on 2 val images') == 2, out
+    assert {'taskexpert_nyud_tiny_32x48.onnx', 'taskexpert_nyud_tiny_32x48_int8.onnx'} <= set(os.listdir(tmp_path))
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_export_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line(_export_checkpoint, tmp_path, signum):
+    """Ctrl-C (SIGINT) or SIGTERM once the export has started (its first output line): one line saying
+    what was written, no traceback, a non-zero exit, no work folder left, the older export byte-identical."""
+    shutil.copy(_export_checkpoint[1], tmp_path / 'last.pt')
+    (tmp_path / 'taskexpert_nyud_tiny_32x48.onnx').write_bytes(b'the previous export')
+    before = _tree(tmp_path)
+    p = subprocess.Popen([sys.executable, _EXPORT_SCRIPT, '--checkpoint', 'last.pt', '--target', 'all',
+                          '--val-images', '0'], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    try:
+        assert p.stdout.readline().startswith('export.py: last.pt (nyud')  # printed as the exports start
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # (if it is still running: a failed test leaves no export behind)
+    name = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}[signum]
+    assert p.returncode == 128 + signum and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == (f'export.py: stopped by {name}, the work folder removed; written: '
+                                            'nothing; not written: onnx fp32, coreml fp16 (any older files of their '
+                                            'names kept)'), err
+    assert _tree(tmp_path) == before
+
+
+def test_export_killed_during_a_package_swap_gets_the_old_package_back(tmp_path):
+    """A kill between install's two moves leaves the old package moved aside in the work folder: the
+    next run puts it back before it removes that work folder."""
+    finished = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    work = tmp_path / f'm.mlpackage.tmp-{socket.gethostname()}-{int(finished.stdout)}'
+    (work / 'previous').mkdir(parents=True)
+    (work / 'previous' / 'weight.bin').write_bytes(b'old')
+    (work / 'm.mlpackage').mkdir()
+    assert export.remove_stale_work(str(tmp_path)) == [work.name]
+    assert _tree(tmp_path) == {os.path.join('m.mlpackage', 'weight.bin'): b'old'}
