@@ -1880,8 +1880,8 @@ def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):
         Image.fromarray(s['edge'] * 255).save(os.path.join(root, 'edge', id_ + '.png'), **png)
         _progress(i + 1, n, f'synthetic scenes written to {root}')
     for split, part in (('train', ids[:n_train]), ('val', ids[n_train:])):
-        with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'w') as f:
-            f.write(''.join(f'{id_}\n' for id_ in part))
+        text = ''.join(f'{id_}\n' for id_ in part).encode()
+        atomic_write(os.path.join(root, 'gt_sets', f'{split}.txt'), lambda f: f.write(text))
     # last: the folder is complete
     atomic_write(marker, lambda f: f.write(json.dumps(dict(params, complete=True, intrinsics=list(s['intrinsics']))).encode()))
     return root

@@ -38,6 +38,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 import data
 import export
+import taskexpert
 import train
 from data import (EDGE_SUBSETS, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool, NormalsMeter, SaliencyMeter, SegMeter,
                   _edge_nms, _maximum_matching, _thin_lanes, delta_m, make_meters, thin)
@@ -81,6 +82,19 @@ def test_model_gates_are_distributions_over_experts_and_memory():
             assert g.shape == (2, n_tokens, 5 if i == 0 else 6)
             assert (g >= 0).all()
             torch.testing.assert_close(g.sum(-1), torch.ones(2, n_tokens))
+
+
+def test_model_vit_block_adds_its_branches_to_the_residual_stream():
+    """x + Attn(LN1(x)), then + MLP(LN2(.)): with both output projections zeroed a block returns its
+    input exactly; with the MLP's alone, its input plus the attention branch."""
+    torch.manual_seed(0)
+    block, x = taskexpert.Block(192, 3, drop_path=0.0), torch.randn(2, 5, 192)
+    for linear in (block.attn.proj, block.mlp.fc2):
+        nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)
+        nn.init.normal_(block.attn.proj.weight)
+        torch.testing.assert_close(block(x), x + block.attn(block.norm1(x)))
 
 
 def test_model_samples_are_independent():
@@ -504,6 +518,38 @@ def test_metrics_losses_hand_values():
     gt[..., 1] = 0  # invalid pixel
     pred = torch.tensor([1.0, 0.0, 0.0]).reshape(1, 3, 1, 1).expand(1, 3, 1, 2)
     assert MultiTaskLoss(['normals'])({'normals': pred}, {'normals': gt})[0].item() == pytest.approx(10 * 2.0)
+    # depth: L1 in metres over the valid pixels alone (0 = missing, 255 = the reference's padding)
+    gt = torch.tensor([2.0, 0.0, 255.0, 4.0]).reshape(1, 1, 1, 4)
+    pred = torch.tensor([3.0, 7.0, 9.0, 3.5]).reshape(1, 1, 1, 4)
+    assert MultiTaskLoss(['depth'])({'depth': pred}, {'depth': gt})[1]['depth'].item() == pytest.approx((1 + 0.5) / 2)
+
+
+def test_metrics_a_task_of_a_new_kind_stops_at_every_switch_it_lacks(tmp_path, monkeypatch):
+    """A task added with a kind the code has no case for is an error naming it at each switch on the
+    kind, never another kind's case by default (README, 'Adding a task'); a new binary task without a
+    positive weight, a NYUD task without its reader, likewise."""
+    monkeypatch.setitem(TASK_TABLE, 'flow', taskexpert.Task('flow', 1.0, 'epe', False))
+    x = torch.zeros(1, 2, 4, 6)
+    calls = {'loss': lambda: MultiTaskLoss(['flow']).task_loss('flow', x, x),
+             'post-processing': lambda: postprocess({'flow': x}),
+             'meter': lambda: make_meters(['flow'], 'nyud'),
+             'padding': lambda: data.to_tensors({'image': np.zeros((4, 6, 3), np.uint8), 'flow': np.zeros((4, 6, 2))}, (4, 6)),
+             'picture': lambda: train.render('flow', x[0]),
+             'random target': lambda: train.random_batch({'flow': 2}, 1, (4, 6), torch.device('cpu')),
+             'metric of its exported output': lambda: export.as_scores('flow', x.numpy(), 2),
+             'tolerance of its exported output': lambda: export.compare({'flow': x.numpy()}, {'flow': x.numpy()},
+                                                                        {'flow': x.numpy()}, export.TOLERANCE['fp32'])}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=f"task 'flow' of kind 'flow': no {what} for this kind"):
+            call()
+    monkeypatch.setitem(TASK_TABLE, 'mask', taskexpert.Task('binary', 1.0, 'maxF', True))
+    with pytest.raises(ValueError, match="task 'mask' of kind 'binary': no positive weight"):
+        MultiTaskLoss(['mask'])
+    root = _data_write_nyud_tree(tmp_path)
+    monkeypatch.setitem(TASKS['nyud'], 'flow', 2)
+    monkeypatch.setitem(data.NYUD.FILES, 'flow', ('depth', '.npy'))  # a file, but no reader for it
+    with pytest.raises(ValueError, match="NYUD has no reader for task 'flow'"):
+        data.NYUD(root, 'val', train=False, tasks=('flow',)).load(0)
 
 
 def test_metrics_loss_weights_defaults_and_overrides():
@@ -689,6 +735,20 @@ def test_metrics_edge_perfect_shifted_and_ignored():
     target[18:32, 28:33] = 255
     assert _metrics_edge_score(spurious, target)['odsF'] == pytest.approx(100.0)
     assert _metrics_edge_score(spurious, gt.astype(np.float32))['odsF'] < 100.0
+
+
+def test_metrics_edge_radius_and_strict_thresholds():
+    """A boundary is matched within max_dist x the diagonal (here 2.4 px), not beyond; a map exactly at a
+    threshold is not above it (SEISM binarises > t)."""
+    gt = np.zeros((48, 64), bool)
+    gt[10:38, 20] = True  # a vertical line: its pixels are 2 or 3 px from the predicted ones below
+    for shift, odsF in ((2, 100.0), (3, 0.0)):  # 2 <= 2.4 < 3 < 2 x 2.4
+        assert _metrics_edge_score(np.roll(gt, shift, axis=1), gt.astype(np.float32))['odsF'] == pytest.approx(odsF)
+    meter = EdgeMeter(0.03)
+    level = torch.logit(torch.tensor(51.5 / 255))  # 255 sigmoid -> 51.5, truncated to 51: 51 / 255 = 0.2 exactly
+    meter.update(torch.where(torch.from_numpy(gt), level, -8.0)[None, None], torch.from_numpy(gt).float()[None, None])
+    k = list(EDGE_THRESHOLDS).index(0.2)
+    assert meter.counts[k, 1] == 0 and meter.counts[k - 1, 1] > 0  # predicted pixels at t = 0.2, at t = 0.19
 
 
 def _metrics_flat_prediction(H=40, W=56, seed=0):
@@ -1069,13 +1129,19 @@ def _data_write_pascal_tree(root):
     return r
 
 
-def test_data_pascal_fixture_matches_reference_layout(tmp_path):
-    """The reference readers index the struct by position: ['anno'][0][0][1][0] objects, obj[1] the
-    class index, obj[2] the mask, obj[3][0][k] the parts as (name, mask)."""
+def test_data_pascal_parts_are_read_as_the_reference_indexes_the_struct(tmp_path):
+    """The reference readers index the `anno` struct by position (['anno'][0][0][1][0] the objects, obj[1]
+    the class index, obj[3][0][k] a part as (name, mask)); our reader, by field names, gives the map
+    that indexing gives."""
     root = _data_write_pascal_tree(tmp_path)
-    objs = scipy.io.loadmat(os.path.join(root, 'human_parts', '2008_000001.mat'))['anno'][0][0][1][0]
-    assert objs[0][1][0][0] == 15 and objs[0][2].shape == (_DATA_PH, _DATA_PW)
-    assert str(objs[0][3][0][1][0][0]) == 'ruarm' and len(objs[1][3]) == 0
+    path = os.path.join(root, 'human_parts', '2008_000001.mat')
+    want = np.zeros((_DATA_PH, _DATA_PW), np.uint8)
+    for obj in scipy.io.loadmat(path)['anno'][0][0][1][0]:
+        if obj[1][0][0] == data.PERSON_CLASS and len(obj[3]):
+            for name, mask in obj[3][0]:
+                want[mask.astype(bool)] = data.HUMAN_PART_GROUPS[str(name[0])]
+    got, has_human = data.human_parts_from_anno(path, (_DATA_PH, _DATA_PW))
+    assert has_human and np.array_equal(got, want) and {1, 3, 6} <= set(np.unique(got).tolist())
 
 
 def test_data_pascal_reader_decodes(tmp_path):
@@ -1430,8 +1496,12 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path, capsys):
     assert _board_steps(board, 'input_blind/depth/rmse') == [6]  # the input-blind predictors', once
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
     # the synthetic defaults weigh depth x5; the logged total is the weighted sum of the task losses
-    weights = json.load(open(run / 'config.json'))['loss_weights']
+    cfg = json.load(open(run / 'config.json'))
+    weights = cfg['loss_weights']
     assert weights == {'semseg': 1.0, 'depth': 5.0, 'normals': 10.0, 'edge': 50.0}
+    # each step's Adam ran at the schedule's lr: the one logged with it, the one the last step left in Adam
+    assert [r['lr'] for r in _train_losses(run)] == [train.lr_at(r['step'] - 1, cfg) for r in _train_losses(run)]
+    assert ckpt['optimizer']['param_groups'][0]['lr'] == train.lr_at(5, cfg)
     for r in _train_losses(run):
         assert r['loss'] == pytest.approx(sum(w * r[t] for t, w in weights.items()), rel=1e-5)
     # 30 steps on 2 scenes: the mean loss of the last 10 steps must be well below the first 10's
@@ -1554,6 +1624,34 @@ def test_train_accumulated_micro_batches_equal_one_batch():
     assert sum(g.abs().sum() for g in grads1) > 0
     for g1, g2 in zip(grads1, grads2):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('task, values, best_step', [('depth', (0.5, 0.3, 0.4), 2), ('semseg', (10.0, 30.0, 20.0), 2),
+                                                     ('depth', (0.3, 0.5, 0.4), 1)])
+def test_train_best_checkpoint_holds_the_best_main_metric_of_the_first_task(task, values, best_step, tmp_path):
+    """best.pt and best.safetensors hold the evaluation with the best main metric of the run's first
+    task: the lowest depth RMSE of a --tasks depth run, the highest semseg mIoU of another."""
+    model = _tiny({task: TASKS['nyud'][task]})
+    cfg = {'out_dir': str(tmp_path), 'dataset': 'nyud', 'tasks': [task]}
+    optimizer = torch.optim.Adam(model.parameters())
+    run = train.Run(cfg, model, model, optimizer, torch.amp.GradScaler('cpu', enabled=False),
+                    MultiTaskLoss(model.tasks), torch.device('cpu'))
+    key = TASK_TABLE[task].metric
+    for step, value in enumerate(values, 1):
+        train.keep_best(run, step, {task: {key: value}}, [train.rng_state()])
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    want = {'metric': f'{task} {key}', 'value': values[best_step - 1], 'step': best_step}
+    assert best['best'] == want and best['step'] == best_step and run.best == want
+    assert read_checkpoint(str(tmp_path / 'best.safetensors'))['step'] == best_step
+
+
+def test_train_learning_rate_schedule_at_known_steps():
+    """Poly decay (1 - step / max_iters)^0.9 per iteration, times a linear warm-up when there is one."""
+    cfg = {'lr': 1e-3, 'max_iters': 100, 'warmup': 0}
+    assert [train.lr_at(s, cfg) for s in (0, 50, 99)] == pytest.approx([1e-3, 1e-3 * 0.5 ** 0.9, 1e-3 * 0.01 ** 0.9])
+    cfg['warmup'] = 10
+    assert [train.lr_at(s, cfg) for s in (0, 4, 9, 50)] == pytest.approx(
+        [1e-4, 5e-4 * 0.96 ** 0.9, 1e-3 * 0.91 ** 0.9, 1e-3 * 0.5 ** 0.9])  # x (step + 1) / 10 for 10 steps
 
 
 def test_train_startup_warnings(monkeypatch):
@@ -2260,10 +2358,21 @@ def test_train_benchmark_prints_its_numbers(capsys):
     train.main(['--benchmark', '--backbone', 'tiny', '--img-size', '32', '48', '--batch-size', '2',
                 '--expert-dim', '32', '--device', 'cpu', '--accum-steps', '2', '--grad-checkpoint', 'all'])
     out = capsys.readouterr().out
-    for what in ('batch 2 in 2 micro-batch(es)', '--grad-checkpoint all', 'forward + backward', 'train:',
-                 'TFLOP/s achieved', 'MFU unknown: no peak for CPU (pass --peak-tflops)', 'inference:', 'img/s',
-                 'backbone', 'MMoE + heads', 'peak memory'):
+    for what in ('batch 2 in 2 micro-batch(es)', '--grad-checkpoint all', 'MFU unknown: no peak for CPU (pass --peak-tflops)',
+                 'peak memory in training'):
         assert what in out, out
+    # the numbers agree with each other: the FLOPs counted, the step time, the images/s and TFLOP/s
+    cfg = train.resolve_config(*train.parse_args(['--backbone', 'tiny', '--img-size', '32', '48', '--expert-dim', '32']))
+    with torch.device('meta'):
+        forward, flops = train.count_train_flops(TaskExpert.from_config(cfg))
+    number = r'([\d.e+-]+)'
+    assert re.search(rf'forward {forward / 1e12:.4g} TFLOP, forward \+ backward {flops / 1e12:.4g} TFLOP', out), out
+    img_s, ms = map(float, re.search(rf'train: +{number} img/s +\({number} ms per step', out).groups())
+    assert img_s == pytest.approx(2 / (ms / 1000), rel=0.01)
+    achieved = float(re.search(rf'{number} TFLOP/s achieved', out)[1])
+    assert achieved == pytest.approx(flops * 2 / (ms / 1000) / 1e12, rel=0.01)
+    backbone, rest = map(int, re.search(r'backbone (\d+)%, MMoE \+ heads (\d+)%', out).groups())
+    assert backbone + rest == 100 and 0 < backbone < 100
 
 
 @pytest.mark.parametrize('name, peak', [
