@@ -2110,7 +2110,9 @@ def test_train_sigterm_says_what_was_saved_and_leaves_no_process(_train_run, tmp
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = ''
     while 'saved' not in out:  # the first checkpoint is saved, the evaluation starts
-        out += p.stdout.readline()
+        line = p.stdout.readline()
+        assert line, out[-3000:]  # (it ended before)
+        out += line
     children = _descendants(p.pid)
     assert len(children) >= 3, children  # two boundary workers and multiprocessing's resource tracker
     p.send_signal(signal.SIGTERM)

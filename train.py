@@ -262,7 +262,8 @@ def resolve_config(args, given, ckpt_config=None):
         if changed:
             fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
                  f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
-        return {**ckpt_config, **given, 'loss_weights': {**ckpt_config['loss_weights'], **weights}}
+        # (a training setting newer than the checkpoint takes its default: the behaviour of that train.py)
+        return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config['loss_weights'], **weights}}
     dataset = args.dataset
     # every setting from the flags (argparse holds the defaults), in config.json's order
     cfg = {k: getattr(args, k) for k in {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}}
@@ -1321,8 +1322,10 @@ def predict_images(model, source, out_dir, device, amp_dtype):
                 for k, v in maps.items()}  # (at most 40 classes)
         stem = os.path.join(out_dir, os.path.basename(path))
         atomic_write(stem + '.npz', lambda f: np.savez_compressed(f, **maps))
+        size = im.size
         im.thumbnail((model.backbone.grid[1] * PATCH, model.backbone.grid[0] * PATCH))  # a photo's panel would be huge
-        data.write_png(stem + '.png', draw_panel(np.asarray(im), maps))
+        rows, cols = (np.arange(n) * full // n for n, full in zip(im.size[::-1], size[::-1]))  # nearest, to draw
+        data.write_png(stem + '.png', draw_panel(np.asarray(im), {k: v[..., rows[:, None], cols] for k, v in maps.items()}))
         log(f'{path} -> {stem}.png, .npz')
 
 
