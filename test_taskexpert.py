@@ -663,7 +663,8 @@ def test_metrics_edge_perfect_shifted_and_ignored():
     target = gt.astype(np.float32)
     assert _metrics_edge_score(gt, target)['odsF'] == pytest.approx(100.0)
     # the target is the GT boundary as given, not thinned again: an outline's 4 corners stay unmatched
-    assert _metrics_edge_score(gt, _metrics_outline().astype(np.float32))['odsF'] == pytest.approx(100 * 2 * 130 / (130 + 134))
+    corners = _metrics_outline().astype(np.float32)  # 134 GT pixels, 130 predicted, all matched
+    assert _metrics_edge_score(gt, corners)['odsF'] == pytest.approx(100 * 2 * 130 / (130 + 134))
     assert _metrics_edge_score(_metrics_outline(shift=1), target)['odsF'] == pytest.approx(100.0)
     far = _metrics_edge_score(_metrics_outline(shift=6), target)  # only the horizontal sides still match
     assert far['odsF'] < 80 and far['oisF'] == pytest.approx(far['odsF'])
