@@ -184,14 +184,16 @@ def _labels(path, top, void=None):
 
 
 def _grey(path, what):
-    """A one-channel map of 0..255 levels (edges 0 / 255, saliency), stored as greyscale, 1-bit, palette
-    or RGB with equal channels -> uint8 (h, w). A map of 0 / 1 alone would read as all-negative: refused."""
-    mode, a = _png(path, 'L', ('L', 'LA', '1', 'P', 'PA', 'RGB', 'RGBA'))
-    if a is None:
-        raise DataError(f'{path}: a {mode} {what} image; {what} maps are 8-bit PNGs of 0..255')
-    if a.max() == 1:
+    """A one-channel map of 0..255 levels (edges 0 / 255, saliency) -> uint8 (h, w), stored as greyscale,
+    1-bit, palette or RGB(A) of three equal channels. A colour image, or a map of 0 / 1 alone (read as
+    all-negative), is refused."""
+    mode, rgb = _png(path, 'RGB', ('L', 'LA', '1', 'P', 'PA', 'RGB', 'RGBA'))
+    if rgb is None or (rgb[..., 1:] != rgb[..., :1]).any():
+        raise DataError(f'{path}: a {"colour " * (rgb is not None)}{mode} {what} image; {what} maps are one-channel '
+                        '8-bit PNGs of 0..255')
+    if rgb.max() == 1:
         raise DataError(f'{path}: a {what} map of 0 / 1 values; the dataset stores 0 / 255: multiply it by 255')
-    return a
+    return rgb[..., 0]
 
 
 def _normals(path):
@@ -286,8 +288,9 @@ _LAPLACE = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
 
 
 def labelmap_edges(labelmap):
-    """PASCAL edge ground truth: thin(|Laplacian(LabelMap)| > 0) (h, w) uint8 {0, 1}. The Laplacian
-    is OpenCV's default 3x3 one with reflect-101 borders (scipy 'mirror'), as in the reference."""
+    """PASCAL's training edge target: thin(|Laplacian(LabelMap)| > 0) (h, w) uint8 {0, 1}. The
+    Laplacian is OpenCV's default 3x3 one with reflect-101 borders (scipy 'mirror'), as in the
+    reference. (The val split is scored against SEISM's boundary instead, gt_boundary.)"""
     lap = scipy.ndimage.convolve(labelmap.astype(np.float64), _LAPLACE, mode='mirror')
     return thin(np.abs(lap) > 0).astype(np.uint8)
 
@@ -540,7 +543,9 @@ class _Probe(torch.utils.data.Dataset):
 
 class NYUD(_MultiTaskDataset):
     """NYUD-v2 as in NYUDv2.tar.gz (ATRC / InvPT layout, see DOWNLOAD_HELP); also the synthetic
-    scenes. semseg 1..40 -> 0..39 with void 0 -> 255; depth metres; normals as decoded; edge {0, 1}."""
+    scenes. semseg 1..40 -> 0..39 with void 0 -> 255; depth metres; normals as decoded; edge {0, 1}:
+    the stored map > 127 to train on, and on the val split (what the benchmarks score) the boundary
+    SEISM scores against, gt_boundary of the stored map."""
     dataset = 'nyud'
     FILES = {'semseg': ('segmentation', '.png'), 'depth': ('depth', '.npy'),
              'normals': ('normals', '.png'), 'edge': ('edge', '.png')}
@@ -571,7 +576,10 @@ class NYUD(_MultiTaskDataset):
             elif t == 'normals':
                 a = _normals(p)
             elif t == 'edge':  # stored 0 / 255
-                a = (_grey(p, 'edge') > 127).astype(np.uint8)
+                stored = _grey(p, 'edge')
+                # on the val split, the one the benchmarks score, SEISM's ground-truth boundary of the map
+                # as stored (db_gt.m reads it as a label image); to train on, the reference's target
+                a = gt_boundary(stored) if self.split == 'val' else (stored > 127).astype(np.uint8)
             else:
                 raise ValueError(f'NYUD has no reader for task {t!r}')
             _check_shape(p, a, shape)
@@ -582,7 +590,8 @@ class NYUD(_MultiTaskDataset):
 class PASCALContext(_MultiTaskDataset):
     """PASCAL-Context multi-task as in PASCALContext.tar.gz (ATRC / InvPT layout, see DOWNLOAD_HELP).
     semseg 0..20 with 255 void; human parts from the `anno` struct; saliency /255 > 0.5; normals kept
-    on PASCAL_NORMAL_CLASSES; edges thin(|Laplacian(LabelMap)| > 0)."""
+    on PASCAL_NORMAL_CLASSES; edges thin(|Laplacian(LabelMap)| > 0) to train on, and on the val split
+    (what the benchmarks score) the boundary SEISM scores against, gt_boundary of the LabelMap."""
     dataset = 'pascal'
 
     def __init__(self, root, split='train', train=True, size=(512, 512), tasks=None, seed=0):
@@ -632,8 +641,8 @@ class PASCALContext(_MultiTaskDataset):
             elif t == 'normals':
                 keep = np.isin(labelmap, PASCAL_NORMAL_CLASSES)[..., None]
                 a = np.where(keep, _normals(p), 0).astype(np.float32)
-            elif t == 'edge':
-                a = labelmap_edges(labelmap)
+            elif t == 'edge':  # on the val split SEISM's ground-truth boundary, to train on the reference's
+                a = gt_boundary(labelmap) if self.split == 'val' else labelmap_edges(labelmap)
             else:
                 raise ValueError(f'PASCAL-Context has no reader for task {t!r}')
             _check_shape(p, a, shape)
@@ -931,8 +940,9 @@ class SaliencyMeter(Meter):
 # edgesEvalImg): the map the PNG holds (probability_levels / 255), edge NMS of it as read_one_cont_png
 # does (Dollar's edgesNmsMex with the orientation of edgesDetect), for each of 101 thresholds
 # binarise (> t) and thin to 1-px lines (MATLAB bwmorph 'thin'), then match one-to-one to the GT
-# boundary pixels within max_dist * image diagonal (BSDS correspondPixels), counting matched / total
-# predicted and matched / total GT pixels. ODS: counts summed over the split per threshold, best F.
+# boundary pixels (gt_boundary: SEISM's, which the val readers give as the edge target) within
+# max_dist * image diagonal (BSDS correspondPixels), counting matched / total predicted and
+# matched / total GT pixels. ODS: counts summed over the split per threshold, best F.
 # OIS: each image at its own best threshold, counts summed, F. Thinning dominates the cost for the
 # flat maps of an untrained model (every threshold's map is nearly the whole image; see
 # _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation costs').
@@ -1107,6 +1117,31 @@ def thin(mask):
     return _thin_lanes(np.asarray(mask, np.int64), 1) != 0
 
 
+def seg2bmap(labels):
+    """The region borders of a label image (H, W) (any integer or bool dtype) -> bool (H, W), as SEISM's
+    misc/seg2bmap.m (jponttuset/seism, D. Martin's BSDS code) draws them at the image's own size: a
+    pixel is marked when its label differs from its east, south or south-east neighbour's; in the last
+    row only the east one is compared, in the last column only the south one, and the bottom-right
+    pixel is never marked. Every border is thus marked once, on its top / left side (the .m file: "offset
+    by 1/2 pixel towards the origin"): a 1-px line of other labels gives 2 px, a 2-px line two lines."""
+    seg = np.asarray(labels)
+    b = np.zeros(seg.shape, bool)
+    b[:, :-1] = seg[:, :-1] != seg[:, 1:]  # east (the last column has none)
+    b[:-1] |= seg[:-1] != seg[1:]  # south (the last row has none)
+    b[:-1, :-1] |= seg[:-1, :-1] != seg[1:, 1:]  # south-east (neither has one)
+    return b
+
+
+def gt_boundary(labels):
+    """The ground-truth boundary SEISM scores against, from the ground-truth image that its
+    gt_wrappers/db_gt.m reads (NYUD: edge/<id>.png, its stored values read as labels; PASCAL-Context:
+    the LabelMap): bwmorph(seg2bmap(G), 'thin', Inf) as piotr_edges/edgesEvalImg.m builds it ->
+    uint8 (H, W) {0, 1}. (db_gt first renumbers PASCAL's LabelMap into its 4-connected regions,
+    misc/relabel.m. That changes no mark: 4-neighbours with one label share a region, and a south-east
+    neighbour with the pixel's label in another region means that the east one has another label.)"""
+    return thin(seg2bmap(labels)).astype(np.uint8)
+
+
 def _maximum_matching(p, g, mate_p, mate_g):
     """Grow a matching of the bipartite graph with edges (p[i], g[i]) (sorted by p) to maximum
     cardinality, in place; returns its size. The missing augmenting paths are found at once as a
@@ -1152,10 +1187,11 @@ def _edge_counts(prob, target, max_dist):
     aims at a maximum-cardinality matching of the pixel pairs within the radius; we compute that
     maximum exactly. (correspondPixels gives unmatched pixels only a few random outlier slots, so it
     can miss it and find slightly fewer matches; README, 'Metrics as the papers count them'.)
-    One-to-one, so matched predicted = matched GT. GT boundary = thinned (target == 1): our targets
-    already are edge maps; 255 pixels count neither as GT nor as prediction."""
+    One-to-one, so matched predicted = matched GT. GT boundary = the pixels where target == 1, as they
+    are: the val readers give SEISM's boundary (gt_boundary), already thinned as SEISM thins it;
+    255 pixels (padding) count neither as GT nor as prediction."""
     valid = target != IGNORE_INDEX
-    gr, gc = np.nonzero(thin((target == 1) & valid))
+    gr, gc = np.nonzero(target == 1)
     lane_of, K, words, pr, pc = _thresholded_and_thinned(_edge_nms(prob) * valid)
     p, g = _pairs_within(pr, pc, gr, gc, prob.shape, max_dist * np.hypot(*prob.shape))
     counts = np.zeros((len(EDGE_THRESHOLDS), 4), np.int64)
@@ -1263,7 +1299,8 @@ def _edge_worker():
 class EdgeMeter(Meter):
     """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`), of the 8-bit
     maps that the saved PNGs hold (probability_levels of the logits given). Each image is scored as it
-    arrives, so memory stays O(thresholds); max_dist is relative to the diagonal.
+    arrives, so memory stays O(thresholds); max_dist is relative to the diagonal. The target's 1-pixels
+    are the GT boundary as they are: the val readers give SEISM's (gt_boundary).
     With a pool (EdgePool) the images are scored in its workers: update() returns at once unless
     2 x workers images are still waiting; state() and score() wait for all. Same sums either way."""
     SUMS = ('counts', 'ois')
@@ -1487,7 +1524,7 @@ def delta_m(results, baselines):
 # one ray per pixel is cast with slab tests, vectorised over pixels (one box at a time).
 # -------------------------------------------------------------------------------------------------
 
-GENERATOR_VERSION = 3  # bump when the scenes change, so cached folders are regenerated
+GENERATOR_VERSION = 4  # bump when the scenes change, so cached folders are regenerated
 NYUD_INTRINSICS = (518.8, 519.5, 325.6, 253.7, 640, 480)  # fx, fy, cx, cy at width x height
 
 # look per class: texture kind, base RGB (None = random hue per scene), colour jitter
@@ -1773,7 +1810,9 @@ def _look(name, rng):
 def render_scene(rng, size):
     """One random room seen from one random camera at `size` (h, w). Returns a dict of uint8 image
     (h, w, 3), labels uint8 (0 void, 1..40), depth float32 metres (0 invalid), normals float32
-    (h, w, 3) in the camera frame (x right, y down, z forward, facing the camera), edge uint8 {0, 1}."""
+    (h, w, 3) in the camera frame (x right, y down, z forward, facing the camera), edge uint8 {0, 1}:
+    the borders between surfaces (instances), 1 px wide as NYUD's edges drawn from its annotated
+    segmentation (seg2bmap of the instance map)."""
     h, w = size
     fx, fy, cx, cy, w0, h0 = NYUD_INTRINSICS
     fx, cx, fy, cy = fx * w / w0, cx * w / w0, fy * h / h0, cy * h / h0
@@ -1806,7 +1845,8 @@ def render_scene(rng, size):
     depth = np.where(valid, t, 0).reshape(h, w).astype(np.float32)
     normals = (normal @ rot.astype(np.float32)).reshape(h, w, 3)  # world -> camera is R^T n
     return dict(image=image.reshape(h, w, 3).astype(np.uint8), labels=classes[inst].reshape(h, w).astype(np.uint8),
-                depth=depth, normals=normals, edge=_instance_edges(inst.reshape(h, w)), intrinsics=(fx, fy, cx, cy))
+                depth=depth, normals=normals, edge=seg2bmap(inst.reshape(h, w)).astype(np.uint8),
+                intrinsics=(fx, fy, cx, cy))
 
 
 def _lit(rng, albedo, *, pos, t, dirs, normal, room, boxes):
@@ -1827,18 +1867,6 @@ def _lit(rng, albedo, *, pos, t, dirs, normal, room, boxes):
     tint = 1 + rng.normal(0, 0.04, 3)
     noise = 2.5 * rng.standard_normal(albedo.shape, dtype=np.float32)  # sensor noise, in grey levels
     return np.clip((albedo * shade[:, None] * tint.astype(np.float32)) ** (1 / 1.2) * 255 + noise, 0, 255)
-
-
-def _instance_edges(inst):
-    """Boundaries between surfaces (a different instance id (h, w) next door), on both sides, so 2 px
-    wide -> uint8 (h, w) {0, 1}."""
-    edge = np.zeros(inst.shape, bool)
-    dy, dx = inst[1:] != inst[:-1], inst[:, 1:] != inst[:, :-1]
-    edge[1:] |= dy
-    edge[:-1] |= dy
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    return edge.astype(np.uint8)
 
 
 def make_synthetic(root, n_train=300, n_val=100, size=(240, 320), seed=0):

@@ -722,10 +722,60 @@ def test_metrics_edge_thresholds_and_thinning():
     assert (outline & ~thin(outline)).sum() == 4 and not (thin(outline) & ~outline).any()
 
 
+def _seism_seg2bmap(seg):
+    """SEISM's misc/seg2bmap.m for a bmap of the image's own size, pixel by pixel as the .m file reads
+    (its shifted copies e, s, se are 0 beyond the image, and the last row, column and corner are
+    overwritten): the independent reference that data.seg2bmap is checked against."""
+    h, w = seg.shape
+    b = np.zeros((h, w), bool)
+    for y in range(h):
+        for x in range(w):
+            if y == h - 1 and x == w - 1:
+                continue  # b(end, end) = 0
+            if y == h - 1:  # b(end, :) = seg(end, :) ~= e(end, :)
+                b[y, x] = seg[y, x] != seg[y, x + 1]
+            elif x == w - 1:  # b(:, end) = seg(:, end) ~= s(:, end)
+                b[y, x] = seg[y, x] != seg[y + 1, x]
+            else:  # seg ~= e | seg ~= s | seg ~= se
+                b[y, x] = seg[y, x] != seg[y, x + 1] or seg[y, x] != seg[y + 1, x] or seg[y, x] != seg[y + 1, x + 1]
+    return b
+
+
+def _marked(b):
+    return [''.join('x' if v else '.' for v in row) for row in b]
+
+
+def test_metrics_seg2bmap_marks_each_border_once_on_its_top_left_side():
+    split = np.zeros((4, 6), np.uint8)
+    split[:, 3:] = 7  # two regions: the column left of the border, last row included
+    assert _marked(data.seg2bmap(split)) == ['..x...'] * 4
+    line = np.zeros((5, 7), np.uint8)
+    line[:, 3] = 255  # a 1-px line of another label: both of its borders, 2 px
+    assert _marked(data.seg2bmap(line)) == ['..xx...'] * 5
+    # SEISM's GT boundary thins them to one line, a pixel left of the stored one (its top end eaten)
+    assert _marked(data.gt_boundary(line)) == ['.......'] + ['..x....'] * 4
+    ramp = np.array([[10, 10, 11, 12, 12]] * 3)  # three labels in a row: both borders (the
+    assert _marked(data.seg2bmap(ramp)) == ['.xx..'] * 3  # Laplacian is 0 at the middle one)
+    junction = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    assert _marked(data.seg2bmap(junction)) == ['....', 'xxxx', '.x..', '.x..']
+    # last row: east only; last column: south only; the bottom-right pixel never
+    for y, x, want in ((2, 2, ['...', '.xx', '.x.']), (2, 1, ['...', 'xx.', 'xx.']), (1, 2, ['.xx', '.xx', '...'])):
+        dot = np.zeros((3, 3), np.int32)
+        dot[y, x] = 5
+        assert _marked(data.seg2bmap(dot)) == want, (y, x)
+    rng = np.random.default_rng(0)
+    for shape in ((1, 9), (9, 1), (1, 1), (13, 17)):
+        seg = rng.integers(0, 3, shape).astype(np.uint16)
+        assert np.array_equal(data.seg2bmap(seg), _seism_seg2bmap(seg)), shape
+
+
 def test_metrics_edge_perfect_shifted_and_ignored():
-    gt = _metrics_outline()  # radius 0.03 x diagonal 80 = 2.4 px
+    gt = thin(_metrics_outline())  # 1-px outline, as the readers give SEISM's; radius 0.03 x 80 = 2.4 px
     target = gt.astype(np.float32)
     assert _metrics_edge_score(gt, target)['odsF'] == pytest.approx(100.0)
+    # the target is the GT boundary as given, not thinned again: an outline's 4 corners stay unmatched
+    corners = _metrics_outline().astype(np.float32)  # 134 GT pixels, 130 predicted, all matched
+    assert _metrics_edge_score(gt, corners)['odsF'] == pytest.approx(100 * 2 * 130 / (130 + 134))
     assert _metrics_edge_score(_metrics_outline(shift=1), target)['odsF'] == pytest.approx(100.0)
     far = _metrics_edge_score(_metrics_outline(shift=6), target)  # only the horizontal sides still match
     assert far['odsF'] < 80 and far['oisF'] == pytest.approx(far['odsF'])
@@ -924,9 +974,68 @@ def test_data_nyud_reader_decodes_and_pads(tmp_path):
     n = s['normals'][:, :_DATA_H, :_DATA_W]
     assert torch.allclose(n[:, 0, 0], torch.tensor([0.6, 0.0, -0.8]), atol=0.01)
     assert (n[:, 2, 2] == -1).all() and (s['normals'][:, _DATA_H:] == 0).all()
-    # edges 0/255 -> {0, 1}, padding 255
+    # val edges: SEISM's boundary of the stored 0/255 map, {0, 1}, padding 255: the 2-px line at
+    # columns 3-4 has two borders, columns 2 and 4 (test_data_val_edge_is_seism_ground_truth)
     assert set(s['edge'][0, :_DATA_H, :_DATA_W].unique().tolist()) == {0.0, 1.0}
-    assert s['edge'][0, 0, 3] == 1 and s['edge'][0, 0, 0] == 0 and (s['edge'][0, _DATA_H:] == 255).all()
+    assert (s['edge'][0, :_DATA_H, :_DATA_W].sum(0) == torch.tensor([0, 0, _DATA_H, 0, _DATA_H, 0, 0, 0])).all()
+    assert (s['edge'][0, _DATA_H:] == 255).all()
+
+
+def _data_val_edges(reader, h, w):
+    """The val reader's edge target of its first image (h, w), and the boundary meter's GT pixel count
+    of that image: the meter scores the target as the reader gives it."""
+    batch = next(iter(data.eval_loader(reader, 1, workers=0)))
+    meters = make_meters(('edge',), reader.dataset)
+    data.update_meters(meters, {'edge': torch.zeros(1, 1, *batch['edge'].shape[-2:])}, batch)
+    return batch['edge'][0, 0, :h, :w].numpy(), set(meters['edge'].counts[:, 3].tolist())
+
+
+def _data_nyud_edge_maps():
+    """Stored NYUD edge maps (0/255, and one with a third value) (12, 16), by name."""
+    two_px = np.zeros((12, 16), np.uint8)
+    two_px[:, 6:8] = 255
+    tee = np.zeros((12, 16), np.uint8)
+    tee[5, :] = tee[5:, 9] = 255  # a T: three regions meet at the junction
+    three = np.zeros((12, 16), np.uint8)
+    three[:, 8:] = 255
+    three[7:, 5:11] = 128  # three labels meet at (7, 7) and (7, 10)
+    return {'2-px line': two_px, 'T junction': tee, 'three labels': three}
+
+
+@pytest.mark.parametrize('name', ['2-px line', 'T junction', 'three labels'])
+def test_data_val_edge_is_seism_ground_truth(tmp_path, name):
+    """NYUD: the val reader's edge target, which the boundary meter scores against, is what SEISM
+    builds from the stored edge/<id>.png (gt_wrappers/db_gt.m, piotr_edges/edgesEvalImg.m):
+    bwmorph(seg2bmap(png), 'thin', Inf); the train split keeps the training target png > 127."""
+    stored = _data_nyud_edge_maps()[name]
+    root = _data_write_nyud_tree(tmp_path, size=stored.shape)
+    for id_ in ('0001', '0003'):  # a train and the val image
+        Image.fromarray(stored).save(os.path.join(root, 'edge', id_ + '.png'))
+    want = data.thin(_seism_seg2bmap(stored))
+    target, gt_pixels = _data_val_edges(data.NYUD(root, 'val', train=False, size=(16, 16), tasks=('edge',)), 12, 16)
+    assert np.array_equal(target, want) and gt_pixels == {want.sum()}
+    if name == '2-px line':  # two boundaries, one each side, not the line itself
+        assert np.array_equal(target.sum(0).nonzero()[0], [5, 7])
+    train_target = data.NYUD(root, 'train', train=False, size=(16, 16), tasks=('edge',))[0]['edge'][0, :12, :16]
+    assert np.array_equal(train_target.numpy(), stored > 127)
+
+
+def test_data_pascal_val_edge_is_seism_ground_truth(tmp_path):
+    """PASCAL-Context: the val edge target is SEISM's boundary of the LabelMap, thin(seg2bmap), where
+    training keeps thin(|Laplacian| > 0); they differ at three labels in a row (the Laplacian cancels)."""
+    root = _data_write_pascal_tree(tmp_path)
+    labelmap = np.full((_DATA_PH, _DATA_PW), 440, np.uint16)
+    labelmap[4:, :5], labelmap[4:, 5:] = 20, 30  # a junction of three labels at (4, 5)
+    labelmap[:2, 3], labelmap[:2, 4:] = 450, 460  # 440 450 460 in a row
+    for id_ in ('2008_000001', '2008_000003'):  # a train and the val image
+        scipy.io.savemat(os.path.join(root, 'pascal-context', 'trainval', id_ + '.mat'), {'LabelMap': labelmap})
+    want = data.thin(_seism_seg2bmap(labelmap))
+    reader = data.PASCALContext(root, 'val', train=False, size=(16, 16), tasks=('edge',))
+    target, gt_pixels = _data_val_edges(reader, _DATA_PH, _DATA_PW)
+    assert np.array_equal(target, want) and gt_pixels == {want.sum()}
+    train_target = data.PASCALContext(root, 'train', train=False, size=(16, 16), tasks=('edge',))[0]['edge']
+    assert np.array_equal(train_target[0, :_DATA_PH, :_DATA_PW].numpy(), data.labelmap_edges(labelmap))
+    assert not np.array_equal(want, data.labelmap_edges(labelmap))
 
 
 def test_data_nyud_task_subset_and_unknown_task(tmp_path):
@@ -1277,6 +1386,11 @@ def test_data_missing_and_unreadable_files(tmp_path):
     Image.fromarray(np.full((_DATA_H, _DATA_W), 41, np.uint8)).save(os.path.join(root, 'segmentation', '0003.png'))
     with pytest.raises(data.DataError, match=r'segmentation.0003\.png: label 41 outside 0..40'):
         data.NYUD(root, 'val', train=False, size=(8, 8), tasks=('semseg',))[0]
+    colour = np.zeros((_DATA_H, _DATA_W, 3), np.uint8)
+    colour[:, 3, 0] = 255  # a red line: no edge map
+    Image.fromarray(colour).save(os.path.join(root, 'edge', '0003.png'))
+    with pytest.raises(data.DataError, match=r'edge.0003\.png: a colour RGB edge image'):
+        data.NYUD(root, 'val', train=False, size=(8, 8), tasks=('edge',))[0]
     proot = _data_write_pascal_tree(tmp_path / 'pascal')
     os.remove(os.path.join(proot, 'human_parts', '2008_000003.mat'))
     with pytest.raises(data.DataError, match=r'human_parts.2008_000003\.mat: file not found'):
@@ -1343,7 +1457,8 @@ def test_data_synthetic_geometry_is_consistent(tmp_path):
     assert len(ds) == 2 and len(data.NYUD(root, 'train', train=False, size=(128, 160))) == 2
     for s in ds:
         seg, depth = s['semseg'][:120].numpy(), s['depth'][0, :120].numpy()
-        normals, edge = s['normals'][:, :120].numpy().transpose(1, 2, 0), s['edge'][0, :120].numpy()
+        normals = s['normals'][:, :120].numpy().transpose(1, 2, 0)
+        edge = np.asarray(Image.open(os.path.join(root, 'edge', s['meta']['id'] + '.png'))) > 0  # as stored, 0 / 255
         normals = normals / np.linalg.norm(normals, axis=-1, keepdims=True)  # stored as 8-bit, near unit
         valid = depth > 0
         assert valid.mean() > 0.98 and depth[valid].min() >= 0.5 and depth.max() <= 10
@@ -1361,11 +1476,15 @@ def test_data_synthetic_geometry_is_consistent(tmp_path):
         inner = ~near_edge[1:-1, 1:-1] & valid[1:-1, 1:-1]
         angle = np.degrees(np.arccos(np.clip(np.sum(n * normals[1:-1, 1:-1], -1), -1, 1)))[inner]
         assert np.median(angle) < 1.0 and (angle > 5).mean() < 0.03  # (box creases are no edges)
-        # every label change is an edge, and every edge pixel sits on a label, depth or normal change
-        assert edge[:, 1:][seg[:, 1:] != seg[:, :-1]].all() and edge[1:][seg[1:] != seg[:-1]].all()
+        # edges are 1 px wide, as NYUD's: hardly a 2x2 block of edge pixels (a 2-px band is made of them)
+        blocks = edge[1:, 1:] & edge[1:, :-1] & edge[:-1, 1:] & edge[:-1, :-1]
+        assert blocks.sum() < 0.01 * edge.sum()
+        # every label change is an edge, marked on its top / left side (seg2bmap), and every edge pixel
+        # sits on a label, depth or normal change to its east, south or south-east
+        assert edge[:, :-1][seg[:, 1:] != seg[:, :-1]].all() and edge[:-1][seg[1:] != seg[:-1]].all()
         ey, ex = np.nonzero(edge)
         found = np.zeros(len(ey), bool)
-        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        for dy, dx in ((0, 1), (1, 0), (1, 1)):
             y, x = np.clip(ey + dy, 0, 119), np.clip(ex + dx, 0, 159)
             found |= seg[y, x] != seg[ey, ex]
             found |= np.abs(depth[y, x] - depth[ey, ex]) > 0.05 * depth[ey, ex]
