@@ -164,8 +164,8 @@ def _image(path):
     """An image -> (uint8 (h, w, 3) RGB, the conversion it took or None)."""
     mode, rgb = _png(path, 'RGB', RGB_READS)
     if rgb is None:
-        raise DataError(f'{path}: a {mode} image (16-bit, float, CMYK...); the readers take 8-bit RGB, greyscale '
-                        'or palette images: convert it to 8-bit RGB')
+        raise DataError(f'{path}: an image of PIL mode {mode} (16-bit, float, CMYK...); the readers take 8-bit RGB, '
+                        'greyscale or palette images: convert it to 8-bit RGB')
     return rgb, RGB_READS[mode]
 
 
@@ -174,12 +174,14 @@ def _labels(path, top, void=None):
     value in 0..top or `void`. A colour label image (a visualisation) cannot be read back: refused."""
     mode, a = _png(path)
     if a.ndim != 2:
-        raise DataError(f'{path}: a {mode} label image; labels are one-channel PNGs of class indices, not colours')
+        raise DataError(f'{path}: a label image of PIL mode {mode}; labels are one-channel PNGs of class indices, '
+                        'not colours')
     bad = (a > top) & (a != void) if void is not None else a > top
     if bad.any():
-        why = (f'{void} = void' if void is not None else
-               f'0 = void, 1..{top} the classes; a map of 0..{top - 1} with {int(a.max())} as void?')
-        raise DataError(f'{path}: label {int(a[bad][0])} outside 0..{top} ({why})')
+        value = int(a[bad][0])
+        why = f'{void} = void' if void is not None else f'0 = void, 1..{top} the classes' + (
+            f'; a map of 0..{top - 1} with 255 as void?' if value == 255 else '')
+        raise DataError(f'{path}: label {value} outside 0..{top} ({why})')
     return a.astype(np.uint8)
 
 
@@ -189,10 +191,10 @@ def _grey(path, what):
     all-negative), is refused."""
     mode, rgb = _png(path, 'RGB', ('L', 'LA', '1', 'P', 'PA', 'RGB', 'RGBA'))
     if rgb is None or (rgb[..., 1:] != rgb[..., :1]).any():
-        raise DataError(f'{path}: a {"colour " * (rgb is not None)}{mode} {what} image; {what} maps are one-channel '
-                        '8-bit PNGs of 0..255')
+        raise DataError(f'{path}: {"a colour image" if rgb is not None else "an image of PIL mode " + mode}; {what} '
+                        'maps are one-channel 8-bit PNGs of 0..255')
     if rgb.max() == 1:
-        raise DataError(f'{path}: a {what} map of 0 / 1 values; the dataset stores 0 / 255: multiply it by 255')
+        raise DataError(f'{path}: holds 0 / 1 alone; the dataset stores {what} maps as 0 / 255: multiply it by 255')
     return rgb[..., 0]
 
 
@@ -200,7 +202,7 @@ def _normals(path):
     """normals/<id>.png -> float32 (h, w, 3) (decode_normals); an RGBA file's alpha is dropped."""
     mode, a = _png(path, 'RGB', ('RGB', 'RGBA'))
     if a is None:
-        raise DataError(f'{path}: a {mode} normals image; normals are RGB PNGs, n = 2 v / 255 - 1')
+        raise DataError(f'{path}: an image of PIL mode {mode}; normals are RGB PNGs, n = 2 v / 255 - 1')
     return decode_normals(a)
 
 
@@ -626,7 +628,7 @@ class PASCALContext(_MultiTaskDataset):
         if 'edge' in self.tasks or 'normals' in self.tasks:
             p = self.path('labelmap', id_)
             labelmap = _mat(p, 'LabelMap')
-            if labelmap.ndim != 2 or labelmap.dtype.kind not in 'iu':
+            if labelmap.ndim != 2 or labelmap.dtype.kind not in 'iuf':  # (MATLAB may save class ids as doubles)
                 raise DataError(f'{p}: LabelMap of shape {labelmap.shape} and dtype {labelmap.dtype}; '
                                 'one (h, w) map of context class ids is expected')
             _check_shape(p, labelmap, shape)

@@ -1389,7 +1389,7 @@ def test_data_missing_and_unreadable_files(tmp_path):
     colour = np.zeros((_DATA_H, _DATA_W, 3), np.uint8)
     colour[:, 3, 0] = 255  # a red line: no edge map
     Image.fromarray(colour).save(os.path.join(root, 'edge', '0003.png'))
-    with pytest.raises(data.DataError, match=r'edge.0003\.png: a colour RGB edge image'):
+    with pytest.raises(data.DataError, match=r'edge.0003\.png: a colour image; edge maps are one-channel'):
         data.NYUD(root, 'val', train=False, size=(8, 8), tasks=('edge',))[0]
     proot = _data_write_pascal_tree(tmp_path / 'pascal')
     os.remove(os.path.join(proot, 'human_parts', '2008_000003.mat'))
