@@ -806,6 +806,8 @@ def train(cfg, device, world, rank, resume=None, pool=None):
             evaluation_step(run, step, bad)
             run.model.train()
             losses.t0 = time.time()  # the evaluation is not training time
+    if run.board:
+        run.board.close()
 
 
 class LossLog:
