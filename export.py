@@ -246,10 +246,10 @@ def describe(config, tasks, probabilities, img_size, checkpoint, step):
 # resize mode changes outputs by a good part of their range). Quantized weights err by themselves:
 # the int8 and 4bit tolerances sit about 3x above their largest errors on the test model and on the
 # quick start's checkpoint (README, 'Exported files'), so that one layer's scale off by 1.5x fails
-# the int8 ones, off by 2x the 4bit ones (tested). ONNX int8 also rounds the inputs of its layers
-# to 8 bits with one scale per tensor (a MatMul's set at run time by its range, a conv's fixed by
-# calibration): it errs more than weights alone, most at the heads' convs, on frames unlike the
-# calibration's (the noise frame) and at large input sizes (README, 'Exported files').
+# the int8 ones (2x for an ONNX int8 head), off by 2x the 4bit ones (tested). ONNX int8 also rounds
+# the inputs of its layers to 8 bits with one scale per tensor (a MatMul's set at run time by its
+# range, a conv's fixed by calibration): it errs more than weights alone, most at the heads' convs, on
+# frames unlike the calibration's (the noise frame) and at large input sizes (README, 'Exported files').
 TOLERANCE = {
     'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
     'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
