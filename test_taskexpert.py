@@ -3103,36 +3103,41 @@ def test_export_int8_onnx_without_val_frames_is_a_one_line_error(_export_checkpo
     assert message.endswith('pass --data-root with a val split') and os.listdir(tmp_path) == ['last.pt'], message
 
 
+def _export_metadata(file):
+    """An exported file's metadata (dict) and every text it carries (metadata values, descriptions)."""
+    if file.endswith('.onnx'):
+        proto = onnx.load(file)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        return meta, [*meta.values(), *(v.doc_string for v in [*proto.graph.input, *proto.graph.output])]
+    spec = export.import_coremltools().models.MLModel(file, skip_model_load=True).get_spec()
+    meta = dict(spec.description.metadata.userDefined)
+    return meta, [*meta.values(), spec.description.metadata.shortDescription, spec.description.metadata.author,
+                  *(f.shortDescription for f in [*spec.description.input, *spec.description.output])]
+
+
+def _assert_metadata_names_the_checkpoint(file, checkpoint, step, private):
+    """The file names its checkpoint by file name, SHA-256 and step, holds no path of this machine (none
+    under `private`), and states the letterbox rule and padding."""
+    meta, texts = _export_metadata(str(file))
+    digest = hashlib.sha256(open(checkpoint, 'rb').read()).hexdigest()
+    assert (meta['checkpoint'], meta['checkpoint_sha256'], meta['step']) == (os.path.basename(checkpoint), digest,
+                                                                              str(step)), file
+    assert json.loads(meta['padding']) == [123.675, 116.28, 103.53] and 'top left' in meta['input']
+    assert not [t for t in texts if str(private) in t or re.search(r'(^|[\s\'"(=])/[\w.-]+/', t)], file
+
+
 @pytest.mark.heavy
 def test_export_metadata_names_the_checkpoint_without_a_path(_export_checkpoint, tmp_path, monkeypatch, capsys):
-    """The files export.py writes (here ONNX and Core ML int8: the ONNX one made from an fp32 export)
-    name their checkpoint by file name, SHA-256 and step and hold no path of this machine; the
-    letterbox rule and padding are there."""
+    """A Core ML int8 package (compressed after conversion) keeps the metadata: its checkpoint by file
+    name, SHA-256 and step, no path of this machine, the letterbox rule and padding. (ONNX int8, made
+    from an fp32 export: test_export_of_some_tasks_with_a_damaged_val_image.)"""
     run = tmp_path / 'private' / 'run'
     run.mkdir(parents=True)
     shutil.copy(_export_checkpoint[1], run / 'last.pt')
-    data.make_synthetic(str(tmp_path / 'rooms'), 1, 4, size=(32, 48))
-    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(run / 'last.pt'), '--target', 'all',
-                                      '--weights', 'int8', '--val-images', '1', '--calib-images', '4',
-                                      '--data-root', str(tmp_path / 'rooms')])
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', str(run / 'last.pt'), '--target', 'coreml',
+                                      '--weights', 'int8', '--val-images', '0'])
     export.main()
-    assert capsys.readouterr().out.count('main metrics on 1 val images') == 2
-    digest = hashlib.sha256((run / 'last.pt').read_bytes()).hexdigest()
-    stem = run / 'taskexpert_nyud_tiny_32x48'
-    ct = export.import_coremltools()
-    for file in (f'{stem}_int8.onnx', f'{stem}_int8.mlpackage'):
-        if file.endswith('.onnx'):
-            proto = onnx.load(file)
-            meta = {p.key: p.value for p in proto.metadata_props}
-            texts = [*meta.values(), *(v.doc_string for v in [*proto.graph.input, *proto.graph.output])]
-        else:
-            spec = ct.models.MLModel(file, skip_model_load=True).get_spec()
-            meta = dict(spec.description.metadata.userDefined)
-            texts = [*meta.values(), spec.description.metadata.shortDescription, spec.description.metadata.author,
-                     *(f.shortDescription for f in [*spec.description.input, *spec.description.output])]
-        assert (meta['checkpoint'], meta['checkpoint_sha256'], meta['step']) == ('last.pt', digest, '5'), file
-        assert json.loads(meta['padding']) == [123.675, 116.28, 103.53] and 'top left' in meta['input']
-        assert not [t for t in texts if str(tmp_path) in t or re.search(r'(^|[\s\'"(=])/[\w.-]+/', t)], file
+    _assert_metadata_names_the_checkpoint(run / 'taskexpert_nyud_tiny_32x48_int8.mlpackage', run / 'last.pt', 5, tmp_path)
 
 
 def test_export_int8_onnx_is_quantized_from_the_fp32_file_of_the_same_run(_export_checkpoint, tmp_path, monkeypatch):
@@ -3238,7 +3243,8 @@ def test_export_of_some_tasks_with_a_damaged_val_image(_export_checkpoint, tmp_p
     assert out.count('main metrics on 2 val images') == 2, out
     assert (tmp_path / 'taskexpert_nyud_tiny_32x48.onnx').read_bytes() == b'the four-task export'
     stem = tmp_path / 'taskexpert_nyud_tiny_32x48_depth'
-    assert [o.name for o in onnx.load(f'{stem}.onnx').graph.output] == ['depth'] and os.path.isfile(f'{stem}_int8.onnx')
+    assert [o.name for o in onnx.load(f'{stem}.onnx').graph.output] == ['depth']
+    _assert_metadata_names_the_checkpoint(f'{stem}_int8.onnx', tmp_path / 'depth.pt', 5, tmp_path)  # from fp32's
 
 
 @pytest.mark.heavy
