@@ -2072,6 +2072,9 @@ def test_train_kill_after_the_first_save_loses_nothing(kill, _train_run, tmp_pat
         best = torch.load(run / name, weights_only=True)['best'] if (run / name).exists() else None
         assert best is None or ((run / 'best.pt').exists() and
                                 torch.load(run / 'best.pt', weights_only=True)['step'] == best['step']), name
+    # (the viewer reads a folder's event files in name order, which starts with the second they were made:
+    # a resume in the same second of the same process could sort before the killed run's file)
+    time.sleep(1 - time.time() % 1)
     train.main(['--resume', str(run / 'last.pt')])
     mine, full = (torch.load(r / 'best.pt', weights_only=True) for r in (run, _train_run / 'run'))
     assert mine['best'] == full['best'] and mine['step'] == mine['best']['step']
