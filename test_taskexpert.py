@@ -2045,9 +2045,9 @@ def test_train_damaged_data_file_stops_before_step_1(kind, file, split, workers,
 
 def test_train_img_size_smaller_than_the_data_stops_at_start(tmp_path, capsys):
     root = _data_write_nyud_tree(tmp_path / 'data', size=(20, 24))  # larger than --img-size 16 16
-    code, msg = _train_error(_train_nyud_args(root, tmp_path / 'run'), capsys)
+    code, msg = _train_error(_train_nyud_args(root, tmp_path / 'runs' / 'nyud'), capsys)
     assert code != 0 and '--img-size 32 32' in msg and '0003.png' in msg and '\n' not in msg, msg
-    assert 'step 1' not in capsys.readouterr().out and not (tmp_path / 'run').exists()
+    assert 'step 1' not in capsys.readouterr().out and not (tmp_path / 'runs').exists()  # nor the folder above
 
 
 @pytest.mark.parametrize('kill', ['evaluation', 'second save'])

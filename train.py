@@ -1463,7 +1463,11 @@ def hold_out_dir(out_dir):
     a flock when its process dies, however it dies, so a lock file left by a killed run is stale and
     taken over. No other run writes here then: leftover temporary files are removed."""
     import fcntl  # POSIX (Linux, macOS)
-    created = not os.path.isdir(out_dir)
+    created = []  # the folders this run makes, deepest first (runs/nyud: runs/nyud, then runs)
+    folder = os.path.abspath(out_dir)
+    while not os.path.isdir(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'train.lock')
     while True:
@@ -1491,9 +1495,9 @@ def hold_out_dir(out_dir):
     finally:
         os.remove(path)  # before unlocking: a process that opened it meanwhile finds it gone and retries
         f.close()
-        if created:
-            with contextlib.suppress(OSError):  # only if empty: a run refused for bad input leaves nothing
-                os.rmdir(out_dir)
+        with contextlib.suppress(OSError):  # only if empty: a run refused for bad input leaves nothing
+            for folder in created:
+                os.rmdir(folder)
 
 
 @contextlib.contextmanager
