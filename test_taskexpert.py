@@ -1954,7 +1954,8 @@ def _train_error_call(fn, capsys):
 
 @pytest.mark.parametrize('argv, expected', [
     (['--img-size', '100', '96'], '--img-size 100 96'),
-    (['--resume', 'no/such/last.pt'], 'no/such/last.pt not found'),
+    (['--resume', 'no/such/last.pt'], '--resume: no checkpoint at no/such/last.pt: pass --resume RUN/last.pt'),
+    (['--resume'], f'--resume: no checkpoint at {os.path.join("{tmp_path}", "out", "last.pt")}'),
     (['--batch-size', '0'], '--batch-size 0'),
     (['--taps', '6', '3'], '--taps 6 3'),
     (['--amp', 'fp16', '--device', 'cpu', '--benchmark'], 'fp16 needs a CUDA'),
@@ -1980,7 +1981,7 @@ def _train_error_call(fn, capsys):
 ])
 def test_train_bad_flags_give_one_line_errors(argv, expected, tmp_path, capsys):
     code, msg = _train_error(argv + ['--out-dir', str(tmp_path / 'out'), '--data-root', str(tmp_path / 'data')], capsys)
-    assert code != 0 and expected in msg and '\n' not in msg, msg
+    assert code != 0 and expected.format(tmp_path=tmp_path) in msg and '\n' not in msg, msg
     assert not (tmp_path / 'out').exists()  # nothing written
 
 
@@ -2335,9 +2336,11 @@ def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, 
     assert (cfg['tasks'], cfg['lr'], cfg['loss_weights'], cfg['backbone'], cfg['img_size']) == (
         ['depth'], 3e-5, {'depth': 2.0}, 'large', [448, 576])
     for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"), ('{"lr": "fast"}', 'lr = "fast" is not a float'),
-                        ('[1, 2]', 'holds a list'), ('{"lr": ', 'cannot read it as JSON')):
-        (tmp_path / 'bad.json').write_text(text)
-        code, msg = _train_error(['--config', str(tmp_path / 'bad.json'), '--out-dir', str(tmp_path / 'c')], capsys)
+                        ('[1, 2]', 'holds a list'), ('{"lr": ', 'not JSON'), (None, 'cannot read it (No such file')):
+        if text is not None:
+            (tmp_path / 'bad.json').write_text(text)
+        code, msg = _train_error(['--config', str(tmp_path / ('bad.json' if text else 'none.json')), '--out-dir',
+                                  str(tmp_path / 'c')], capsys)
         assert code != 0 and error in msg and '\n' not in msg and not (tmp_path / 'c').exists(), msg
 
 

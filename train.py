@@ -231,8 +231,11 @@ def read_config_file(path):
     try:
         with open(path) as f:
             settings = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f'--config {path}: cannot read it as JSON ({e})')
+    except OSError as e:
+        fail(f'--config {path}: cannot read it ({e.strerror or e}): pass the config.json of a run, or a JSON file of '
+             f'settings')
+    except ValueError as e:
+        fail(f'--config {path}: not JSON ({e})')
     if not isinstance(settings, dict):
         fail(f'--config {path}: holds a {type(settings).__name__}, not an object of settings')
     settings.pop('out_dir', None)
@@ -1545,6 +1548,8 @@ def open_checkpoint(args):
     default_out = os.path.join('runs', args.dataset or 'synthetic')
     if args.resume is not None:
         path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
+        if not os.path.isfile(path):
+            fail(f'--resume: no checkpoint at {path}: pass --resume RUN/last.pt, the last.pt of the run to continue')
         ckpt = loaded(read_checkpoint, path)
         if 'optimizer' not in ckpt:
             fail(f'--resume {path}: holds the weights alone; resuming needs the full state of a last.pt')
