@@ -161,12 +161,13 @@ RGB_READS = {'RGB': None, 'RGBA': 'their alpha channel dropped', 'L': 'greyscale
 
 
 def _image(path):
-    """An image -> (uint8 (h, w, 3) RGB, the conversion it took or None)."""
+    """An image -> (uint8 (h, w, 3) RGB, [(path, the conversion it took)], empty if none: a sample's
+    meta 'read_as')."""
     mode, rgb = _png(path, 'RGB', RGB_READS)
     if rgb is None:
         raise DataError(f'{path}: an image of PIL mode {mode} (16-bit, float, CMYK...); the readers take 8-bit RGB, '
                         'greyscale or palette images: convert it to 8-bit RGB')
-    return rgb, RGB_READS[mode]
+    return rgb, [(path, RGB_READS[mode])] * (RGB_READS[mode] is not None)
 
 
 def _labels(path, top, void=None):
@@ -247,10 +248,8 @@ def _read_split(path):
     ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f'{path}: split file lists no ids; {_SEE_README}')
-    if len(set(ids)) < len(ids):
-        seen = set()
-        twice = next(i for i in ids if i in seen or seen.add(i))
-        raise DataError(f'{path}: id {twice} is listed twice; list each id once')
+    if twice := [i for i, n in collections.Counter(ids).items() if n > 1]:
+        raise DataError(f'{path}: id {twice[0]} is listed twice; list each id once')
     return ids
 
 
@@ -586,7 +585,7 @@ class NYUD(_MultiTaskDataset):
                 raise ValueError(f'NYUD has no reader for task {t!r}')
             _check_shape(p, a, shape)
             sample[t] = a
-        return sample, {'id': id_, 'size': shape, 'read_as': [(self.path('image', id_), read_as)] * bool(read_as)}
+        return sample, {'id': id_, 'size': shape, 'read_as': read_as}
 
 
 class PASCALContext(_MultiTaskDataset):
@@ -622,8 +621,7 @@ class PASCALContext(_MultiTaskDataset):
         id_ = self.ids[i]
         image, read_as = _image(self.path('image', id_))
         shape = image.shape[:2]
-        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'has_human': False,
-                                          'read_as': [(self.path('image', id_), read_as)] * bool(read_as)}
+        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'has_human': False, 'read_as': read_as}
         labelmap = None
         if 'edge' in self.tasks or 'normals' in self.tasks:
             p = self.path('labelmap', id_)
@@ -1410,8 +1408,10 @@ def make_meters(tasks, dataset, pool=None):
             meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool)
         elif task == 'sal':
             meters[task] = SaliencyMeter()
-        elif kind in ('normals', 'depth'):
-            meters[task] = NormalsMeter() if kind == 'normals' else DepthMeter()
+        elif kind == 'normals':
+            meters[task] = NormalsMeter()
+        elif kind == 'depth':
+            meters[task] = DepthMeter()
         else:
             raise unknown_kind(task, 'meter')
     return meters

@@ -920,7 +920,7 @@ def predictions_folder(cfg, step, tag=None):
 
 class Evaluation(NamedTuple):
     """What evaluate returns: every process holds the whole split's scores and gate means."""
-    split: data.NYUD  # the val split (a data.py reader)
+    split: torch.utils.data.Dataset  # the val split, a data.py reader (data.READERS)
     scores: dict  # task -> metric -> value
     gates: list  # [tap] task -> mean gate weight of each candidate (the E experts, then the memory)
     kept: list  # this process's first `keep` samples: (image, targets, predictions, id), cropped, on the CPU
