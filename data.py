@@ -12,7 +12,8 @@ A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / '
 (H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
 float32 (3, H, W) as stored, 2 v / 255 - 1 (near-unit vectors), all-zero = invalid (padding);
 'depth' float32 (1, H, W) metres, 0 = invalid;
-'meta' {'id', 'size': (h, w) of the unpadded content, PASCAL also 'has_human'}.
+'meta' {'id', 'size': (h, w) of the unpadded content, 'unscored': the tasks the benchmark does not score on
+this image (PASCAL: human parts without a person, boundaries outside SEISM's test_new), 'read_as'}.
 Inside this module, before the final conversion, a sample is a dict of numpy arrays in HWC layout:
 image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w), normals float32
 (h, w, 3).
@@ -358,11 +359,12 @@ def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
     again, up to `tries` times; the window drawn after the last failure is kept unchecked."""
     h0, w0 = sample['image'].shape[:2]
     h, w = min(h0, size[0]), min(w0, size[1])
+    guide = [t for t in sample if t != 'image' and TASK_TABLE[t].balances_crop]  # semseg's labels
     for k in range(tries + 1):
         y, x = rng.integers(0, h0 - h + 1), rng.integers(0, w0 - w + 1)
-        if k == tries or 'semseg' not in sample:
+        if k == tries or not guide:
             break
-        labels = sample['semseg'][y:y + h, x:x + w]
+        labels = sample[guide[0]][y:y + h, x:x + w]
         counts = np.bincount(labels[labels != IGNORE_INDEX].ravel())
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() < max_ratio * counts.sum():
@@ -373,8 +375,9 @@ def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
 def hflip(sample):
     """Mirror everything left-right; a mirrored normal points the other way in x."""
     out = {k: a[:, ::-1] for k, a in sample.items()}
-    if 'normals' in out:
-        out['normals'] = out['normals'] * np.array([-1, 1, 1], np.float32)
+    for k in out:
+        if k != 'image' and TASK_TABLE[k].kind == 'normals':
+            out[k] = out[k] * np.array([-1, 1, 1], np.float32)
     return out
 
 
@@ -425,9 +428,9 @@ def augment(sample, size, rng):
     # a crop without any part pixel (an image without people, or a person cropped away) says
     # nothing about parts: ignored entirely, as the published training transforms do (InvPT
     # data/transforms.py, AddIgnoreRegions), instead of teaching the parts head "background" everywhere
-    parts = sample.get('human_parts')
-    if parts is not None and not ((parts > 0) & (parts < 255)).any():
-        sample['human_parts'] = np.full_like(parts, 255)
+    for t in [t for t in sample if t != 'image' and TASK_TABLE[t].needs_foreground]:  # human parts
+        if not ((sample[t] > 0) & (sample[t] < 255)).any():
+            sample[t] = np.full_like(sample[t], 255)
     sample['image'] = photometric(sample['image'], rng)
     return sample, sample['image'].shape[:2]
 
@@ -478,6 +481,7 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
             raise DataError(f'{root}: dataset folder not found; {_SEE_README}')
         self.root, self.split, self.train, self.size = root, split, train, tuple(size)
         self.rng = np.random.default_rng(seed)
+        self.subsets = {}  # task -> the images its meter scores, for a task scored on part of the split
 
     def __len__(self):
         return len(self.ids)
@@ -585,7 +589,7 @@ class NYUD(_MultiTaskDataset):
                 raise ValueError(f'NYUD has no reader for task {t!r}')
             _check_shape(p, a, shape)
             sample[t] = a
-        return sample, {'id': id_, 'size': shape, 'read_as': read_as}
+        return sample, {'id': id_, 'size': shape, 'unscored': (), 'read_as': read_as}
 
 
 class PASCALContext(_MultiTaskDataset):
@@ -601,6 +605,13 @@ class PASCALContext(_MultiTaskDataset):
         self.ids = _read_split(split_file)
         need = ('image',) + self.tasks + (('labelmap',) if 'normals' in self.tasks else ())
         _check_files([self.path(t, i) for i in self.ids for t in need], split_file)
+        # as published, boundaries are scored on SEISM's test_new subset of val (if the split holds any),
+        # human parts on the images with a person (the reference's HumanPartsMeter)
+        self.edge_ids = EDGE_TEST_NEW & set(self.ids) if split == 'val' and 'edge' in self.tasks else set()
+        if self.edge_ids:
+            self.subsets['edge'] = f'test_new: {len(self.edge_ids)} of {len(self.ids)} val images'
+        if 'human_parts' in self.tasks:
+            self.subsets['human_parts'] = 'the images with a person'
 
     def path(self, task, id_):
         """The file of `task` ('image', a task, or 'labelmap') for sample `id_`; edges come from
@@ -617,11 +628,12 @@ class PASCALContext(_MultiTaskDataset):
                                  'sal': ('sal_distill', id_ + '.png')}[task])
 
     def load(self, i):
-        """Sample i -> (its arrays, its meta: as NYUD's, and 'has_human')."""
+        """Sample i -> (its arrays, its meta, as NYUD's)."""
         id_ = self.ids[i]
         image, read_as = _image(self.path('image', id_))
         shape = image.shape[:2]
-        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'has_human': False, 'read_as': read_as}
+        unscored = ('edge',) if self.edge_ids and id_ not in self.edge_ids else ()
+        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'unscored': unscored, 'read_as': read_as}
         labelmap = None
         if 'edge' in self.tasks or 'normals' in self.tasks:
             p = self.path('labelmap', id_)
@@ -635,7 +647,8 @@ class PASCALContext(_MultiTaskDataset):
             if t == 'semseg':
                 a = _labels(p, 20, void=IGNORE_INDEX)
             elif t == 'human_parts':
-                a, meta['has_human'] = human_parts_from_anno(p, shape)
+                a, has_human = human_parts_from_anno(p, shape)
+                meta['unscored'] += () if has_human else ('human_parts',)
             elif t == 'sal':
                 a = (_grey(p, 'saliency').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
             elif t == 'normals':
@@ -1373,18 +1386,7 @@ def _decode_ids(text):
     return frozenset(f'{2008 + y}_{n:06d}' for y, n in zip(*np.nonzero(bits)))
 
 
-# dataset -> (name, ids) of the val images whose boundaries are scored; other datasets: all of them
-EDGE_SUBSETS = {'pascal': ('test_new', _decode_ids(_TEST_NEW))}
-
-
-def edge_subset(dataset, ids):
-    """-> (description, ids or None for all) of the val images whose boundaries are scored: on PASCAL
-    those of SEISM's test_new (if the split holds any), as published."""
-    name, subset = EDGE_SUBSETS.get(dataset, (None, ()))
-    scored = subset & set(ids) if name else set()
-    if not scored:
-        return f'all {len(ids)} val images', None
-    return f'{name}: {len(scored)} of {len(ids)} val images', scored
+EDGE_TEST_NEW = _decode_ids(_TEST_NEW)  # the val images whose boundaries PASCAL-Context's papers score
 
 
 # Boundary matching tolerance, as a fraction of the image diagonal (SEISM settings of the literature).
@@ -1401,19 +1403,19 @@ def make_meters(tasks, dataset, pool=None):
     for task in tasks:
         if task not in TASK_TABLE:
             raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
-        kind = TASK_TABLE[task].kind
-        if kind == 'classes':
+        meter = TASK_TABLE[task].meter
+        if meter == 'segmentation':
             meters[task] = SegMeter(CLASS_NAMES[TASK_SET[dataset]][task])
-        elif task == 'edge':  # the binary tasks, one logit each, are judged very differently
+        elif meter == 'boundary':
             meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool)
-        elif task == 'sal':
+        elif meter == 'saliency':
             meters[task] = SaliencyMeter()
-        elif kind == 'normals':
+        elif meter == 'normals':
             meters[task] = NormalsMeter()
-        elif kind == 'depth':
+        elif meter == 'depth':
             meters[task] = DepthMeter()
         else:
-            raise unknown_kind(task, 'meter')
+            raise ValueError(f'task {task!r}: no meter {meter!r}')
     return meters
 
 
@@ -1427,17 +1429,14 @@ def crops(outputs, batch):
                {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
 
 
-def update_meters(meters, outputs, batch, edge_ids=None):
+def update_meters(meters, outputs, batch):
     """Feed one batch to `meters` (make_meters), image by image as the benchmarks score: each image
-    cropped to its content (crops), human parts only on images with a person (meta['has_human']),
-    boundaries only on the ids in edge_ids (None: every image).
+    cropped to its content (crops), each task unless the image's meta lists it as 'unscored'.
     outputs: task -> raw predictions (B, C, H, W) on any device; batch: as the loaders give it."""
     for meta, preds, targets in crops(outputs, batch):
         # boundaries first: with a pool, its workers score them while the other meters run here
-        for t, meter in sorted(meters.items(), key=lambda item: item[0] != 'edge'):
-            if t == 'human_parts' and not meta.get('has_human', False):
-                continue
-            if t == 'edge' and edge_ids is not None and meta['id'] not in edge_ids:
+        for t, meter in sorted(meters.items(), key=lambda item: TASK_TABLE[item[0]].meter != 'boundary'):
+            if t in meta['unscored']:
                 continue
             meter.update(preds[t], targets[t])
 

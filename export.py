@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from data import CLASS_NAMES, READERS, DataError, collate, make_meters, render_scene, update_meters, write_synthetic
 from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TASKS, TaskExpert, denormalise,
-                        normalise, postprocess, unknown_kind)
+                        normalise, postprocess, set_grid, unknown_kind)
 
 NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
 
@@ -117,7 +117,7 @@ def at_size(model, img_size):
     """A copy of the model for one fixed input size (H, W): the position embedding is resampled here,
     once (bicubic, set_grid), so that no resampling op lands in the exported graph."""
     model = copy.deepcopy(model).eval()
-    model.backbone.set_grid((img_size[0] // PATCH, img_size[1] // PATCH))
+    set_grid(model.backbone, (img_size[0] // PATCH, img_size[1] // PATCH))
     return model
 
 
@@ -132,33 +132,18 @@ def output_names(tasks, probabilities):
 
 class AppModel(nn.Module):
     """RGB 0-255 (B, 3, H, W) -> tuple of post-processed outputs, in the order of self.output_names.
-
-    The ImageNet normalisation (x / 255 - mean) / std is done in two steps, so that no weight becomes
-    tiny: the graph's first op multiplies the input by 1 / 255, and (x01 - mean) / std is folded into
-    the patch-embedding conv: conv_w,b((x01 - mean) / std) = conv_w',b'(x01) with w' = w / std_c and
-    b' = b - sum_{c,i,j} w mean_c / std_c. Exact, because that conv (stride 16, kernel 16) has no
-    padding: every tap sees a real pixel. w' is ~4x w; folding the 1 / 255 in too would make it ~57x
-    smaller than w, and its int8 scales fp16 subnormals, which hardware without subnormals reads as 0
-    (see subnormal_parameters). A Core ML ImageType input then takes the camera frame as is.
-    """
+    The ImageNet normalisation is the model's first op (taskexpert.normalise, as in training), so a
+    Core ML ImageType input takes the camera frame as it is."""
 
     def __init__(self, model, probabilities=False):
         super().__init__()
-        self.model = copy.deepcopy(model)
+        self.model = model
         self.probabilities = probabilities
         self.output_names = output_names(model.tasks, probabilities)
         self.eval()
-        proj = self.model.backbone.patch_embed.proj
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-        with torch.no_grad():  # in float64, so the folding adds no rounding of its own
-            w = proj.weight.double()  # (C, 3, 16, 16)
-            proj.bias.copy_(proj.bias.double() - (w * mean / std).sum((1, 2, 3)))
-            proj.weight.copy_(w / std)
 
     def forward(self, image):
-        x = image * (1 / 255)  # (B, 3, H, W) in [0, 1]
-        return tuple(postprocess(self.model(x), self.probabilities).values())
+        return tuple(postprocess(self.model(normalise(image)), self.probabilities).values())
 
 
 def reference(model, images, probabilities):
@@ -784,9 +769,11 @@ _DTYPES = {'fp16': torch.float16, 'fp32': torch.float32, 'int32': torch.int32, '
 # The MIL ops our converted models contain (iOS 17 and 18 opsets), each on a dict of its named inputs
 MIL_OPS = {
     'add': lambda a: a['x'] + a['y'],
+    'sub': lambda a: a['x'] - a['y'],
     'mul': lambda a: a['x'] * a['y'],
     'real_div': lambda a: a['x'] / a['y'],
     'maximum': lambda a: torch.maximum(a['x'], torch.as_tensor(a['y'])),
+    'clip': lambda a: a['x'].clamp(float(a['alpha']), float(a['beta'])),
     'sigmoid': lambda a: torch.sigmoid(a['x']),
     'gelu': lambda a: F.gelu(a['x'], approximate=_GELU[a.get('mode', 'EXACT')]),
     'softmax': lambda a: torch.softmax(a['x'], int(a.get('axis', -1))),

@@ -1,20 +1,14 @@
-"""TaskExpert: the model of the paper, its loss, what it takes and returns, and its files.
+"""TaskExpert (Hanrong Ye, Dan Xu, ICCV 2023, arXiv 2307.15324): the model, its loss, what it takes and returns.
 
-Paper: Hanrong Ye, Dan Xu, "TaskExpert: Dynamically Assembling Multi-Task Representations with
-Memorial Mixture-of-Experts", ICCV 2023 (arXiv 2307.15324). The authors never released code; this is
-an independent reading of the paper. What the paper states (abstract, Fig. 2): expert networks
-decompose a backbone feature into task-generic features; one gating network per task assembles them
-per sample; MMoE modules sit at several backbone layers; a multi-task feature memory is read as one
-extra expert and written at each MMoE layer; the memory after the last MMoE feeds the final
-prediction of each task. Everything else below is our reconstruction, exposed as named options of
-`TaskExpert` with the default we chose, and commented where it is made ([paper] / [ours]).
+The authors never released code; this is an independent reading of the paper. It states (abstract, Fig. 2):
+experts decompose a backbone feature into task-generic features; a gate per task assembles them per
+sample; MMoE modules sit at several backbone layers; a multi-task feature memory is read as one more
+expert and written at each MMoE; the memory after the last MMoE feeds each task's prediction. The rest
+is ours: marked [ours], a named option of `TaskExpert` where it is a choice ([paper]: stated there).
 
-Notation (as in the paper): X_l tokens after backbone block l, (B, N, C) with N = (H/16)(W/16);
-T tasks; E experts; D expert width; Z_e expert features; g_t gate of task t; M_t memory of task t.
-
-Read top to bottom: the tasks -> ViT backbone -> MMoE -> task heads -> TaskExpert -> the loss -> what a
-model takes and returns (normalisation, postprocess, predict) -> its files (ImageNet weights, checkpoints).
-Data and scoring are in data.py, training in train.py, export in export.py; this file imports none of them.
+Notation (the paper's): X_l the tokens after backbone block l, (B, N, C) with N = (H/16)(W/16); T tasks;
+E experts; D expert width; Z_e expert features; g_t the gate of task t; M_t the memory of task t.
+Part I: tasks -> ViT -> MMoE -> heads -> TaskExpert -> loss -> normalise, postprocess, predict.
 """
 import contextlib
 import errno
@@ -29,12 +23,10 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.checkpoint import checkpoint
 
-# -------------------------------------------------------------------------------------------------
-# The tasks of the two benchmarks of the paper's experiments, NYUD-v2 and PASCAL-Context
-# -------------------------------------------------------------------------------------------------
+# The tasks of the paper's two benchmarks, NYUD-v2 and PASCAL-Context
 
 # Output channels of each task's head, per dataset (the synthetic scenes use the NYUD layout).
 TASKS = {
@@ -45,28 +37,32 @@ TASK_SET = {'nyud': 'nyud', 'pascal': 'pascal', 'synthetic': 'nyud'}  # train.py
 
 
 class Task(NamedTuple):
-    """What a task's head predicts (its kind) and how the task is weighed and judged. The kind is
-    what the code switches on:
+    """A row of the task table: everything the code knows of a task. Its kind is what its head predicts:
 
-      kind     head output      loss (MultiTaskLoss)   postprocess        meter (data.py)          drawn
-      classes  C logits         cross-entropy          argmax: class ids  SegMeter                 palette
-      binary   1 logit          balanced BCE           sigmoid            SaliencyMeter, EdgeMeter grey
-      normals  3 values         L1 of the unit vector  unit vector        NormalsMeter             RGB
-      depth    1 value, metres  L1                     as is              DepthMeter               viridis
+      kind     head output      loss (MultiTaskLoss)   postprocess
+      classes  C logits         cross-entropy          argmax: class ids
+      binary   1 logit          balanced BCE           sigmoid: probability
+      normals  3 values         L1 of the unit vector  unit vector
+      depth    1 value, metres  L1                     as is
     """
     kind: str
     loss_weight: float  # ATRC / InvPT: NYUD semseg 1, depth 1, normals 10, edge 50; PASCAL 1, 2, 5, 10, 50
-    metric: str  # the main metric: a key of the task's meter's scores, reported in the paper's tables
+    metric: str  # its main metric, reported in the paper's tables: a key of its meter's scores
     higher: bool  # whether a higher main metric is better
+    meter: str  # the meter that scores it (data.METERS)
+    what: str  # its output in words, for the exported models' descriptions
+    pos_weight: float = None  # binary: the positives' weight w in the balanced BCE (None: the batch's share of negatives)
+    balances_crop: bool = False  # the training crop is drawn again while one of its classes dominates
+    needs_foreground: bool = False  # a training crop without a foreground class says nothing: all void
 
 
 TASK_TABLE = {
-    'semseg': Task('classes', 1.0, 'mIoU', True),
-    'human_parts': Task('classes', 2.0, 'mIoU', True),
-    'sal': Task('binary', 5.0, 'maxF', True),
-    'normals': Task('normals', 10.0, 'mean', False),
-    'depth': Task('depth', 1.0, 'rmse', False),
-    'edge': Task('binary', 50.0, 'odsF', True),
+    'semseg': Task('classes', 1.0, 'mIoU', True, 'segmentation', 'semantic class map', balances_crop=True),
+    'human_parts': Task('classes', 2.0, 'mIoU', True, 'segmentation', 'human-part class map', needs_foreground=True),
+    'sal': Task('binary', 5.0, 'maxF', True, 'saliency', 'saliency probability'),
+    'normals': Task('normals', 10.0, 'mean', False, 'normals', 'surface normals, unit vectors in the camera frame'),
+    'depth': Task('depth', 1.0, 'rmse', False, 'depth', 'depth in metres'),
+    'edge': Task('binary', 50.0, 'odsF', True, 'boundary', 'boundary probability', pos_weight=0.95),
 }
 IGNORE_INDEX = 255  # void / padding in the targets of the 'classes' and 'binary' tasks
 
@@ -75,10 +71,8 @@ def unknown_kind(task, what):
     """The error of a switch on a task's kind without a case for it (a task added with a new kind)."""
     return ValueError(f'task {task!r} of kind {TASK_TABLE[task].kind!r}: no {what} for this kind')
 
-# -------------------------------------------------------------------------------------------------
-# ViT backbone (Dosovitskiy et al.), parameter names and arithmetic as timm's VisionTransformer, so
+# ViT backbone (Dosovitskiy et al.): parameter names and arithmetic as timm's VisionTransformer, so
 # ImageNet checkpoints of vit_{tiny,small,base,large}_patch16_384 load strictly.
-# -------------------------------------------------------------------------------------------------
 
 # preset -> (embed dim C, depth, heads, MMoE taps (1-based blocks), expert width D, drop-path)
 VIT_PRESETS = {
@@ -130,7 +124,7 @@ class Mlp(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()  # exact (erf) GELU: the tanh form differs and CoreML silently swaps it
+        self.act = nn.GELU()  # exact (erf) GELU: the tanh form differs, and Core ML silently swaps it
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def forward(self, x):
@@ -153,39 +147,9 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
-def resample_pos_embed(pos_embed, grid, old_grid=None):
-    """Bicubic resampling (fp32, antialiased as timm) of a learned position embedding (1, 1 + h0*w0, C)
-    to grid (h, w); the class-token slot is kept. Without old_grid, a checkpoint's grid is square (24x24
-    for a 384 model -> 28x36 for NYUD's 448x576), or already (h, w)."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    if old_grid is None and patch_pos.shape[1] == grid[0] * grid[1]:
-        return pos_embed  # saved at this grid already (e.g. our own fine-tuned backbone)
-    if old_grid is None:
-        side = math.isqrt(patch_pos.shape[1])
-        if side * side != patch_pos.shape[1]:
-            raise ValueError(f'position embedding with {patch_pos.shape[1]} patches is not a square grid')
-        old_grid = (side, side)
-    if tuple(old_grid) == tuple(grid):
-        return pos_embed
-    C = pos_embed.shape[-1]
-    patch_pos = patch_pos.float().reshape(1, *old_grid, C).permute(0, 3, 1, 2)  # (1, C, h0, w0)
-    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode='bicubic', align_corners=False, antialias=True)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(pos_embed.dtype)
-    return torch.cat([cls_pos, patch_pos], dim=1)
-
-
-def sincos_pos_embed(grid, dim):
-    """Fixed 2-D position codes (h*w, dim): sin and cos of the row, then of the column, each at dim/4
-    geometric frequencies 1 ... 1/10000 (the Transformer's sinusoidal code, once per axis)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
-    angles = [a.reshape(-1, 1).float() * omega for a in (rows, cols)]  # 2 x (h*w, dim/4)
-    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
-
-
 class VisionTransformer(nn.Module):
-    """ViT-{tiny,small,base,large}/16 with class token and learned absolute position embedding, which
-    lives at the training grid (img_size / 16): a checkpoint's is resampled once, at load."""
+    """ViT-{tiny,small,base,large}/16 with class token and learned absolute position embedding. The
+    position embedding lives at the training grid (img_size / 16): a checkpoint's is resampled at load."""
 
     def __init__(self, embed_dim, depth, num_heads, img_size, drop_path=0.0):
         super().__init__()
@@ -196,23 +160,12 @@ class VisionTransformer(nn.Module):
         # stochastic depth grows linearly with depth, as in timm / DeiT
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, p) for p in np.linspace(0, drop_path, depth).tolist())
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # From scratch, a 2-D sine-cosine start (as MAE / MoCo v3) gives every token its row and column from
-        # step 1, which depth leans on (README, 'Results'); pretrained weights replace it.
-        with torch.no_grad():
-            self.pos_embed[0, 1:] = sincos_pos_embed(self.grid, embed_dim)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(_init_vit_weights)
-
-    def set_grid(self, grid):
-        """Resample the position embedding in place to a new token grid (h, w)."""
-        with torch.no_grad():
-            self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.data, grid, self.grid))
-        self.grid = tuple(grid)
+        init_vit(self)  # [ours] from scratch: a 2-D sine-cosine position start; ImageNet weights replace it
 
     def forward_features(self, x, taps, recompute=False):
-        """(B, 3, H, W) -> [X_l for l in taps], each (B, N, C) without the class token. The blocks
-        after the last tap are not run: nothing reads them. recompute: activation checkpointing,
-        each block keeps only its input for backward and runs again there."""
+        """(B, 3, H, W) -> [X_l for l in taps], each (B, N, C) without the class token. The blocks after
+        the last tap are not run: nothing reads them. recompute: activation checkpointing (each block
+        keeps only its input for backward, and runs again there)."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         x = self.patch_embed(x)  # (B, N, C)
         pos = self.pos_embed
@@ -221,30 +174,21 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos  # (B, 1 + N, C)
         tapped = []
         for i, blk in enumerate(self.blocks[:max(taps)]):
-            # (drop-path masks are drawn again in the recomputation from the same saved RNG state)
+            # (drop-path masks are drawn again in the recomputation, from the same saved RNG state)
             x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
             if i + 1 in taps:
                 tapped.append(x[:, 1:])
-        # the last tap is read through the final LayerNorm (per token), as the authors' ViT taps are
-        # (InvPT models/transformers/vit.py `x = self.norm(x)[:, 1:]`; TaskPrompter, MLoRE likewise);
-        # the earlier taps are the raw residual stream on both sides
+        # The last tap goes through the final LayerNorm, as the authors' ViT taps do (InvPT
+        # models/transformers/vit.py `x = self.norm(x)[:, 1:]`; TaskPrompter, MLoRE). The earlier
+        # taps are the raw residual stream there as here.
         tapped[-1] = self.norm(tapped[-1])
         return tapped
 
-
-def _init_vit_weights(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-
-
-# -------------------------------------------------------------------------------------------------
 # Memorial Mixture-of-Experts (paper Sec. 3, Fig. 2)
-# -------------------------------------------------------------------------------------------------
+
 
 class MMoE(nn.Module):
-    """One MMoE module at backbone block l. [paper] = stated in the paper (abstract, Fig. 2);
-    [ours] = our reconstruction where it is silent.
+    """One MMoE module, at backbone block l.
 
     Experts (shared by all tasks) decompose X_l into E task-generic features          [paper]
         Z_e = GELU(LN_e(W_e X_l)),                                  each (B, N, D)     [ours]
@@ -255,9 +199,9 @@ class MMoE(nn.Module):
         M_t <- F_t ('replace', default) or M_t + F_t ('add')                           [ours]
     At the first MMoE the memory is still empty: its gates weigh the E experts only.  [ours]
 
-    Our choices in detail: experts are Linear -> LayerNorm -> GELU; the gate sees each token with the
-    image mean (its context), softmaxed per token, or with gate='image' once per image from the mean of
-    the token logits. gate='static' (ablation, first MMoE only): every task reads the experts' mean.
+    The gate sees each token with the image's mean token (its context) and is softmaxed per token;
+    gate='image' mixes once per image, from the mean of the token logits. gate='static' (ablation,
+    one MMoE): every task reads the experts' mean.
     """
 
     def __init__(self, tasks, in_dim, *, num_experts, expert_dim, first, gate, memory_write):
@@ -272,23 +216,23 @@ class MMoE(nn.Module):
         self.gates = nn.ModuleDict({} if gate == 'static' else {t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
 
     def expert_features(self, h):
-        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype: LayerNorm runs in fp32
-        under autocast, cast back once so that the T gated sums share one low-precision copy."""
+        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype. (LayerNorm runs in
+        fp32 under autocast: cast back once, so that the T gated sums share one low-precision copy.)"""
         z = F.layer_norm(h, (self.D,), eps=1e-6) * self.expert_norm_weight + self.expert_norm_bias
         return F.gelu(z).to(h.dtype)
 
     def forward(self, x, memory):
         """x: X_l (B, N, C); memory: dict task -> M_t (B, N, D), or None at the first MMoE.
-        Returns (new memory dict task -> (B, N, D), gate weights dict task -> (B, N, E or E+1);
+        -> (the new memory: dict task -> (B, N, D), the gate weights: dict task -> (B, N, E or E+1),
         empty for gate='static')."""
         B, N, _ = x.shape
         h = self.experts(x).reshape(B, N, self.E, self.D)  # in the autocast dtype, if any
         if self.training and torch.is_grad_enabled():
-            # keep only h for backward and recompute LN + GELU there (elementwise, ~free): otherwise
-            # their fp32 inputs and outputs under autocast are saved, 3 copies of (B, N, E, D) in fp32
+            # keep only h for backward and recompute LN + GELU there (elementwise, cheap): else autocast
+            # saves their fp32 inputs and outputs, 3 copies of (B, N, E, D) in fp32
             z = checkpoint(self.expert_features, h, use_reentrant=False)
         else:
-            z = self.expert_features(h)  # (B, N, E, D) = the E task-generic features Z_e
+            z = self.expert_features(h)  # (B, N, E, D): the E task-generic features Z_e
         if self.gate_mode == 'static':  # one feature shared by all tasks: g_t,e = 1/E, fixed
             f = z.mean(dim=2)  # (B, N, D)
             return {t: f for t in self.tasks}, {}
@@ -296,22 +240,24 @@ class MMoE(nn.Module):
         context = torch.cat([x, x.mean(dim=1, keepdim=True).expand(-1, N, -1)], dim=-1).to(h.dtype)
         new_memory, weights = {}, {}
         for t, gate in self.gates.items():
-            logits = gate(context).float()  # (B, N, E[+1]); softmax in fp32 also under autocast
+            logits = gate(context).float()  # (B, N, E[+1]); the softmax in fp32, also under autocast
             if self.gate_mode == 'image':
                 logits = logits.mean(dim=1, keepdim=True)  # (B, 1, E[+1]): one mixture per image
             g = logits.softmax(dim=-1).to(z.dtype).expand(B, N, -1)
             if self.first:
                 f = torch.einsum('bne,bned->bnd', g, z)  # read the experts
-            else:  # read the experts and the memory as the (E+1)-th expert
+            else:  # read the experts, and the memory as the (E+1)-th expert
                 f = torch.einsum('bne,bned->bnd', g[..., :self.E], z) + g[..., self.E:] * memory[t]
                 if self.memory_write == 'add':
                     f = f + memory[t]
             new_memory[t], weights[t] = f, g.detach()
         return new_memory, weights
 
+# Task heads and the whole model
+
 
 class TaskHead(nn.Module):
-    """Per-task decoder on the final memory (input: [paper]; design: [ours], the paper gives no details):
+    """A task's decoder on the final memory (input: [paper]; design: [ours], the paper gives none):
     (B, N, D) -> (B, D, H/16, W/16) -> bilinear x4 -> Conv3x3+BN+GELU -> Conv1x1 -> bilinear to (H, W)."""
 
     def __init__(self, dim, out_channels):
@@ -325,7 +271,7 @@ class TaskHead(nn.Module):
         x = F.interpolate(x, scale_factor=4, mode='bilinear', align_corners=False)
         x = F.gelu(self.bn(self.conv(x)))  # (B, D, H/4, W/4), in the autocast dtype if any
         # The prediction itself in fp32, also under autocast: the reference trains and tests in fp32,
-        # and bf16 keeps 8 bits of mantissa (depth 3 m +- 0.012 m) for the loss, the meters and the
+        # and bf16's 8-bit mantissa (depth 3 m +- 0.012 m) would reach the loss, the meters and the
         # saved files. The 1x1 conv is ~0.1 % of the model's FLOPs.
         autocast = x.device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
@@ -337,60 +283,33 @@ ABLATIONS = ('none', 'no-memory', 'static')  # TaskExpert(ablation=...): the par
 
 
 class TaskExpert(nn.Module):
-    """ViT backbone + MMoE at the tapped blocks + one head per task on the final memory.
+    """ViT backbone + an MMoE at each tapped block + one head per task on the final memory.
 
-    tasks: dict task -> output channels (see TASKS). Options (defaults = our reading of the paper;
-    [paper] / [ours] as in MMoE):
-      backbone      'tiny' | 'small' | 'base' | 'large' ([paper]: large on NYUD, base on PASCAL)
-      img_size      training size (H, W), divisible by 16; sets the position-embedding grid
-      num_experts   E, the shared experts per MMoE ([ours]: 8)
-      expert_dim    D, the expert width ([ours]: 256 tiny/small, 512 base, 768 large)
-      taps          1-based backbone blocks carrying an MMoE ([paper]: several; [ours]: 4 evenly
-                    spaced, the last one included)
-      gate          'token' (a mixture per token) | 'image' (one mixture per image)
-      memory_write  'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
-      drop_path     stochastic depth of the backbone (default 0.15 for base/large, 0 for tiny/small)
-      grad_checkpoint  activation checkpointing while training, the same numbers for more compute: 'off',
-                    'mmoe' (the MMoE modules: +1 % FLOPs) or 'all' (also the backbone blocks: +17 % for
-                    ViT-L); never the heads, whose BatchNorm would update its statistics twice.
-      ablation      what to remove, to measure what each part buys (README, 'Ablation'): 'none';
-                    'no-memory' (one MMoE, at the last tap: without the memory nothing carries an
-                    earlier MMoE's output to the heads); 'static' (that MMoE without gates: its E
-                    experts averaged with fixed weights 1/E, the same experts and width, so that
-                    static vs no-memory measures the gates alone)
-    After a forward pass, `self.gate_weights` holds one dict per tap: task -> the gates' weights
-    (B, N, E[+1]); with ablation='static' the one dict is empty.
-    Bad options raise ValueError('<option> <value>: what is wrong'); the scripts turn the option into
-    their flag (img_size -> --img-size) for their one-line error, so each rule lives here only.
+    tasks: dict task -> output channels (TASKS). Options, with our defaults:
+      backbone       'tiny' | 'small' | 'base' | 'large' ([paper]: large on NYUD, base on PASCAL)
+      img_size       training size (H, W), divisible by 16: the position embedding's grid
+      num_experts    E, the shared experts of each MMoE ([ours]: 8)
+      expert_dim     D, the expert width ([ours]: 256 tiny / small, 512 base, 768 large)
+      taps           1-based blocks carrying an MMoE ([paper]: several; [ours]: 4 evenly spaced, the last included)
+      gate           'token' (a mixture per token) | 'image' (one per image)
+      memory_write   'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
+      drop_path      stochastic depth (default 0.15 for base / large, 0 for tiny / small)
+      grad_checkpoint  'off' | 'mmoe' (recompute the MMoEs in backward: +1 % FLOPs) | 'all' (the blocks too:
+                     +17 % for ViT-L): the same numbers for less memory. Never the heads (BatchNorm).
+      ablation       'none' | 'no-memory' (one MMoE, at one tap) | 'static' (that MMoE without gates: its
+                     experts averaged): what each part buys (docs/results.md, 'Ablation')
+    A bad option raises ValueError('<option> <value>: what is wrong'); the scripts name their flag.
     """
 
     def __init__(self, tasks, backbone='large', img_size=(448, 576), num_experts=8, expert_dim=None,
                  taps=None, gate='token', memory_write='replace', drop_path=None, grad_checkpoint='off',
                  ablation='none'):
         super().__init__()
-        if backbone not in VIT_PRESETS:
-            raise ValueError(f'unknown backbone {backbone!r}: choose one of {", ".join(VIT_PRESETS)}')
-        if min(img_size) <= 0 or img_size[0] % PATCH or img_size[1] % PATCH:
-            raise ValueError(f'img_size {img_size[0]} {img_size[1]}: both must be positive and divisible by {PATCH}')
-        if gate not in ('token', 'image') or memory_write not in ('replace', 'add'):
-            raise ValueError(f'gate must be token|image and memory_write replace|add, got {gate!r}, {memory_write!r}')
-        if grad_checkpoint not in ('off', 'mmoe', 'all'):
-            raise ValueError(f'grad_checkpoint must be off|mmoe|all, got {grad_checkpoint!r}')
-        if ablation not in ABLATIONS:
-            raise ValueError(f'ablation {ablation}: must be one of {", ".join(ABLATIONS)}')
-        p = VIT_PRESETS[backbone]
-        self.tasks = dict(tasks)
-        self.taps = tuple(p['taps'] if taps is None else taps)
-        if not self.taps or any(not 1 <= l <= p['depth'] for l in self.taps) or list(self.taps) != sorted(set(self.taps)):
-            raise ValueError(f'taps {" ".join(map(str, self.taps))}: must be increasing blocks in 1..{p["depth"]} '
-                             f'for the {backbone} backbone')
-        self.ablation = ablation
-        if ablation != 'none':  # one MMoE, at the last tap: it is the first, so it has no memory slot
-            self.taps = self.taps[-1:]
-        expert_dim = expert_dim or p['expert_dim']
-        for name, v in (('num_experts', num_experts), ('expert_dim', expert_dim)):
-            if v < 1:
-                raise ValueError(f'{name} {v}: must be at least 1')
+        p = VIT_PRESETS.get(backbone, {})
+        self.tasks, self.ablation, self.grad_checkpoint = dict(tasks), ablation, grad_checkpoint
+        self.taps = tuple(taps or default_taps(backbone, ablation))
+        expert_dim = expert_dim or p.get('expert_dim')
+        check_options(self, backbone, img_size, num_experts, expert_dim, gate, memory_write)
         self.backbone = VisionTransformer(p['embed_dim'], p['depth'], p['num_heads'], img_size,
                                           p['drop_path'] if drop_path is None else drop_path)
         self.mmoe = nn.ModuleList(
@@ -398,53 +317,51 @@ class TaskExpert(nn.Module):
                  gate='static' if ablation == 'static' else gate, memory_write=memory_write)
             for i in range(len(self.taps)))
         self.heads = nn.ModuleDict({t: TaskHead(expert_dim, c) for t, c in self.tasks.items()})
-        # Blocks after the last tap feed nothing: they are not run, get no gradient and are frozen
-        # (DDP fails on trainable parameters without one), and kept so that ImageNet checkpoints
-        # still load strictly.
+        # Blocks after the last tap feed nothing: they are not run, get no gradient and are frozen (DDP
+        # fails on trainable parameters without one), and kept so that ImageNet checkpoints load strictly.
         self.backbone.blocks[self.taps[-1]:].requires_grad_(False)
-        self.grad_checkpoint = grad_checkpoint
-        self.gate_weights = []
 
     def forward(self, x):
         """x (B, 3, H, W) ImageNet-normalised -> dict task -> raw prediction (B, C_t, H, W)."""
+        return self.forward_with_gates(x)[0]
+
+    def forward_with_gates(self, x):
+        """-> (the predictions, as forward; the gate weights of each MMoE: [tap] dict task -> (B, N, E or
+        E+1), for diagnostics)."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         recompute = self.grad_checkpoint if self.training and torch.is_grad_enabled() else 'off'
         tapped = self.backbone.forward_features(x, self.taps, recompute=recompute == 'all')
-        memory, self.gate_weights = None, []
+        memory, gates = None, []
         for mmoe, x_l in zip(self.mmoe, tapped):
             if recompute == 'off':
                 memory, g = mmoe(x_l, memory)
             else:  # keep X_l and the memory for backward, run the MMoE again there
                 memory, g = checkpoint(mmoe, x_l, memory, use_reentrant=False)
-            self.gate_weights.append(g)
+            gates.append(g)
         # the memory after the last MMoE feeds every task's final prediction (paper Fig. 2)
-        return {t: head(memory[t], grid, x.shape[-2:]) for t, head in self.heads.items()}
+        return {t: head(memory[t], grid, x.shape[-2:]) for t, head in self.heads.items()}, gates
 
     @classmethod
     def from_config(cls, config):
-        """An untrained model from train.py's settings (its config.json, or the 'config' saved with a
-        trained model): the dataset's tasks that config['tasks'] names, in the dataset's order, and the
-        model keys; the other settings are ignored."""
+        """An untrained model from train.py's settings (config.json, or the config saved with a model):
+        the dataset's tasks that config['tasks'] names, and the model's options."""
         tasks = {t: c for t, c in TASKS[TASK_SET[config['dataset']]].items() if t in config['tasks']}
         return cls(tasks, img_size=tuple(config['img_size']), taps=tuple(config['taps']), **{k: config[k] for k in (
             'backbone', 'num_experts', 'expert_dim', 'gate', 'memory_write', 'grad_checkpoint', 'ablation')})
 
     @classmethod
     def from_checkpoint(cls, path):
-        """A trained model from train.py's best.safetensors (weights only) or a .pt checkpoint, on the
-        CPU in eval mode; its settings and training step as model.config and model.step. Raises
-        FileNotFoundError / ValueError with a one-line message (see read_checkpoint, load_weights)."""
+        """A trained model from train.py's best.safetensors or a .pt checkpoint, on the CPU, in eval mode,
+        with its settings and training step as model.config and model.step (see read_checkpoint)."""
         ckpt = read_checkpoint(path)
         model = cls.from_config(ckpt['config'])
         load_weights(model, ckpt['model'], path)
         model.config, model.step = ckpt['config'], ckpt['step']
         return model.eval()
 
+# The loss. The paper states none of its own: these are the definitions of the code the NYUD-v2 /
+# PASCAL-Context literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter: "the reference").
 
-# -------------------------------------------------------------------------------------------------
-# The loss: the definitions of the code the NYUD-v2 / PASCAL-Context multi-task literature shares (MTI-Net
-# -> ATRC -> InvPT / TaskPrompter; "the reference", README 'References'); the paper states none of its own.
-# -------------------------------------------------------------------------------------------------
 
 def depth_valid(target):
     """Valid depth pixels: 0 marks missing depth and padding; 255 is the reference's pad value."""
@@ -456,10 +373,10 @@ def normals_valid(target):
     return (target != 0).any(dim=1, keepdim=True)
 
 
-def _balanced_bce(logit, target, pos_weight=None):
+def balanced_bce(logit, target, pos_weight=None):
     """Binary cross-entropy weighing positives w and negatives 1 - w, mean over the valid (non-255)
-    pixels, as the reference BalancedBinaryCrossEntropyLoss (its BCE(pos_weight=w/(1-w)) / (1/(1-w))).
-    pos_weight None: w = the batch's fraction of negatives (saliency); else fixed. logit, target (B, 1, H, W)."""
+    pixels, as the reference BalancedBinaryCrossEntropyLoss. pos_weight None: w = the batch's share of
+    negatives (saliency); else w = pos_weight. logit, target (B, 1, H, W)."""
     valid = target != IGNORE_INDEX
     y = (target == 1).float()
     n = valid.sum()
@@ -473,21 +390,17 @@ def _balanced_bce(logit, target, pos_weight=None):
 
 
 class MultiTaskLoss(nn.Module):
-    """Weighted sum of the per-task losses (weights: TASK_TABLE); computed in fp32 even under autocast.
-    `total, per_task = loss_fn(outputs, batch)`; outputs / batch hold task -> (B, C, H, W) tensors.
-    A batch with no valid pixel for a task adds a zero (still differentiable) loss, never NaN."""
+    """Weighted sum of the per-task losses, in fp32 even under autocast. Weights and the binary tasks'
+    positive weights: the task table's, unless given. `total, per_task = loss_fn(outputs, batch)`, both
+    holding task -> (B, C, H, W). A batch with no valid pixel for a task adds a zero loss, never NaN."""
 
-    def __init__(self, tasks, weights=None, edge_pos_weight=0.95):
+    def __init__(self, tasks, weights=None, pos_weights=None):
         super().__init__()
         self.tasks = list(tasks)
         if unknown := [t for t in self.tasks if t not in TASK_TABLE]:
             raise ValueError(f'MultiTaskLoss: unknown task(s) {unknown}; known: {sorted(TASK_TABLE)}')
         self.weights = {t: float((weights or {}).get(t, TASK_TABLE[t].loss_weight)) for t in self.tasks}
-        # each binary task's positive weight in its balanced BCE: saliency's from each batch (None), the
-        # edges' fixed (edge_w 0.95 in the InvPT / TaskPrompter configs; train.py --edge-pos-weight)
-        self.pos_weight = {'sal': None, 'edge': edge_pos_weight}
-        for t in [t for t in self.tasks if TASK_TABLE[t].kind == 'binary' and t not in self.pos_weight]:
-            raise unknown_kind(t, 'positive weight of its balanced BCE')
+        self.pos_weights = {t: (pos_weights or {}).get(t, TASK_TABLE[t].pos_weight) for t in self.tasks}
 
     def task_loss(self, task, pred, target):
         pred, kind = pred.float(), TASK_TABLE[task].kind
@@ -497,11 +410,10 @@ class MultiTaskLoss(nn.Module):
             n = (target != IGNORE_INDEX).sum()
             return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction='sum') / n.clamp(min=1)
         if kind == 'binary':
-            return _balanced_bce(pred, target, self.pos_weight[task])
+            return balanced_bce(pred, target, self.pos_weights[task])
         if kind == 'normals':
             # reference L1Loss(normalize=True): |unit(pred) - gt| summed over the 3 components, averaged
-            # over valid pixels (its masked_select takes 3 values per pixel but divides by pixels);
-            # gt is the decoded 2 v / 255 - 1, not renormalised, as there (see data.decode_normals)
+            # over valid pixels; gt is the decoded 2 v / 255 - 1, not renormalised (data.decode_normals)
             valid = normals_valid(target)
             err = (F.normalize(pred, p=2, dim=1) - target).abs() * valid
             return err.sum() / valid.sum().clamp(min=1)
@@ -515,28 +427,18 @@ class MultiTaskLoss(nn.Module):
         total = sum(self.weights[t] * per_task[t] for t in self.tasks)
         return total, per_task
 
-
-# -------------------------------------------------------------------------------------------------
-# What a model takes and returns: ImageNet-normalised RGB in; raw head outputs, post-processed as
-# apps want them (the one post-processing, shared by predict() and export.py's exported models)
-# -------------------------------------------------------------------------------------------------
+# What a model takes and returns: ImageNet-normalised RGB in; raw head outputs out, post-processed as
+# apps want them (predict() and export.py's models share normalise and postprocess)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics of the ImageNet-pretrained ViTs' inputs
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-_MEAN, _STD = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-
-
 def normalise(rgb):
     """RGB values 0-255, a tensor (..., 3, H, W) of any dtype -> the model's input, float32
-    (x / 255 - mean) / std per channel."""
-    return (rgb.float() / 255 - _MEAN) / _STD
-
-
-def denormalise(x):
-    """The inverse of normalise: (..., 3, H, W) -> RGB 0-255 float32, rounded and clamped."""
-    return ((x * _STD + _MEAN) * 255).round().clamp(0, 255)
+    (x / 255 - mean) / std per channel, on the tensor's device."""
+    mean, std = (torch.tensor(v, device=rgb.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (rgb.float() / 255 - mean) / std
 
 
 NORMALS_EPS = 1e-4  # the smallest normal fp16 number is 6e-5: a raw normal shorter than this has no direction
@@ -555,8 +457,8 @@ def postprocess(raw, probabilities=False):
             out[task] = F.normalize(x, dim=1, eps=NORMALS_EPS)  # (B, 3, H, W) unit vectors
         elif kind == 'binary':
             out[task] = x.sigmoid()  # (B, 1, H, W) probabilities
-        elif kind == 'depth':  # the head already predicts metres
-            out[task] = x
+        elif kind == 'depth':  # metres, never negative (as the saved .mat files)
+            out[task] = x.clamp(min=0)
         else:
             raise unknown_kind(task, 'post-processing')
     return out
@@ -564,20 +466,16 @@ def postprocess(raw, probabilities=False):
 
 @torch.no_grad()
 def predict(model, image, probabilities=False):
-    """One RGB image of any size (a PIL image, or an (H, W, 3) uint8 array) -> the model's predictions
-    at that size, post-processed: dict name -> numpy array, semseg / human_parts int32 (H, W) class
-    ids (with probabilities=True also '<task>_prob' float32 (C, H, W)), depth float32 (1, H, W)
-    metres, normals float32 (3, H, W) unit vectors, edge / sal float32 (1, H, W) probabilities.
+    """One image of any size (a PIL image, or an (H, W, 3) uint8 RGB array) -> the model's predictions
+    at that size, post-processed: dict name -> numpy array. semseg / human_parts int32 (H, W) class ids
+    (with probabilities=True also '<task>_prob' float32 (C, H, W)); depth float32 (1, H, W) metres;
+    normals float32 (3, H, W) unit vectors; edge / sal float32 (1, H, W) probabilities.
 
-    As in evaluation, the image is normalised and padded at the bottom / right to the network size
-    (model.backbone.grid x 16), first shrunk to fit (aspect kept, bilinear) if larger. The outputs of
-    its content are resized (bilinear) to (H, W) and post-processed; class ids one class at a time
-    (class_ids). On the model's device, in eval mode, under the caller's torch.autocast if any."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f'predict: an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
-        image = Image.fromarray(image)
-    image = image.convert('RGB')
+    A photo is read as it is shown (its EXIF orientation applied). As in evaluation, it is normalised
+    and padded at the bottom / right to the network size, first shrunk to fit (aspect kept) if larger.
+    The outputs of its content are resized (bilinear) to its size. On the model's device, in eval
+    mode, under the caller's torch.autocast if any."""
+    image = rgb_image(image)
     H, W = model.backbone.grid[0] * PATCH, model.backbone.grid[1] * PATCH
     s = min(1.0, H / image.height, W / image.width)
     h, w = min(H, max(1, round(image.height * s))), min(W, max(1, round(image.width * s)))
@@ -594,6 +492,113 @@ def predict(model, image, probabilities=False):
                                    probabilities))
     return {name: v[0].cpu().numpy() for name, v in out.items()}
 
+# Part II: the machinery behind the model: option checks, position embeddings, images, ImageNet weights, files
+# Checks and initialisation
+
+
+def default_taps(backbone, ablation='none'):
+    """The MMoE taps of a backbone preset: 4 evenly spaced blocks; an ablated model's one, the last."""
+    taps = VIT_PRESETS[backbone]['taps'] if backbone in VIT_PRESETS else ()
+    return taps if ablation == 'none' else taps[-1:]
+
+
+def check_options(model, backbone, img_size, num_experts, expert_dim, gate, memory_write):
+    """TaskExpert's options -> ValueError('<option> <value>: what is wrong') for the first bad one."""
+    if backbone not in VIT_PRESETS:
+        raise ValueError(f'backbone {backbone}: choose one of {", ".join(VIT_PRESETS)}')
+    if min(img_size) <= 0 or img_size[0] % PATCH or img_size[1] % PATCH:
+        raise ValueError(f'img_size {img_size[0]} {img_size[1]}: both must be positive and divisible by {PATCH}')
+    if gate not in ('token', 'image'):
+        raise ValueError(f'gate {gate}: must be token or image')
+    if memory_write not in ('replace', 'add'):
+        raise ValueError(f'memory_write {memory_write}: must be replace or add')
+    if model.grad_checkpoint not in ('off', 'mmoe', 'all'):
+        raise ValueError(f'grad_checkpoint {model.grad_checkpoint}: must be off, mmoe or all')
+    if model.ablation not in ABLATIONS:
+        raise ValueError(f'ablation {model.ablation}: must be one of {", ".join(ABLATIONS)}')
+    depth, taps = VIT_PRESETS[backbone]['depth'], ' '.join(map(str, model.taps))
+    if any(not 1 <= l <= depth for l in model.taps) or list(model.taps) != sorted(set(model.taps)):
+        raise ValueError(f'taps {taps}: must be increasing blocks in 1..{depth} for the {backbone} backbone')
+    if model.ablation != 'none' and len(model.taps) != 1:
+        raise ValueError(f'taps {taps}: an ablated model (ablation {model.ablation}) has one MMoE: give one tap')
+    for name, v in (('num_experts', num_experts), ('expert_dim', expert_dim)):
+        if v < 1:
+            raise ValueError(f'{name} {v}: must be at least 1')
+
+
+def init_vit(vit):
+    """A ViT's initialisation from scratch (timm's): truncated-normal Linear weights, zero biases, a
+    near-zero class token; [ours] the position embedding a 2-D sine-cosine code (as MAE / MoCo v3),
+    which gives every token its row and column from step 1 (depth leans on it: docs/results.md)."""
+    with torch.no_grad():
+        vit.pos_embed[0, 1:] = sincos_pos_embed(vit.grid, vit.pos_embed.shape[-1])
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
+def sincos_pos_embed(grid, dim):
+    """Fixed 2-D position codes (h*w, dim): sin and cos of the row, then of the column, each at dim/4
+    geometric frequencies 1 ... 1/10000 (the Transformer's sinusoidal code, once per axis)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing='ij')
+    angles = [a.reshape(-1, 1).float() * omega for a in (rows, cols)]  # 2 x (h*w, dim/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+
+
+def resample_pos_embed(pos_embed, grid, old_grid=None):
+    """A learned position embedding (1, 1 + h0*w0, C) resampled to the grid (h, w): bicubic in fp32,
+    antialiased as timm; the class-token slot kept. old_grid (h0, w0): the grid it was learnt at; None:
+    square if its patch count is a square (a timm checkpoint's: 24x24 for a 384 model, even where h x w
+    has as many patches), else (h, w) itself (one saved at this grid, e.g. a fine-tuned backbone)."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    if old_grid is None:
+        side = math.isqrt(patch_pos.shape[1])
+        if side * side != patch_pos.shape[1] and patch_pos.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f'position embedding with {patch_pos.shape[1]} patches: neither a square grid nor '
+                             f'{grid[0]}x{grid[1]}')
+        old_grid = (side, side) if side * side == patch_pos.shape[1] else tuple(grid)
+    if tuple(old_grid) == tuple(grid):
+        return pos_embed
+    C = pos_embed.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, *old_grid, C).permute(0, 3, 1, 2)  # (1, C, h0, w0)
+    patch_pos = F.interpolate(patch_pos, size=tuple(grid), mode='bicubic', align_corners=False, antialias=True)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def set_grid(vit, grid):
+    """Resample a ViT's position embedding in place to a new token grid (h, w) (export: a fixed size)."""
+    with torch.no_grad():
+        vit.pos_embed = nn.Parameter(resample_pos_embed(vit.pos_embed.data, grid, vit.grid))
+    vit.grid = tuple(grid)
+
+# Images as predict() takes them
+
+
+def rgb_image(image):
+    """A PIL image or an (H, W, 3) uint8 array -> an 8-bit RGB PIL image as it is shown: its EXIF
+    orientation applied; 16-bit or float greyscale scaled to 0..255 by its own range of values
+    (I;16: 0..65535, float: 0..1), not clipped; alpha dropped. Raises ValueError in one line for a
+    mode it cannot convert exactly."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'predict: an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
+        return Image.fromarray(image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # one channel of more than 8 bits
+        a = np.asarray(image, np.float64)
+        top = 1.0 if image.mode == 'F' else 65535.0
+        if image.mode == 'I' and a.max() > 65535:
+            raise ValueError(f'predict: a 32-bit integer image (values up to {a.max():.0f}): save it as 8- or 16-bit')
+        grey = np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, -1))
+    if image.mode not in ('RGB', 'RGBA', 'L', 'LA', 'P', 'PA', '1', 'CMYK', 'YCbCr', 'HSV', 'LAB', 'RGBX'):
+        raise ValueError(f'predict: an image of PIL mode {image.mode}; pass an 8-bit RGB or greyscale image')
+    return image.convert('RGB')
+
 
 def class_ids(logits, size):
     """argmax over the classes of logits (1, C, h, w) resized to size (bilinear) -> int32 (1, H, W), one
@@ -608,9 +613,13 @@ def class_ids(logits, size):
     return ids
 
 
-# -------------------------------------------------------------------------------------------------
+def denormalise(x):
+    """The inverse of normalise: (..., 3, H, W) -> RGB 0-255 float32, rounded and clamped."""
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return ((x * std + mean) * 255).round().clamp(0, 255)
+
 # ImageNet-pretrained ViT checkpoints as people have them (timm / hub .pth .bin .safetensors, .npz)
-# -------------------------------------------------------------------------------------------------
+
 
 def _read_npz(path, depth):
     """Google's original ViT .npz (big_vision / vit_jax names) -> timm's names and layouts."""
@@ -640,8 +649,6 @@ def _read_npz(path, depth):
 
 HUB_ID = re.compile(r'[\w-][\w.-]*(/[\w-][\w.-]*)?')  # a hub repository: owner/name, or a bare timm name
 WEIGHT_FILES = ('.pth', '.pt', '.bin', '.safetensors', '.npz')
-
-
 # The ImageNet checkpoint the authors' code starts from, as a hub id: timm's vit_<size>_patch16_384 with
 # pretrained=True (TaskPrompter utils/common_config.py get_backbone), the AugReg ImageNet-21k -> 1k weights
 IMAGENET_WEIGHTS = 'vit_{}_patch16_384.augreg_in21k_ft_in1k'  # .format(backbone size)
@@ -649,10 +656,9 @@ IMAGENET_WEIGHTS = 'vit_{}_patch16_384.augreg_in21k_ft_in1k'  # .format(backbone
 
 def pretrained_file(name):
     """An ImageNet checkpoint as train.py's --pretrained names it -> a local file: the path itself, else
-    the model.safetensors of that Hugging Face hub repository (a bare timm name such as
-    vit_large_patch16_384.augreg_in21k_ft_in1k is timm/<name>), fetched once, with a progress bar, into
-    torch's hub cache (<TORCH_HOME>/hub/checkpoints); HF_ENDPOINT may name a mirror of the hub. Raises
-    FileNotFoundError in one line naming the file and how to fetch it by hand when it cannot be fetched."""
+    the model.safetensors of that Hugging Face hub repository (a bare timm name is timm/<name>), fetched
+    once with a progress bar into torch's hub cache (<TORCH_HOME>/hub/checkpoints). HF_ENDPOINT may name
+    a mirror of the hub. FileNotFoundError in one line, with how to fetch it by hand, when it cannot be."""
     if os.path.isfile(name):
         return name
     if name.endswith(WEIGHT_FILES) or not HUB_ID.fullmatch(name):
@@ -673,11 +679,11 @@ def pretrained_file(name):
 
 
 def load_pretrained(model, name):
-    """Load an ImageNet ViT checkpoint (a file or a hub id, see pretrained_file) into model.backbone,
-    strictly: a timm state dict (.pth/.pt/.bin, maybe wrapped in {'model': ...} or {'state_dict': ...},
-    keys maybe prefixed 'module.' or '_orig_mod.'), a .safetensors file or Google's .npz. The classifier
-    ('head.*', 'fc_norm.*') is dropped; pos_embed is resampled to the training grid; every other key
-    must match in name and shape."""
+    """An ImageNet ViT checkpoint (a file or a hub id, see pretrained_file) into model.backbone, strictly:
+    a timm state dict (.pth/.pt/.bin, maybe wrapped in {'model': ...} or {'state_dict': ...}, keys maybe
+    prefixed 'module.' or '_orig_mod.'), a .safetensors file or Google's .npz. The classifier ('head.*',
+    'fc_norm.*') is dropped; pos_embed is resampled to the training grid; every other key must match
+    in name and shape."""
     path = pretrained_file(name)
     vit = model.backbone
     if path.endswith('.safetensors'):
@@ -702,14 +708,11 @@ def load_pretrained(model, name):
             raise ValueError(f'{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}')
     vit.load_state_dict(clean, strict=True)
 
-
-# -------------------------------------------------------------------------------------------------
 # Trained models' files, as train.py writes them (atomically; tensors and plain data, weights_only=True):
 #   .pt               the full training state: 'model', 'optimizer', 'scaler', 'step', 'rng' (one RNG state
 #                     per process), 'config' (train.py's settings), 'best' (in best.pt: its record), 'format'
 #   best.safetensors  the model to share: its weights alone; 'config', 'step', 'metrics' (its evaluation),
 #                     'selection' (how it was chosen) and 'format' as JSON strings in its metadata
-# -------------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = 2  # 2: the last MMoE reads the final LayerNorm's output (format 1, unmarked: it did not)
 

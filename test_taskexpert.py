@@ -41,7 +41,7 @@ import data
 import export
 import taskexpert
 import train
-from data import (EDGE_SUBSETS, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool, NormalsMeter, SaliencyMeter, SegMeter,
+from data import (EDGE_TEST_NEW, EDGE_THRESHOLDS, DepthMeter, EdgeMeter, EdgePool, NormalsMeter, SaliencyMeter, SegMeter,
                   _edge_nms, _maximum_matching, _thin_lanes, delta_m, make_meters, thin)
 from taskexpert import (ABLATIONS, CHECKPOINT_FORMAT, IMAGENET_MEAN, IMAGENET_STD, TASK_TABLE, TASKS, MultiTaskLoss, TaskExpert,
                         denormalise, load_pretrained, normalise, postprocess, predict, pretrained_file,
@@ -74,10 +74,10 @@ def test_model_outputs_named_per_task_at_input_size(dataset):
 def test_model_gates_are_distributions_over_experts_and_memory():
     model = _tiny(TASKS['nyud'], num_experts=5).eval()
     with torch.no_grad():
-        model(torch.randn(2, 3, *_MODEL_SIZE))
-    assert len(model.gate_weights) == 4
+        _, gate_weights = model.forward_with_gates(torch.randn(2, 3, *_MODEL_SIZE))
+    assert len(gate_weights) == 4
     n_tokens = (_MODEL_SIZE[0] // 16) * (_MODEL_SIZE[1] // 16)
-    for i, gates in enumerate(model.gate_weights):
+    for i, gates in enumerate(gate_weights):
         for task, g in gates.items():
             # the first MMoE has no memory yet: it weighs the 5 experts only; later ones add M_t
             assert g.shape == (2, n_tokens, 5 if i == 0 else 6)
@@ -225,12 +225,11 @@ def test_model_mmoe_saves_expert_features_once_in_low_precision():
 def test_model_ablations_remove_what_they_name():
     models = {a: _tiny(TASKS['nyud'], num_experts=5, ablation=a).eval() for a in ABLATIONS}
     with torch.no_grad():
-        for m in models.values():
-            m(torch.randn(2, 3, *_MODEL_SIZE))
+        gates = {a: m.forward_with_gates(torch.randn(2, 3, *_MODEL_SIZE))[1] for a, m in models.items()}
     full, no_memory, static = models['none'], models['no-memory'], models['static']
     # no memory: one MMoE, at the last tap, its gates weigh the 5 experts only; static: no gates at all
     assert full.taps == (3, 6, 9, 12) and no_memory.taps == static.taps == (12,)
-    assert [g['depth'].shape for g in no_memory.gate_weights] == [(2, 24, 5)] and static.gate_weights == [{}]
+    assert [g['depth'].shape for g in gates['no-memory']] == [(2, 24, 5)] and gates['static'] == [{}]
     n_params = {a: sum(p.numel() for p in m.parameters()) for a, m in models.items()}
     gate_params = sum(p.numel() for p in no_memory.mmoe[0].gates.parameters())
     assert n_params['static'] == n_params['no-memory'] - gate_params and n_params['no-memory'] < n_params['none']
@@ -263,7 +262,7 @@ def test_model_predictions_are_fp32_under_bf16_autocast_at_any_size():
         assert not torch.equal(out[t], out[t].to(torch.bfloat16).float()), t  # more than bf16's 8 bits
     # the resampled position embedding is the one a model of that training size would hold
     at_80x48 = copy.deepcopy(model)
-    at_80x48.backbone.set_grid((5, 3))
+    taskexpert.set_grid(at_80x48.backbone, (5, 3))
     with torch.no_grad():
         torch.testing.assert_close(at_80x48(x)['depth'], ref['depth'])
 
@@ -474,12 +473,14 @@ def test_model_from_scratch_starts_with_sincos_positions():
 def test_model_rejects_bad_options():
     with pytest.raises(ValueError, match='divisible by 16'):
         TaskExpert(TASKS['nyud'], backbone='tiny', img_size=(100, 96))
-    with pytest.raises(ValueError, match='unknown backbone'):
+    with pytest.raises(ValueError, match='backbone huge: choose one of tiny, small, base, large'):
         TaskExpert(TASKS['nyud'], backbone='huge')
     with pytest.raises(ValueError, match='taps'):
         TaskExpert(TASKS['nyud'], backbone='tiny', taps=(3, 13))
     with pytest.raises(ValueError, match='ablation no-gates: must be one of none, no-memory, static'):
         TaskExpert(TASKS['nyud'], backbone='tiny', ablation='no-gates')
+    with pytest.raises(ValueError, match='taps 3 12: an ablated model .* has one MMoE: give one tap'):
+        TaskExpert(TASKS['nyud'], backbone='tiny', taps=(3, 12), ablation='static')
 
 
 # ==================================================================================================
@@ -568,13 +569,12 @@ def test_metrics_losses_hand_values():
 
 def test_metrics_a_task_of_a_new_kind_stops_at_every_switch_it_lacks(tmp_path, monkeypatch):
     """A task added with a kind the code has no case for is an error naming it at each switch on the
-    kind, never another kind's case by default (README, 'Adding a task'); a new binary task without a
-    positive weight, a NYUD task without its reader, likewise."""
-    monkeypatch.setitem(TASK_TABLE, 'flow', taskexpert.Task('flow', 1.0, 'epe', False))
+    kind, never another kind's case by default (README, 'Adding a task'); a task judged by a meter that
+    does not exist, a NYUD task without its reader, likewise."""
+    monkeypatch.setitem(TASK_TABLE, 'flow', taskexpert.Task('flow', 1.0, 'epe', False, 'flow', 'optical flow'))
     x = torch.zeros(1, 2, 4, 6)
     calls = {'loss': lambda: MultiTaskLoss(['flow']).task_loss('flow', x, x),
              'post-processing': lambda: postprocess({'flow': x}),
-             'meter': lambda: make_meters(['flow'], 'nyud'),
              'padding': lambda: data.to_tensors({'image': np.zeros((4, 6, 3), np.uint8), 'flow': np.zeros((4, 6, 2))}, (4, 6)),
              'picture': lambda: train.render('flow', x[0]),
              'random target': lambda: train.random_batch({'flow': 2}, 1, (4, 6), torch.device('cpu')),
@@ -584,9 +584,8 @@ def test_metrics_a_task_of_a_new_kind_stops_at_every_switch_it_lacks(tmp_path, m
     for what, call in calls.items():
         with pytest.raises(ValueError, match=f"task 'flow' of kind 'flow': no {what} for this kind"):
             call()
-    monkeypatch.setitem(TASK_TABLE, 'mask', taskexpert.Task('binary', 1.0, 'maxF', True))
-    with pytest.raises(ValueError, match="task 'mask' of kind 'binary': no positive weight"):
-        MultiTaskLoss(['mask'])
+    with pytest.raises(ValueError, match="task 'flow': no meter 'flow'"):
+        make_meters(['flow'], 'nyud')
     root = _data_write_nyud_tree(tmp_path)
     monkeypatch.setitem(TASKS['nyud'], 'flow', 2)
     monkeypatch.setitem(data.NYUD.FILES, 'flow', ('depth', '.npy'))  # a file, but no reader for it
@@ -603,7 +602,7 @@ def test_metrics_loss_weights_defaults_and_overrides():
     assert total.item() == pytest.approx(per_task['semseg'].item() + per_task['edge'].item())
     y = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
     x = torch.zeros(1, 1, 1, 2)
-    edge = MultiTaskLoss(['edge'], edge_pos_weight=0.5)({'edge': x}, {'edge': y})[1]['edge']
+    edge = MultiTaskLoss(['edge'], pos_weights={'edge': 0.5})({'edge': x}, {'edge': y})[1]['edge']
     assert edge.item() == pytest.approx(0.5 * math.log(2))
     with pytest.raises(ValueError, match='unknown task'):
         MultiTaskLoss(['semseg', 'optical_flow'])
@@ -886,15 +885,13 @@ def test_metrics_edge_pool_counts_equal_serial():
 
 
 def test_metrics_pascal_boundaries_on_seism_test_new():
-    name, ids = EDGE_SUBSETS['pascal']
-    ids = sorted(ids)
-    assert name == 'test_new' and len(ids) == 2498
+    ids = sorted(EDGE_TEST_NEW)
+    assert len(ids) == 2498
     # sha256 of the 2,498 ids of SEISM's gt_sets/PASCALContext/test_new.txt, one per line
     assert hashlib.sha256('\n'.join(ids).encode()).hexdigest() == \
         '36b2fca3b8f3562bbcbcc7b3a6e305fa57bfbb97266dee347fd831eb4faf5317'
     assert ids[:3] == ['2008_000003', '2008_000007', '2008_000009'] and ids[-1] == '2010_006061'
     assert '2008_008203' in ids and '2010_002089' in ids and '2008_000002' not in ids
-    assert 'nyud' not in EDGE_SUBSETS  # NYUD: every val image
 
 
 def test_metrics_maximum_matching_is_exact():
@@ -1004,7 +1001,7 @@ def test_data_nyud_reader_decodes_and_pads(tmp_path):
     ds = data.NYUD(root, 'val', train=False, size=(8, 16))
     s = ds[0]
     image, seg, depth, normals, edge = _data_nyud_sample(3)
-    assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W), 'read_as': []}  # RGB: read as it is
+    assert s['meta'] == {'id': '0003', 'size': (_DATA_H, _DATA_W), 'unscored': (), 'read_as': []}  # RGB: read as it is
     assert s['image'].shape == (3, 8, 16) and s['image'].dtype == torch.float32
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     want = (torch.from_numpy(image).permute(2, 0, 1) / 255 - mean) / std
@@ -1311,7 +1308,7 @@ def test_data_pascal_reader_decodes(tmp_path):
     root = _data_write_pascal_tree(tmp_path)
     ds = data.PASCALContext(root, 'train', train=False, size=(16, 16))
     s = ds[0]
-    assert s['meta'] == {'id': '2008_000001', 'size': (_DATA_PH, _DATA_PW), 'has_human': True, 'read_as': []}
+    assert s['meta'] == {'id': '2008_000001', 'size': (_DATA_PH, _DATA_PW), 'unscored': (), 'read_as': []}
     assert s['semseg'][0, 0] == 255 and s['semseg'][1, 1] == 15 and (s['semseg'][_DATA_PH:] == 255).all()
     hp = s['human_parts']
     assert hp[0, 0] == 1 and hp[2, 0] == 3 and hp[7, 0] == 6  # head, upper arm, foot
@@ -1328,7 +1325,7 @@ def test_data_pascal_reader_decodes(tmp_path):
     assert (e.sum(1)[1:] == 1).all() and set(e.nonzero()[:, 1].tolist()) <= {4, 5}  # the top end is thinned away
     # the second image: Context semseg, no person
     s = ds[1]
-    assert s['semseg'][1, 1] == 7 and not s['meta']['has_human']
+    assert s['semseg'][1, 1] == 7 and s['meta']['unscored'] == ('human_parts',)  # no person
     assert (s['human_parts'][:_DATA_PH, :_DATA_PW] == 0).all()
 
 
@@ -1683,10 +1680,10 @@ def test_train_writes_outputs_and_lowers_the_loss(_train_run, tmp_path, capsys):
                                 '--max-iters', '30', '--eval-every', '30', '--log-every', '10'))
     losses = [r['loss'] for r in _train_losses(tmp_path / 'fit')]
     assert len(losses) == 3 and losses[2] < 0.9 * losses[0], losses
-    # the evaluation says how far it is, then which images its boundary scores cover
+    # the evaluation says how far it is; NYUD scores every task on every val image
     out = capsys.readouterr().out
-    assert re.search(r'eval: 1/1 images, [\d.]+ img/s, eta 0:00:00\neval at step 30 \(1 val images', out), out
-    assert json.loads(open(tmp_path / 'fit' / 'metrics.jsonl').readline())['edge_images'] == 'all 1 val images'
+    assert re.search(r'eval: 1/1 images, [\d.]+ img/s, eta 0:00:00\neval at step 30 \(1 val images, [\d.]+ s, [\d.]+ img/s\):', out), out
+    assert 'scored_on' not in json.loads(open(tmp_path / 'fit' / 'metrics.jsonl').readline())
 
 
 @pytest.mark.heavy
@@ -1899,7 +1896,6 @@ def test_train_torchrun_sharded_eval_equals_one_process(_train_run, tmp_path):
     step = read_checkpoint(str(_train_run / 'run' / 'best.pt'))['step']  # (the best evaluation's: 3 or 6)
     assert sorted(os.listdir(tmp_path / 'two' / f'val_step{step}' / 'edge')) == [f'{i}.png' for i in val_ids]  # both shares
     one, two = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('one', 'two'))
-    assert one['edge_images'] == two['edge_images'] == 'all 3 val images'
     assert one['edge'] == two['edge']  # integer counts: exactly
     for t in ('semseg', 'depth', 'normals'):  # float sums, added in another order
         assert two[t] == _metrics_approx(one[t], rel=1e-9), t
@@ -2387,7 +2383,7 @@ def test_train_safetensors_is_the_model_to_share(_train_run, tmp_path, monkeypat
     train.main(['--eval-only', '--checkpoint', shared, '--out-dir', str(tmp_path / 'eval'), '--eval-workers', '1'])
     # its summary is the measure of what an evaluation costs: images, seconds, images/s
     out = capsys.readouterr().out
-    assert re.search(r'eval at step \d+ \(2 val images, [\d.]+ s, [\d.]+ img/s; boundaries on all 2 val images\)', out), out
+    assert re.search(r'eval at step \d+ \(2 val images, [\d.]+ s, [\d.]+ img/s\)', out), out
     line = json.loads(open(tmp_path / 'eval' / 'metrics.jsonl').readline())
     logged = [e for e in map(json.loads, open(run / 'metrics.jsonl')) if e['step'] == model.step][0]
     assert line['eval_only'] == shared and {t: line[t] for t in model.tasks} == {t: logged[t] for t in model.tasks}
@@ -2527,7 +2523,7 @@ def test_train_nyud_starts_from_imagenet_weights_and_offline_says_how_to_fetch_t
 def test_train_ablation_trains_evaluates_and_reloads(ablation, _train_run, tmp_path, capsys):
     run = tmp_path / 'run'
     train.main(_train_tiny_args(_train_run / 'data', run, '--max-iters', '2', '--eval-every', '2',
-                                '--ablation', ablation))
+                                '--ablation', ablation, '--taps', '6'))
     assert json.load(open(run / 'config.json'))['ablation'] == ablation
     evals = [json.loads(line) for line in open(run / 'metrics.jsonl')]
     assert evals[0]['gate_memory'] == {}  # no memory to read
@@ -2600,7 +2596,8 @@ def _export_tiny(tasks, **options):
     activations are O(1) as in a trained network; at init they are small, where e.g. GELU's tanh and
     exact forms hardly differ."""
     torch.manual_seed(0)
-    model = TaskExpert(tasks, backbone='tiny', img_size=_EXPORT_SIZE, num_experts=2, expert_dim=16, taps=(1, 2),
+    taps = (2,) if options.get('ablation', 'none') != 'none' else (1, 2)
+    model = TaskExpert(tasks, backbone='tiny', img_size=_EXPORT_SIZE, num_experts=2, expert_dim=16, taps=taps,
                        **options)
     model.backbone.blocks = model.backbone.blocks[:2]
     with torch.no_grad():
@@ -2812,18 +2809,18 @@ def test_export_coreml_check_catches_wrong_conversions(_export_coreml_packages, 
 
 
 class _PatchEmbedTimes(export.AppModel):
-    """The app model with its input scaled by 1 / factor and the patch embedding's weights by factor:
-    the same outputs, the weights' magnitudes moved (factor 1 / 255: the normalisation folded whole
-    into the conv, as export.py once did)."""
+    """The app model with its normalised input scaled by 1 / factor and the patch embedding's weights by
+    factor: the same outputs, the weights' magnitudes moved (factor 1 / 255: as if the / 255 of the
+    normalisation were folded into the conv)."""
 
     def __init__(self, model, factor):
-        super().__init__(model)
+        super().__init__(copy.deepcopy(model))
         self.factor = factor
         with torch.no_grad():
             self.model.backbone.patch_embed.proj.weight.mul_(factor)
 
     def forward(self, image):
-        x = image * (1 / 255) / self.factor  # (B, 3, H, W), at most 255 / (255 factor)
+        x = normalise(image) / self.factor  # (B, 3, H, W)
         return tuple(postprocess(self.model(x), self.probabilities).values())
 
 

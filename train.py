@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from data import DataError
-from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
+from taskexpert import (ABLATIONS, default_taps, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
                         TaskExpert, atomic_write, denormalise, load_pretrained, load_weights, postprocess, predict,
                         pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
                         unknown_kind)
@@ -279,7 +279,7 @@ def resolve_config(args, given, ckpt_config=None):
     # the defaults that depend on the backbone, written out so config.json is complete
     preset = VIT_PRESETS[cfg['backbone']]
     cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
-    cfg['taps'] = list(cfg['taps'] or preset['taps'])
+    cfg['taps'] = list(cfg['taps'] or default_taps(cfg['backbone'], cfg['ablation']))
     cfg['img_size'] = list(cfg['img_size'])
     if cfg['pretrained'] == 'imagenet':
         cfg['pretrained'] = IMAGENET_WEIGHTS.format(cfg['backbone'])
@@ -668,7 +668,7 @@ def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, r
             model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
     if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
         trained = torch.compile(trained)
-    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], edge_pos_weight=cfg['edge_pos_weight'])
+    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], pos_weights={'edge': cfg['edge_pos_weight']})
     return Run(cfg, model, trained, optimizer, scaler, loss_fn, device, amp_dtype, world)
 
 
@@ -938,7 +938,6 @@ def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, sa
         for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
             dist.broadcast(b, 0)
     split = whole_split(loader)
-    _, edge_ids = data.edge_subset(dataset, split.ids)
     meters = data.make_meters(model.tasks, dataset, pool)
     gates = GateMeans(model, device)
     kept, done, t0 = [], 0, time.time()
@@ -949,11 +948,11 @@ def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, sa
     for batch in loader:
         images = batch['image'].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            outputs = model(images)
+            outputs, gate_weights = model.forward_with_gates(images)
         outputs = {t: o.float() for t, o in outputs.items()}
-        gates.add(model.gate_weights, batch['meta'], images.shape[-2:])
+        gates.add(gate_weights, batch['meta'], images.shape[-2:])
         torch.set_num_threads(meter_threads)
-        data.update_meters(meters, outputs, batch, edge_ids)
+        data.update_meters(meters, outputs, batch)
         if save_to:
             data.write_predictions(save_to, outputs, batch)
         torch.set_num_threads(threads)  # (the model's)
@@ -981,7 +980,7 @@ class GateMeans:
         self.tokens = torch.zeros((), dtype=torch.float64)
 
     def add(self, taps, metas, size):
-        """taps: model.gate_weights after a forward pass; metas: the batch's; size: its (H, W)."""
+        """taps: the gate weights of a forward pass (TaskExpert.forward_with_gates); metas: the batch's; size: its (H, W)."""
         valid = torch.zeros(len(metas), size[0] // PATCH, size[1] // PATCH)
         for i, meta in enumerate(metas):
             valid[i, :math.ceil(meta['size'][0] / PATCH), :math.ceil(meta['size'][1] / PATCH)] = 1
@@ -1020,17 +1019,16 @@ def report(cfg, model, step, evaluation, *, board=None, tag=None, save_to=None):
     by_tap = {f'block{b}': {t: [round(w, 4) for w in g] for t, g in tap.items()}
               for b, tap in zip(model.taps, evaluation.gates) if tap}
     memory = {b: {t: g[-1] for t, g in tap.items()} for b, tap in list(by_tap.items())[1:]}
-    edges = {'edge_images': data.edge_subset(cfg['dataset'], split.ids)[0]} if 'edge' in scores else {}
+    subsets = {t: what for t, what in split.subsets.items() if t in scores}  # the tasks scored on some images
     final = tag is None and step == cfg['max_iters']
     record = {'step': step, **({'eval_only': tag} if tag else {}), **({'report': True} if final else {}),
-              **scores, **edges, 'gate_memory': memory, 'gates': by_tap}
+              **scores, **({'scored_on': subsets} if subsets else {}), 'gate_memory': memory, 'gates': by_tap}
     baselines = read_baselines(cfg)
     if baselines:
         record['delta_m'] = data.delta_m({t: scores[t][TASK_TABLE[t].metric] for t in scores}, baselines)
         record['baselines'] = baselines
-    boundaries = f'; boundaries on {edges["edge_images"]}' if edges else ''
     log(f'eval at step {step} ({len(split)} val images, {evaluation.seconds:.1f} s, '
-        f'{len(split) / evaluation.seconds:.1f} img/s{boundaries}):')
+        f'{len(split) / evaluation.seconds:.1f} img/s' + ''.join(f'; {t} on {w}' for t, w in subsets.items()) + '):')
     log_scores(record, scores, per_class=tag is not None)
     if save_to:
         log(f'  the predictions of the {len(split)} val images: {save_to}/<task>/<id>.png (depth .mat)')
