@@ -1,33 +1,19 @@
-"""The benchmarks: NYUD-v2 and PASCAL-Context as the multi-task literature distributes and scores
-them, and synthetic rooms in the NYUD layout for offline runs. "The reference" is the ATRC / InvPT
-data and evaluation code, SEISM for boundaries (README, 'References').
+"""The benchmarks: NYUD-v2 and PASCAL-Context as the multi-task literature distributes and scores them,
+and synthetic rooms in the NYUD layout for offline runs. "The reference" is the ATRC / InvPT data and
+evaluation code, and SEISM for boundaries (README, 'References').
 
-Read top to bottom: the datasets' files and class tables -> reading and decoding them -> the
-training augmentations -> the readers (NYUD, PASCALContext) -> loaders -> scoring (the meters, the
-SEISM boundary protocol, PASCAL's test_new subset, the per-image scoring loop, Delta_m) -> the
-synthetic scene generator. The model's side of the contract (normalisation, the task table) is
-taskexpert.py's.
-
-A sample (contract): 'image' float32 (3, H, W) ImageNet-normalised; 'semseg' / 'human_parts' int64
-(H, W) with 255 = void; 'sal' / 'edge' float32 (1, H, W) in {0, 1} with 255 = padding; 'normals'
-float32 (3, H, W) as stored, 2 v / 255 - 1 (near-unit vectors), all-zero = invalid (padding);
-'depth' float32 (1, H, W) metres, 0 = invalid;
-'meta' {'id', 'size': (h, w) of the unpadded content, 'unscored': the tasks the benchmark does not score on
-this image (PASCAL: human parts without a person, boundaries outside SEISM's test_new), 'read_as'}.
-Inside this module, before the final conversion, a sample is a dict of numpy arrays in HWC layout:
-image uint8 (h, w, 3), labels uint8 (h, w) with 255 = void, depth float32 (h, w), normals float32
-(h, w, 3).
+A sample (the contract): a dict of tensors at the network size (H, W); each target by its task's kind.
+  image    float32 (3, H, W), ImageNet-normalised; padding 0
+  classes  int64 (H, W) class ids (semseg, human_parts); 255 = void and padding
+  binary   float32 (1, H, W) in {0, 1} (sal, edge); 255 = padding
+  normals  float32 (3, H, W) as stored, 2 v / 255 - 1; the zero vector = invalid and padding
+  depth    float32 (1, H, W) metres; 0 = invalid and padding
+  meta     {'id', 'size': (h, w) of the unpadded content, 'unscored': the tasks the benchmark does not
+           score on this image, 'read_as': the conversions its image file took}
+Before to_tensors, a sample is numpy in HWC layout: image uint8 (h, w, 3), labels uint8 (h, w), depth
+float32 (h, w), normals float32 (h, w, 3).
 """
-import base64
-import collections
-import colorsys
-import concurrent.futures
-import json
-import math
-import multiprocessing
-import os
-import signal
-import sys
+import base64, collections, colorsys, concurrent.futures, json, math, multiprocessing, os, signal, sys, types
 import zlib
 
 import numpy as np
@@ -42,11 +28,557 @@ from scipy.sparse.csgraph import maximum_flow
 from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
                         postprocess, unknown_kind)
 
+# ---- The readers: which file each task comes from, and how its target is decoded ------------------
+
+
+def edge_target(labels, split, train_target):
+    """The edge target of a split, from the label map its boundaries are drawn from. On the val split, the one
+    the benchmarks score: SEISM's ground-truth boundary (gt_boundary). To train on: the reference's target."""
+    return gt_boundary(labels) if split == 'val' else train_target(labels)
+
+
+class _MultiTaskDataset(torch.utils.data.Dataset):
+    """What the readers share: the ids, and load -> (augment | pad) -> tensors. Its `rng` (a numpy Generator)
+    draws the augmentations; train_loader re-seeds it per sample."""
+    dataset = SIZE = SPLITS = IMAGES = None  # its key of TASKS, network size, split files' folder, images' files
+    FILES = {}  # task -> (folder, extension, decode(file, s) -> target); s: what the sample's decoders share
+
+    def __init__(self, root, split='train', train=True, size=None, tasks=None, seed=0):
+        known = TASKS[self.dataset]
+        self.tasks = tuple(known if tasks is None else tasks)
+        if unknown := [t for t in self.tasks if t not in known]:
+            raise ValueError(f'unknown {self.dataset} task(s) {unknown}: choose from {", ".join(known)}')
+        if unread := [t for t in self.tasks if t not in self.FILES]:
+            raise ValueError(f'{type(self).__name__} has no reader for task {unread[0]!r}')
+        if not os.path.isdir(root):
+            raise DataError(f'{root}: dataset folder not found; {_SEE_README}')
+        self.root, self.split, self.train, self.size = root, split, train, tuple(size or self.SIZE)
+        self.rng = np.random.default_rng(seed)
+        self.subsets = {}  # task -> the images its meter scores, for a task scored on part of the split
+        split_file = os.path.join(root, self.SPLITS, f'{split}.txt')
+        self.ids = _read_split(split_file)
+        _check_files([self.path(f, i) for i in self.ids for f in self.needs()], split_file)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        sample, meta = self.load(i)
+        if self.train:
+            sample, meta['size'] = augment(sample, self.size, self.rng)
+        else:  # only padded: the image must fit the network
+            _check_fits(self, i, *meta['size'])
+        out = to_tensors(sample, self.size)
+        out['meta'] = meta
+        return out
+
+    def load(self, i):
+        """Sample i -> (its arrays: the image and each task's target as FILES decodes it, its meta)."""
+        id_ = self.ids[i]
+        image, read_as = _image(self.path('image', id_))
+        s = self.shared(id_, image.shape[:2])
+        sample = {'image': image}
+        for t in self.tasks:
+            p = self.path(t, id_)
+            sample[t] = self.FILES[t][2](p, s)
+            _check_shape(p, sample[t], s.shape)
+        return sample, {'id': id_, 'size': s.shape, 'unscored': tuple(s.unscored), 'read_as': read_as}
+
+    def shared(self, id_, shape):
+        """What the decoders of sample `id_` share: the split, the image's (h, w), the tasks left unscored."""
+        return types.SimpleNamespace(split=self.split, shape=shape, unscored=[])
+
+    def path(self, name, id_):
+        """The file that `name` ('image' or a task) of sample `id_` is read from."""
+        folder, ext = self.IMAGES if name == 'image' else self.FILES[name][:2]
+        return os.path.join(self.root, folder, id_ + ext)
+
+    def needs(self):
+        return ('image',) + self.tasks
+
+    def check(self, workers=0, rank=0, world=1):
+        """Read this process's share of the samples once, before the run (check_samples)."""
+        check_samples(self, workers, rank, world)
+
+
+class NYUD(_MultiTaskDataset):
+    """NYUD-v2 in the ATRC / InvPT layout of NYUDv2.tar.gz (DOWNLOAD_HELP); also the synthetic scenes."""
+    dataset, SIZE, SPLITS, IMAGES = 'nyud', (448, 576), 'gt_sets', ('images', '.png')
+    FILES = {
+        'semseg': ('segmentation', '.png',  # 1..40 -> 0..39; void 0 - 1 wraps to 255
+                   lambda p, s: (_labels(p, 40).astype(np.int64) - 1).astype(np.uint8)),
+        'depth': ('depth', '.npy', lambda p, s: _depth(p)),  # metres, 0 = invalid
+        'normals': ('normals', '.png', lambda p, s: _normals(p)),  # 2 v / 255 - 1
+        'edge': ('edge', '.png',  # stored 0 / 255; the reference trains on > 127
+                 lambda p, s: edge_target(_grey(p, 'edge'), s.split, lambda m: (m > 127).astype(np.uint8)))}
+
+
+class PASCALContext(_MultiTaskDataset):
+    """PASCAL-Context in the ATRC / InvPT layout of PASCALContext.tar.gz (DOWNLOAD_HELP)."""
+    dataset, SIZE, SPLITS, IMAGES = 'pascal', (512, 512), 'ImageSets/Context', ('JPEGImages', '.jpg')
+    LABELMAP = ('pascal-context/trainval', '.mat')  # 'LabelMap', 459 context classes: s.labelmap
+    FILES = {
+        'semseg': ('semseg/VOC12', '.png', lambda p, s: _labels(p, 20, void=IGNORE_INDEX)),  # else pascal-context/
+        'human_parts': ('human_parts', '.mat', lambda p, s: _person_parts(p, s)),  # 0..6, unscored without a person
+        'sal': ('sal_distill', '.png',  # 0..255 -> {0, 1}
+                lambda p, s: (_grey(p, 'saliency').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)),
+        'normals': ('normals_distill', '.png',  # kept on the context classes NYU has too, else 0 = invalid
+                    lambda p, s: np.where(np.isin(s.labelmap, PASCAL_NORMAL_CLASSES)[..., None], _normals(p),
+                                          0).astype(np.float32)),
+        'edge': (*LABELMAP, lambda p, s: edge_target(s.labelmap, s.split, labelmap_edges))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # as published: boundaries scored on SEISM's test_new subset of val, human parts on the images with a person
+        self.edge_ids = EDGE_TEST_NEW & set(self.ids) if self.split == 'val' and 'edge' in self.tasks else set()
+        if self.edge_ids:
+            self.subsets['edge'] = f'test_new: {len(self.edge_ids)} of {len(self.ids)} val images'
+        if 'human_parts' in self.tasks:
+            self.subsets['human_parts'] = 'the images with a person'
+
+    def shared(self, id_, shape):
+        s = super().shared(id_, shape)
+        if self.edge_ids and id_ not in self.edge_ids:
+            s.unscored.append('edge')
+        if 'edge' in self.tasks or 'normals' in self.tasks:
+            s.labelmap = _labelmap(self.path('labelmap', id_), shape)
+        return s
+
+    def path(self, name, id_):
+        if name == 'labelmap':
+            return os.path.join(self.root, self.LABELMAP[0], id_ + self.LABELMAP[1])
+        p = super().path(name, id_)
+        if name == 'semseg' and not os.path.isfile(p):  # VOC12's masks where they exist, else Context's
+            p = os.path.join(self.root, 'semseg', 'pascal-context', id_ + '.png')
+        return p
+
+    def needs(self):
+        return super().needs() + (('labelmap',) if 'normals' in self.tasks else ())
+
+
+# ---- The training augmentations of the reference recipe (TaskPrompter data/transforms.py) --------
+
+
+def random_scale(sample, rng, lo=0.5, hi=2.0):
+    """Resize everything by one s ~ U(lo, hi) to int(h s) x int(w s), as the reference RandomScaling: the image
+    bilinear without antialiasing (OpenCV's INTER_LINEAR), float32, not rounded; the targets nearest."""
+    s = rng.uniform(lo, hi)
+    h0, w0 = sample['image'].shape[:2]
+    h, w = max(1, int(h0 * s)), max(1, int(w0 * s))
+    out = {}
+    for k, a in sample.items():
+        if k == 'image':
+            x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).permute(2, 0, 1)[None]  # (1, 3, h0, w0)
+            out[k] = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
+        elif TASK_TABLE[k].kind == 'depth':  # the scene looks s times closer
+            out[k] = _nearest(a, h, w) / np.float32(s)
+        else:
+            out[k] = _nearest(a, h, w)
+    return out
+
+
+def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
+    """Crop a window of min(image, size), as the reference RandomCrop (mmseg's cat_max_ratio). A window whose
+    balancing labels (semseg) hold one class, or one class on max_ratio of them or more, is drawn again, up
+    to `tries` times; the window drawn after the last try is kept as it is."""
+    h0, w0 = sample['image'].shape[:2]
+    h, w = min(h0, size[0]), min(w0, size[1])
+    guide = [t for t in sample if t != 'image' and TASK_TABLE[t].balances_crop]
+    for k in range(tries + 1):
+        y, x = rng.integers(0, h0 - h + 1), rng.integers(0, w0 - w + 1)
+        if k == tries or not guide:
+            break
+        labels = sample[guide[0]][y:y + h, x:x + w]
+        counts = np.bincount(labels[labels != IGNORE_INDEX].ravel())
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() < max_ratio * counts.sum():
+            break
+    return {k: a[y:y + h, x:x + w] for k, a in sample.items()}
+
+
+def hflip(sample):
+    """Mirror everything left-right; a mirrored normal points the other way in x."""
+    out = {k: a[:, ::-1] for k, a in sample.items()}
+    for k in out:
+        if k != 'image' and TASK_TABLE[k].kind == 'normals':
+            out[k] = out[k] * np.array([-1, 1, 1], np.float32)
+    return out
+
+
+def photometric(image, rng):
+    """The reference PhotoMetricDistortion (after mmseg's) on the RGB image -> float32 0..255. Each step has
+    p = 0.5 and ends in uint8: brightness + U(-32, 32); contrast x U(0.5, 1.5), first or last; saturation
+    x U(0.5, 1.5); hue + d, d uniform in -18..17 OpenCV units (2 deg each). We convert to HSV with PIL (hue
+    0..255), not OpenCV (docs/results.md, 'The photometric jitter against OpenCV's')."""
+    x = _convert(image)
+
+    def contrast(x):
+        return _convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
+    if rng.random() < 0.5:
+        x = _convert(x, beta=rng.uniform(-32, 32))
+    contrast_first = rng.random() < 0.5
+    if contrast_first:
+        x = contrast(x)
+    if rng.random() < 0.5:
+        x = _hsv_step(x, 1, lambda v: _convert(v, alpha=rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.5:
+        shift = rng.integers(-18, 18) * 2 * 255 / 360  # in PIL's hue units
+        x = _hsv_step(x, 0, lambda v: np.round(v + shift).astype(np.int64) % 255)
+    if not contrast_first:
+        x = contrast(x)
+    return x.astype(np.float32)
+
+
+def augment(sample, size, rng):
+    """The reference training transforms, in order: scale, crop, flip, photometric jitter.
+    -> (the sample, image float32 0..255; its (h, w) before padding)."""
+    sample = random_crop(random_scale(sample, rng), size, rng)
+    if rng.random() < 0.5:
+        sample = hflip(sample)
+    # a crop without a foreground pixel (no person, or one cropped away) says nothing about parts: all void,
+    # as the published transforms do (InvPT data/transforms.py, AddIgnoreRegions)
+    for t in [t for t in sample if t != 'image' and TASK_TABLE[t].needs_foreground]:
+        if not ((sample[t] > 0) & (sample[t] < 255)).any():
+            sample[t] = np.full_like(sample[t], 255)
+    sample['image'] = photometric(sample['image'], rng)
+    return sample, sample['image'].shape[:2]
+
+
+def to_tensors(sample, size):
+    """Normalise the image (taskexpert.normalise) and pad everything at the bottom and right to `size`
+    -> the contract's tensors. Padding: image 0 (the mean colour), depth and normals 0 (invalid), labels 255."""
+    h, w = sample['image'].shape[:2]
+    out = {}
+    for k, a in sample.items():
+        if k == 'image':
+            x = normalise(torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))))
+            out[k] = F.pad(x, (0, size[1] - w, 0, size[0] - h))  # (3, H, W)
+            continue
+        kind = TASK_TABLE[k].kind
+        a = np.asarray(a)
+        pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (a.ndim - 2)
+        if kind == 'classes':
+            out[k] = torch.from_numpy(np.pad(a, pad, constant_values=IGNORE_INDEX).astype(np.int64))  # (H, W)
+        elif kind in ('binary', 'depth'):  # (1, H, W)
+            a = np.pad(a, pad, constant_values=IGNORE_INDEX if kind == 'binary' else 0)
+            out[k] = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None]
+        elif kind == 'normals':  # (3, H, W)
+            out[k] = torch.from_numpy(np.ascontiguousarray(np.pad(a, pad).transpose(2, 0, 1), np.float32))
+        else:
+            raise unknown_kind(k, 'padding')
+    return out
+
+
+# ---- Batching and loaders ------------------------------------------------------------------------
+
+
+def collate(samples):
+    """Stack every tensor along a new dim 0; 'meta' stays a list of dicts."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != 'meta'}
+    batch['meta'] = [s['meta'] for s in samples]
+    return batch
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """One process's batches of steps start..stop-1. Step s is batch s % per_epoch of epoch s // per_epoch,
+    in an order drawn from (seed, epoch); each process reads its slice of the global batch. Items are
+    (index, epoch), so that each sample's augmentation can be seeded."""
+
+    def __init__(self, n, global_batch, *, rank, world, seed, start, stop):
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self.per_epoch = n // global_batch  # full batches only
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        b = self.gb // self.world
+        epoch, perm = None, None
+        for s in range(self.start, self.stop):
+            e, j = divmod(s, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
+            yield [(int(i), e) for i in chunk]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
+        return self.dataset[i]
+
+
+def train_loader(dataset, global_batch, *, rank, world, seed, start, stop, workers):
+    """The training stream of steps start..stop-1 for process `rank` of `world`. Every batch and
+    augmentation is a function of (seed, step): a resumed run reads what an uninterrupted one would."""
+    return torch.utils.data.DataLoader(
+        SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank=rank, world=world,
+                                                                seed=seed, start=start, stop=stop),
+        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed))  # its worker seeds: never drawn from the global RNG
+
+
+def eval_loader(dataset, batch_size, workers):
+    """`dataset` (not augmented) in order, every item once; its workers persist between evaluations."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, generator=torch.Generator())  # (as above: the global RNG untouched)
+
+
+# ---- The meters, as the benchmarks score (docs/evaluation.md, 'Metrics as the papers count them') ------
+# Each follows the evaluation code the NYUD-v2 / PASCAL-Context literature shares (MTI-Net -> ATRC ->
+# InvPT / TaskPrompter; SEISM for boundaries). A task's main metric is TASK_TABLE[task].metric.
+
+
+class Meter:
+    """A metric over a split. Its state is the tensors named in SUMS, each a sum over images, so the shards
+    of a split add up (all-reduce with SUM). It lives on the predictions' device; score() reads it once."""
+    SUMS = ()
+
+    def state(self):
+        """The sum tensors, in a fixed order (every process all-reduces the same list)."""
+        return [getattr(self, k) for k in self.SUMS]
+
+    def update(self, pred, target):
+        """Add the raw predictions of an image (C, h, w) or a batch (B, C, h, w), and their targets."""
+        pred, target = _batched(pred, target)  # (B, C, h, w), (B, C', h, w), on the predictions' device
+        _move(self, pred.device)
+        self.add(pred, target)
+
+
+class SegMeter(Meter):
+    """Semantic segmentation and human parts: one confusion matrix over the split (255 ignored). As the
+    reference, IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU is the mean over ALL classes (a class absent
+    from both GT and prediction scores 0). 'class_IoU': each class's IoU by its name (CLASS_NAMES)."""
+    SUMS = ('conf',)
+
+    def __init__(self, names):
+        self.names, self.num_classes = tuple(names), len(names)
+        self.conf = torch.zeros(len(names), len(names), dtype=torch.int64)  # (gt, pred)
+
+    def update(self, pred, target):
+        _check_labels(target, self.num_classes)  # where the loader gives it (the CPU): no wait on the device
+        super().update(pred, target)
+
+    def add(self, pred, target):
+        label = pred.max(dim=1).indices  # (B, h, w): the first best class, as argmax (max is faster on CPUs)
+        target = target.reshape(label.shape).long()
+        C = self.num_classes
+        idx = torch.where(target != IGNORE_INDEX, target * C + label, C * C)  # void pixels: a spare bin
+        self.conf += _count(idx, C * C + 1)[:C * C].reshape(C, C)
+
+    def score(self):
+        _move(self, 'cpu')
+        conf = self.conf.double()
+        tp = conf.diag()
+        iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1e-8)
+        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item(),
+                'class_IoU': dict(zip(self.names, (100 * iou).tolist()))}
+
+
+class DepthMeter(Meter):
+    """Depth over the valid pixels of the split: rmse = sqrt(sum sq err / n valid), log_rmse, abs_rel. As
+    the reference, predictions <= 0 count as 1e-9 (for the log; in rmse and abs_rel too)."""
+    SUMS = ('sq', 'log_sq', 'abs_rel', 'n')
+
+    def __init__(self):
+        self.sq, self.log_sq, self.abs_rel = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+        self.n = torch.zeros((), dtype=torch.int64)
+
+    def add(self, pred, target):
+        valid = depth_valid(target.reshape(pred.shape))
+        p = pred.double().clamp(min=1e-9)
+        g = torch.where(valid, target.reshape(pred.shape).double(), 1.0)  # 1 where invalid: finite log, ratio
+        self.sq += torch.where(valid, (p - g) ** 2, 0).sum()
+        self.log_sq += torch.where(valid, (p.log() - g.log()) ** 2, 0).sum()
+        self.abs_rel += torch.where(valid, (p - g).abs() / g, 0).sum()
+        self.n += valid.sum()
+
+    def score(self):
+        _move(self, 'cpu')
+        n = max(self.n.item(), 1)
+        return {'rmse': (self.sq.item() / n) ** 0.5, 'log_rmse': (self.log_sq.item() / n) ** 0.5,
+                'abs_rel': self.abs_rel.item() / n}
+
+
+class NormalsMeter(Meter):
+    """Angular error (degrees) between the unit prediction and GT: mean, rmse, median (from a histogram of
+    0.01-deg bins, exact to +-0.005 deg), and % under 11.25 / 22.5 / 30 deg (reference eval_normals). Valid =
+    every non-zero GT vector, as the reference counts (decode_normals), so 'mean' is the papers'.
+    'strict_mean' counts only plausible unit GT normals (length 0.5 to 1.5): a stricter reading."""
+    BIN = 0.01  # degrees
+    THRESHOLDS = (11.25, 22.5, 30.0)
+    SUMS = ('hist', 'sum', 'sum_sq', 'below', 'n', 'strict_sum', 'strict_n')
+
+    def __init__(self):
+        self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
+        self.sum, self.sum_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        self.below = torch.zeros(len(self.THRESHOLDS), dtype=torch.int64)
+        self.n = torch.zeros((), dtype=torch.int64)
+        self.strict_sum, self.strict_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+
+    def add(self, pred, target):
+        err, g_sq = _angular_error(pred, target)  # (B, h, w) degrees, |g|^2
+        valid = g_sq > 0  # not the zero vector (normals_valid, without its slower any())
+        bins = torch.where(valid, (err / self.BIN).long().clamp(max=len(self.hist) - 1), len(self.hist))
+        self.hist += _count(bins, len(self.hist) + 1)[:-1]  # invalid pixels: the spare last bin
+        err = torch.where(valid, err, 0)
+        self.sum += err.sum(dtype=torch.float64)
+        self.sum_sq += err.double().square().sum()
+        self.below += torch.stack([((err < t) & valid).sum() for t in self.THRESHOLDS])
+        self.n += valid.sum()
+        strict = (g_sq > 0.25) & (g_sq < 2.25)  # |g| in (0.5, 1.5): a plausible unit normal was stored
+        self.strict_sum += torch.where(strict, err, 0).sum(dtype=torch.float64)
+        self.strict_n += strict.sum()
+
+    def score(self):
+        _move(self, 'cpu')
+        n = max(self.n.item(), 1)
+        out = {'mean': self.sum.item() / n, 'rmse': (self.sum_sq.item() / n) ** 0.5,
+               'median': _hist_median(self.hist, self.n.item(), self.BIN)}
+        out.update({f'{t:g}': 100 * b / n for t, b in zip(self.THRESHOLDS, self.below.tolist())})
+        out['strict_mean'] = self.strict_sum.item() / max(self.strict_n.item(), 1)
+        return out
+
+
+class SaliencyMeter(Meter):
+    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, TP and positives summed over
+    the split, as the reference SaliencyMeter. Its quirk kept, for comparable numbers: the reference applies
+    a sigmoid to probabilities, so the score is sigmoid(sigmoid(logit)) in [0.5, 0.731], and only the
+    thresholds 0.55 .. 0.70 (probability >= 0.20, 0.41, 0.62, 0.85) discriminate."""
+    SUMS = ('tp', 'pred_pos', 'gt_pos')
+
+    def __init__(self, beta_sq=0.3):
+        self.beta_sq = beta_sq
+        self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference
+        self.tp = torch.zeros(len(self.thresholds), dtype=torch.int64)
+        self.pred_pos = torch.zeros_like(self.tp)
+        self.gt_pos = torch.zeros((), dtype=torch.int64)
+
+    def add(self, pred, target):
+        valid = (target != IGNORE_INDEX).reshape(-1, 1)
+        score = torch.sigmoid(torch.sigmoid(pred.float())).reshape(-1, 1)  # the double sigmoid, see above
+        gt = (target == 1).reshape(-1, 1)
+        above = (score >= self.thresholds) & valid  # (N, thresholds)
+        self.tp += (above & gt).sum(0)
+        self.pred_pos += above.sum(0)
+        self.gt_pos += (gt & valid).sum()
+
+    def score(self):
+        _move(self, 'cpu')
+        tp, pred_pos, gt_pos = self.tp.double(), self.pred_pos.double(), self.gt_pos.double()
+        prec, rec = tp / pred_pos, tp / gt_pos
+        f = (1 + self.beta_sq) * prec * rec / (self.beta_sq * prec + rec)
+        return {'maxF': 100 * torch.nan_to_num(f, nan=0.0).max().item()}
+
+
+class EdgeMeter(Meter):
+    """Boundary ODS / OIS F-measure (%) as SEISM computes it, on the 8-bit maps the saved PNGs hold
+    (probability_levels). Part II has SEISM's steps (_edge_counts: NMS, thinning, matching within max_dist x
+    the image diagonal). Each image is scored as it arrives; with a pool (EdgePool), in its workers."""
+    SUMS = ('counts', 'ois')
+
+    def __init__(self, max_dist, pool=None):
+        self.max_dist, self.pool = max_dist, pool or _HERE
+        self.counts = torch.zeros(len(EDGE_THRESHOLDS), 4, dtype=torch.int64)  # per threshold, summed over images
+        self.ois = torch.zeros(4, dtype=torch.int64)  # each image at its own best threshold, summed
+        self.pending = collections.deque()  # the images' counts to come (futures)
+
+    def update(self, pred, target):
+        pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
+        levels = probability_levels(pred[:, 0]).cpu().numpy()  # (B, h, w) uint8: each map's one copy to the host
+        target = target.detach().cpu().reshape(levels.shape).to(torch.uint8).numpy()
+        for p, t in zip(levels, target):
+            self.pending.append(self.pool.submit(_edge_job, p, t, self.max_dist))
+            while len(self.pending) > 2 * self.pool.workers:  # a bounded backlog
+                self._add(self.pending.popleft().result())
+
+    def _add(self, counts):
+        self.counts += torch.from_numpy(counts)
+        self.ois += torch.from_numpy(counts[np.argmax(_f_measure(counts))])
+
+    def state(self):
+        while self.pending:
+            self._add(self.pending.popleft().result())
+        return super().state()
+
+    def score(self):
+        counts, ois = (x.numpy() for x in self.state())
+        f = _f_measure(counts)
+        return {'odsF': 100 * float(f.max()), 'oisF': 100 * float(_f_measure(ois)),
+                'odsT': float(EDGE_THRESHOLDS[f.argmax()])}  # odsT: the ODS threshold
+
+
+# TASK_TABLE's meter column -> the meter of a task: (task, dataset, pool) -> Meter
+METERS = {'segmentation': lambda task, dataset, pool: SegMeter(CLASS_NAMES[TASK_SET[dataset]][task]),
+          'depth': lambda task, dataset, pool: DepthMeter(), 'normals': lambda task, dataset, pool: NormalsMeter(),
+          'saliency': lambda task, dataset, pool: SaliencyMeter(),
+          'boundary': lambda task, dataset, pool: EdgeMeter(EDGE_MAX_DIST[dataset], pool)}
+
+
+def make_meters(tasks, dataset, pool=None):
+    """task -> its meter (METERS), for `tasks` (names, or a dict's keys). pool: an EdgePool to score
+    boundaries in, or None to score them here."""
+    if dataset not in EDGE_MAX_DIST:
+        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
+    meters = {}
+    for task in tasks:
+        if task not in TASK_TABLE:
+            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
+        if (meter := TASK_TABLE[task].meter) not in METERS:
+            raise ValueError(f'task {task!r}: no meter {meter!r}')
+        meters[task] = METERS[meter](task, dataset, pool)
+    return meters
+
+
+def crops(outputs, batch):
+    """Each image of a batch cut to its content (meta['size']), as the benchmarks score and save it ->
+    (meta, outputs task -> (1, C, h, w), the batch's tensors -> (1, ..., h, w)), image by image."""
+    for i, meta in enumerate(batch['meta']):
+        h, w = meta['size']
+        yield (meta, {t: o[i:i + 1, :, :h, :w] for t, o in outputs.items()},
+               {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
+
+
+def update_meters(meters, outputs, batch):
+    """Feed one batch to `meters` (make_meters), image by image: each cropped to its content, each task
+    unless the image's meta lists it 'unscored'. outputs: task -> raw predictions (B, C, H, W)."""
+    for meta, preds, targets in crops(outputs, batch):
+        # boundaries first: with a pool, its workers score them while the other meters run here
+        for t, meter in sorted(meters.items(), key=lambda item: TASK_TABLE[item[0]].meter != 'boundary'):
+            if t not in meta['unscored']:
+                meter.update(preds[t], targets[t])
+
+
+# Part II: the machinery: file checks, class tables, probing, SEISM's internals, prediction files, synthetic rooms
+
+
+class DataError(FileNotFoundError, ValueError):
+    """A dataset folder, split file or sample file that is missing or unreadable (one-line message)."""
+
+
+def _progress(done, n, what):
+    """'what: done/n' on stderr, rewritten in place about 100 times in all (so a log file gets few lines)."""
+    if done % max(1, n // 100) == 0 or done == n:
+        print(f'\r{what}: {done}/{n}', end='\n' if done == n else '', file=sys.stderr, flush=True)
+
+
+_SEE_README = "get the dataset as described in README.md, section 'Datasets'"
 DOWNLOAD_HELP = """\
 Datasets (README.md, section 'Datasets'): the multi-task copies used by ATRC / InvPT,
   https://data.vision.ee.ethz.ch/brdavid/atrc/NYUDv2.tar.gz
   https://data.vision.ee.ethz.ch/brdavid/atrc/PASCALContext.tar.gz
-(README.md lists mirrors on HKUST's SharePoint, should these be down.)
+(docs/datasets.md lists mirrors on HKUST's SharePoint, should these be down.)
 Extract with `tar xzf`, then pass the extracted folder as --data-root.
 NYUD-v2 (NYUDv2.tar.gz, the multi-task copy used by ATRC / InvPT), 795 train / 654 val:
   NYUDv2/
@@ -69,18 +601,6 @@ PASCAL-Context (PASCALContext.tar.gz, the multi-task PASCAL_MT copy used by ATRC
     normals_distill/<id>.png            RGB, n = 2 * v / 255 - 1
     sal_distill/<id>.png                saliency 0..255
 The synthetic scenes (data.make_synthetic) are written in the NYUD-v2 layout."""
-
-_SEE_README = "get the dataset as described in README.md, section 'Datasets'"
-
-
-class DataError(FileNotFoundError, ValueError):
-    """A dataset folder, split file or sample file that is missing or unreadable (one-line message)."""
-
-
-def _progress(done, n, what):
-    """'what: done/n' on stderr, rewritten in place about 100 times in all (so a log file gets few lines)."""
-    if done % max(1, n // 100) == 0 or done == n:
-        print(f'\r{what}: {done}/{n}', end='\n' if done == n else '', file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -238,6 +758,16 @@ def _mat(path, key):
     return m[key]
 
 
+def _labelmap(path, shape):
+    """pascal-context/trainval/<id>.mat -> its 'LabelMap' (h, w) of context class ids, the image's shape."""
+    labelmap = _mat(path, 'LabelMap')
+    if labelmap.ndim != 2 or labelmap.dtype.kind not in 'iuf':  # (MATLAB may save class ids as doubles)
+        raise DataError(f'{path}: LabelMap of shape {labelmap.shape} and dtype {labelmap.dtype}; '
+                        'one (h, w) map of context class ids is expected')
+    _check_shape(path, labelmap, shape)
+    return labelmap
+
+
 def _read_split(path):
     """A split file: UTF-8 text (a byte-order mark allowed), one id a line, each once -> the ids."""
     if not os.path.isfile(path):
@@ -320,215 +850,66 @@ def human_parts_from_anno(path, shape):
     return target, bool(persons)
 
 
-# -------------------------------------------------------------------------------------------------
-# Augmentations of the reference recipe: scale, crop, flip, photometric jitter, normalise, pad
-# -------------------------------------------------------------------------------------------------
+def _person_parts(path, s):
+    """PASCALContext's human-parts decoder: the parts target; an image without a person is left unscored, as the
+    reference's HumanPartsMeter scores only the images with one."""
+    target, has_human = human_parts_from_anno(path, s.shape)
+    if not has_human:
+        s.unscored.append('human_parts')
+    return target
 
 
-def _nearest(a, h, w):
-    """Nearest-neighbour resize of (h0, w0[, C]) to (h, w) as OpenCV's INTER_NEAREST, which the reference
-    resizes labels with: source pixel floor(i * h0 / h) (not pixel-centre aligned)."""
-    rows = np.minimum((np.arange(h) * a.shape[0] / h).astype(np.int64), a.shape[0] - 1)
-    cols = np.minimum((np.arange(w) * a.shape[1] / w).astype(np.int64), a.shape[1] - 1)
-    return a[rows[:, None], cols]
+# train.py's --dataset -> its reader (the synthetic scenes are written in the NYUD layout)
+READERS = {'nyud': NYUD, 'pascal': PASCALContext, 'synthetic': NYUD}
+# what each layout looks like, and its name in messages
+LAYOUTS = {'synthetic': (('synthetic.json',), 'synthetic scenes (NYUD layout)'),
+           'nyud': (('gt_sets', 'images'), 'NYUD-v2'), 'pascal': (('ImageSets', 'JPEGImages'), 'PASCAL-Context')}
 
 
-def random_scale(sample, rng, lo=0.5, hi=2.0):
-    """Resize everything by one factor s ~ U(lo, hi) to int(h s) x int(w s), as the reference
-    RandomScaling: the image bilinear without antialiasing (OpenCV's INTER_LINEAR; float32, not rounded),
-    the labels nearest (which copies the stored normal vectors); depth / s, as the scene looks s times
-    closer."""
-    s = rng.uniform(lo, hi)
-    h0, w0 = sample['image'].shape[:2]
-    h, w = max(1, int(h0 * s)), max(1, int(w0 * s))
-    out = {}
-    for k, a in sample.items():
-        if k == 'image':
-            x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).permute(2, 0, 1)[None]  # (1, 3, h0, w0)
-            out[k] = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False)[0].permute(1, 2, 0).numpy()
-        else:
-            out[k] = _nearest(a, h, w)
-    if 'depth' in out:
-        out['depth'] = out['depth'] / np.float32(s)
-    return out
-
-
-def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
-    """Crop a window of size min(image, size), as the reference RandomCrop (mmseg's cat_max_ratio): a
-    window whose semseg labels hold a single class, or one class on max_ratio or more of them, is drawn
-    again, up to `tries` times; the window drawn after the last failure is kept unchecked."""
-    h0, w0 = sample['image'].shape[:2]
-    h, w = min(h0, size[0]), min(w0, size[1])
-    guide = [t for t in sample if t != 'image' and TASK_TABLE[t].balances_crop]  # semseg's labels
-    for k in range(tries + 1):
-        y, x = rng.integers(0, h0 - h + 1), rng.integers(0, w0 - w + 1)
-        if k == tries or not guide:
-            break
-        labels = sample[guide[0]][y:y + h, x:x + w]
-        counts = np.bincount(labels[labels != IGNORE_INDEX].ravel())
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() < max_ratio * counts.sum():
-            break
-    return {k: a[y:y + h, x:x + w] for k, a in sample.items()}
-
-
-def hflip(sample):
-    """Mirror everything left-right; a mirrored normal points the other way in x."""
-    out = {k: a[:, ::-1] for k, a in sample.items()}
-    for k in out:
-        if k != 'image' and TASK_TABLE[k].kind == 'normals':
-            out[k] = out[k] * np.array([-1, 1, 1], np.float32)
-    return out
-
-
-def _convert(x, alpha=1.0, beta=0.0):
-    """x alpha + beta, clipped to 0..255 and truncated to uint8, as each step of the reference does."""
-    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-
-def _hsv_step(x, channel, change):
-    """RGB uint8 (h, w, 3) -> HSV, change(channel values) -> RGB uint8; PIL's HSV (hue 0..255 for 360 deg)."""
-    hsv = np.array(Image.fromarray(x).convert('HSV'))
-    hsv[..., channel] = change(hsv[..., channel])
-    return np.asarray(Image.fromarray(hsv, 'HSV').convert('RGB'))
-
-
-def photometric(image, rng):
-    """The reference PhotoMetricDistortion (TaskPrompter data/transforms.py, after mmseg's) on the RGB
-    image, truncated to uint8 first and after each step; each step with p = 0.5: brightness +
-    U(-32, 32); contrast x U(0.5, 1.5), first or last (50/50); saturation x U(0.5, 1.5) and hue + d, with
-    d uniform in -18..17 of OpenCV's hue units (2 deg each: -36..+34 deg), each in HSV. The reference
-    converts with OpenCV (hue 0..179), we with PIL (hue 0..255, shifted by d x 2 x 255 / 360 and
-    rounded): README, 'Training recipe', says how much the two differ. uint8 -> float32 0..255."""
-    x = _convert(image)
-
-    def contrast(x):
-        return _convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.random() < 0.5 else x
-    if rng.random() < 0.5:
-        x = _convert(x, beta=rng.uniform(-32, 32))
-    contrast_first = rng.random() < 0.5
-    if contrast_first:
-        x = contrast(x)
-    if rng.random() < 0.5:
-        x = _hsv_step(x, 1, lambda v: _convert(v, alpha=rng.uniform(0.5, 1.5)))
-    if rng.random() < 0.5:
-        shift = rng.integers(-18, 18) * 2 * 255 / 360  # in PIL's hue units
-        x = _hsv_step(x, 0, lambda v: np.round(v + shift).astype(np.int64) % 255)
-    if not contrast_first:
-        x = contrast(x)
-    return x.astype(np.float32)
-
-
-def augment(sample, size, rng):
-    """The reference training transforms in order: scale, crop, flip, photometric jitter.
-    Returns the sample (image float32 0..255) and its size (h, w) before padding."""
-    sample = random_crop(random_scale(sample, rng), size, rng)
-    if rng.random() < 0.5:
-        sample = hflip(sample)
-    # a crop without any part pixel (an image without people, or a person cropped away) says
-    # nothing about parts: ignored entirely, as the published training transforms do (InvPT
-    # data/transforms.py, AddIgnoreRegions), instead of teaching the parts head "background" everywhere
-    for t in [t for t in sample if t != 'image' and TASK_TABLE[t].needs_foreground]:  # human parts
-        if not ((sample[t] > 0) & (sample[t] < 255)).any():
-            sample[t] = np.full_like(sample[t], 255)
-    sample['image'] = photometric(sample['image'], rng)
-    return sample, sample['image'].shape[:2]
-
-
-def to_tensors(sample, size):
-    """Normalise the image (taskexpert.normalise) and pad everything at the bottom / right to `size`
-    -> the contract's tensors. Padding: image 0 after normalisation (the mean colour), depth and
-    normals 0 (invalid), labels 255 (void)."""
-    h, w = sample['image'].shape[:2]
-    out = {}
-    for k, a in sample.items():
-        if k == 'image':
-            x = normalise(torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))))
-            out[k] = F.pad(x, (0, size[1] - w, 0, size[0] - h))  # (3, H, W)
-            continue
-        kind = TASK_TABLE[k].kind
-        a = np.asarray(a)
-        pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (a.ndim - 2)
-        if kind == 'classes':
-            out[k] = torch.from_numpy(np.pad(a, pad, constant_values=IGNORE_INDEX).astype(np.int64))  # (H, W)
-        elif kind in ('binary', 'depth'):  # (1, H, W): binary maps padded with void, depth with 0 = invalid
-            a = np.pad(a, pad, constant_values=IGNORE_INDEX if kind == 'binary' else 0)
-            out[k] = torch.from_numpy(np.ascontiguousarray(a, np.float32))[None]
-        elif kind == 'normals':  # (3, H, W), padded with the invalid zero vector
-            out[k] = torch.from_numpy(np.ascontiguousarray(np.pad(a, pad).transpose(2, 0, 1), np.float32))
-        else:
-            raise unknown_kind(k, 'padding')
-    return out
+def layout(root):
+    """The dataset a folder holds, by the files at its top (LAYOUTS), or None."""
+    return next((name for name, (files, _) in LAYOUTS.items()
+                 if all(os.path.exists(os.path.join(root, f)) for f in files)), None)
 
 
 # -------------------------------------------------------------------------------------------------
-# Datasets
+# Probing a split before a run: every sample read once, the first problem said in one line
 # -------------------------------------------------------------------------------------------------
 
 
-class _MultiTaskDataset(torch.utils.data.Dataset):
-    """Shared by the readers: task checks, ids, and load -> (augment | pad) -> tensors.
-    `rng` (numpy Generator) drives the augmentations; train_loader re-seeds it per sample."""
-    dataset = None  # key of TASKS
+def _check_fits(reader, i, h, w, most=None):
+    """Without augmentation (whose crop fits any image to the network) an image is only padded: it must
+    not be larger than the network size. most: the split's largest (h, w), for the advice."""
+    if h > reader.size[0] or w > reader.size[1]:
+        fit = [-(-max(x, s) // PATCH) * PATCH for x, s in zip(most or (h, w), reader.size)]
+        raise DataError(f'{reader.path("image", reader.ids[i])}: image {h}x{w} is larger than the network size '
+                        f'{reader.size[0]}x{reader.size[1]}; pass --img-size {fit[0]} {fit[1]} or larger')
 
-    def __init__(self, root, split, train, size, tasks, seed):
-        known = TASKS[self.dataset]
-        self.tasks = tuple(known if tasks is None else tasks)
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            raise ValueError(f'unknown {self.dataset} task(s) {unknown}: choose from {", ".join(known)}')
-        if not os.path.isdir(root):
-            raise DataError(f'{root}: dataset folder not found; {_SEE_README}')
-        self.root, self.split, self.train, self.size = root, split, train, tuple(size)
-        self.rng = np.random.default_rng(seed)
-        self.subsets = {}  # task -> the images its meter scores, for a task scored on part of the split
 
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        sample, meta = self.load(i)
-        if self.train:
-            sample, meta['size'] = augment(sample, self.size, self.rng)
-        else:
-            self._check_fits(i, *meta['size'])
-        out = to_tensors(sample, self.size)
-        out['meta'] = meta
-        return out
-
-    def _check_fits(self, i, h, w, most=None):
-        """Without augmentation (whose crop fits any image to the network) an image is only padded:
-        it must not be larger than the network size. most: the split's largest (h, w), for the advice."""
-        if h > self.size[0] or w > self.size[1]:
-            fit = [-(-max(x, s) // PATCH) * PATCH for x, s in zip(most or (h, w), self.size)]
-            raise DataError(f'{self.path("image", self.ids[i])}: image {h}x{w} is larger than the network size '
-                            f'{self.size[0]}x{self.size[1]}; pass --img-size {fit[0]} {fit[1]} or larger')
-
-    def check(self, workers=0, rank=0, world=1):
-        """Read every sample once (this process's share: every world-th from rank), as training and
-        evaluation will, so a damaged file, an out-of-range label, a map of the wrong size or an image
-        larger than the network stops the run with one line (DataError) before its first step rather
-        than at the step, or the evaluation, that first reads it. Progress on stderr for 200+ samples.
-        Without augmentation the error names the largest image, so one --img-size fits them all."""
-        share = range(rank, len(self), world)
-        loader = torch.utils.data.DataLoader(_Probe(self), batch_size=None, sampler=share, num_workers=workers)
-        most, too_large = (0, 0), None  # the largest height and width; (i, h, w) of a first image too large
-        read_as = {}  # conversion -> (files, the first file)
-        for done, (i, problem, (h, w), conversions) in enumerate(loader, 1):
-            if problem:
-                raise DataError(problem)
-            most = max(most[0], h), max(most[1], w)
-            if too_large is None and (h > self.size[0] or w > self.size[1]):
-                too_large = i, h, w
-            for path, how in conversions:
-                n, first = read_as.get(how, (0, path))
-                read_as[how] = n + 1, first
-            if rank == 0 and len(share) >= 200:
-                _progress(done, len(share), f'checking {self.split} ({self.root})')
-        if too_large and not self.train:
-            self._check_fits(*too_large, most=most)
-        for how, (n, first) in read_as.items() if rank == 0 else ():  # each conversion said once
-            print(f'note: {n} image(s) of {self.root} {self.split}: {how} (e.g. {first})', file=sys.stderr)
+def check_samples(reader, workers=0, rank=0, world=1):
+    """Read every sample of a reader once (this process's share: every world-th from rank), as training and
+    evaluation will. A damaged file, an out-of-range label, a map of the wrong size or an image larger than
+    the network stops the run with one line (DataError) before its first step. Progress on stderr for 200+
+    samples. Without augmentation the error names the largest image, so one --img-size fits them all."""
+    share = range(rank, len(reader), world)
+    loader = torch.utils.data.DataLoader(_Probe(reader), batch_size=None, sampler=share, num_workers=workers)
+    most, too_large = (0, 0), None  # the largest height and width; (i, h, w) of a first image too large
+    read_as = {}  # conversion -> (files, the first file)
+    for done, (i, problem, (h, w), conversions) in enumerate(loader, 1):
+        if problem:
+            raise DataError(problem)
+        most = max(most[0], h), max(most[1], w)
+        if too_large is None and (h > reader.size[0] or w > reader.size[1]):
+            too_large = i, h, w
+        for path, how in conversions:
+            n, first = read_as.get(how, (0, path))
+            read_as[how] = n + 1, first
+        if rank == 0 and len(share) >= 200:
+            _progress(done, len(share), f'checking {reader.split} ({reader.root})')
+    if too_large and not reader.train:
+        _check_fits(reader, *too_large, most=most)
+    for how, (n, first) in read_as.items() if rank == 0 else ():  # each conversion said once
+        print(f'note: {n} image(s) of {reader.root} {reader.split}: {how} (e.g. {first})', file=sys.stderr)
 
 
 class _Probe(torch.utils.data.Dataset):
@@ -546,227 +927,29 @@ class _Probe(torch.utils.data.Dataset):
         return i, '', meta['size'], meta['read_as']
 
 
-class NYUD(_MultiTaskDataset):
-    """NYUD-v2 as in NYUDv2.tar.gz (ATRC / InvPT layout, see DOWNLOAD_HELP); also the synthetic
-    scenes. semseg 1..40 -> 0..39 with void 0 -> 255; depth metres; normals as decoded; edge {0, 1}:
-    the stored map > 127 to train on, and on the val split (what the benchmarks score) the boundary
-    SEISM scores against, gt_boundary of the stored map."""
-    dataset = 'nyud'
-    FILES = {'semseg': ('segmentation', '.png'), 'depth': ('depth', '.npy'),
-             'normals': ('normals', '.png'), 'edge': ('edge', '.png')}
-
-    def __init__(self, root, split='train', train=True, size=(448, 576), tasks=None, seed=0):
-        super().__init__(root, split, train, size, tasks, seed)
-        split_file = os.path.join(root, 'gt_sets', f'{split}.txt')
-        self.ids = _read_split(split_file)
-        _check_files([self.path(t, i) for i in self.ids for t in ('image',) + self.tasks], split_file)
-
-    def path(self, task, id_):
-        folder, ext = ('images', '.png') if task == 'image' else self.FILES[task]
-        return os.path.join(self.root, folder, id_ + ext)
-
-    def load(self, i):
-        """Sample i -> (the sample's arrays, its meta: 'id', 'size' (h, w), 'read_as': the conversions
-        its files took, as (file, conversion)))."""
-        id_ = self.ids[i]
-        image, read_as = _image(self.path('image', id_))
-        shape = image.shape[:2]
-        sample = {'image': image}
-        for t in self.tasks:
-            p = self.path(t, id_)
-            if t == 'semseg':
-                a = (_labels(p, 40).astype(np.int64) - 1).astype(np.uint8)  # 0 (void) - 1 wraps to 255
-            elif t == 'depth':
-                a = _depth(p)
-            elif t == 'normals':
-                a = _normals(p)
-            elif t == 'edge':  # stored 0 / 255
-                stored = _grey(p, 'edge')
-                # on the val split, the one the benchmarks score, SEISM's ground-truth boundary of the map
-                # as stored (db_gt.m reads it as a label image); to train on, the reference's target
-                a = gt_boundary(stored) if self.split == 'val' else (stored > 127).astype(np.uint8)
-            else:
-                raise ValueError(f'NYUD has no reader for task {t!r}')
-            _check_shape(p, a, shape)
-            sample[t] = a
-        return sample, {'id': id_, 'size': shape, 'unscored': (), 'read_as': read_as}
-
-
-class PASCALContext(_MultiTaskDataset):
-    """PASCAL-Context multi-task as in PASCALContext.tar.gz (ATRC / InvPT layout, see DOWNLOAD_HELP).
-    semseg 0..20 with 255 void; human parts from the `anno` struct; saliency /255 > 0.5; normals kept
-    on PASCAL_NORMAL_CLASSES; edges thin(|Laplacian(LabelMap)| > 0) to train on, and on the val split
-    (what the benchmarks score) the boundary SEISM scores against, gt_boundary of the LabelMap."""
-    dataset = 'pascal'
-
-    def __init__(self, root, split='train', train=True, size=(512, 512), tasks=None, seed=0):
-        super().__init__(root, split, train, size, tasks, seed)
-        split_file = os.path.join(root, 'ImageSets', 'Context', f'{split}.txt')
-        self.ids = _read_split(split_file)
-        need = ('image',) + self.tasks + (('labelmap',) if 'normals' in self.tasks else ())
-        _check_files([self.path(t, i) for i in self.ids for t in need], split_file)
-        # as published, boundaries are scored on SEISM's test_new subset of val (if the split holds any),
-        # human parts on the images with a person (the reference's HumanPartsMeter)
-        self.edge_ids = EDGE_TEST_NEW & set(self.ids) if split == 'val' and 'edge' in self.tasks else set()
-        if self.edge_ids:
-            self.subsets['edge'] = f'test_new: {len(self.edge_ids)} of {len(self.ids)} val images'
-        if 'human_parts' in self.tasks:
-            self.subsets['human_parts'] = 'the images with a person'
-
-    def path(self, task, id_):
-        """The file of `task` ('image', a task, or 'labelmap') for sample `id_`; edges come from
-        the LabelMap."""
-        r = self.root
-        if task == 'semseg':  # the VOC12 masks where they exist, else the Context-derived ones
-            voc = os.path.join(r, 'semseg', 'VOC12', id_ + '.png')
-            return voc if os.path.isfile(voc) else os.path.join(r, 'semseg', 'pascal-context', id_ + '.png')
-        return os.path.join(r, *{'image': ('JPEGImages', id_ + '.jpg'),
-                                 'labelmap': ('pascal-context', 'trainval', id_ + '.mat'),
-                                 'edge': ('pascal-context', 'trainval', id_ + '.mat'),
-                                 'human_parts': ('human_parts', id_ + '.mat'),
-                                 'normals': ('normals_distill', id_ + '.png'),
-                                 'sal': ('sal_distill', id_ + '.png')}[task])
-
-    def load(self, i):
-        """Sample i -> (its arrays, its meta, as NYUD's)."""
-        id_ = self.ids[i]
-        image, read_as = _image(self.path('image', id_))
-        shape = image.shape[:2]
-        unscored = ('edge',) if self.edge_ids and id_ not in self.edge_ids else ()
-        sample, meta = {'image': image}, {'id': id_, 'size': shape, 'unscored': unscored, 'read_as': read_as}
-        labelmap = None
-        if 'edge' in self.tasks or 'normals' in self.tasks:
-            p = self.path('labelmap', id_)
-            labelmap = _mat(p, 'LabelMap')
-            if labelmap.ndim != 2 or labelmap.dtype.kind not in 'iuf':  # (MATLAB may save class ids as doubles)
-                raise DataError(f'{p}: LabelMap of shape {labelmap.shape} and dtype {labelmap.dtype}; '
-                                'one (h, w) map of context class ids is expected')
-            _check_shape(p, labelmap, shape)
-        for t in self.tasks:
-            p = self.path(t, id_)
-            if t == 'semseg':
-                a = _labels(p, 20, void=IGNORE_INDEX)
-            elif t == 'human_parts':
-                a, has_human = human_parts_from_anno(p, shape)
-                meta['unscored'] += () if has_human else ('human_parts',)
-            elif t == 'sal':
-                a = (_grey(p, 'saliency').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)
-            elif t == 'normals':
-                keep = np.isin(labelmap, PASCAL_NORMAL_CLASSES)[..., None]
-                a = np.where(keep, _normals(p), 0).astype(np.float32)
-            elif t == 'edge':  # on the val split SEISM's ground-truth boundary, to train on the reference's
-                a = gt_boundary(labelmap) if self.split == 'val' else labelmap_edges(labelmap)
-            else:
-                raise ValueError(f'PASCAL-Context has no reader for task {t!r}')
-            _check_shape(p, a, shape)
-            sample[t] = a
-        return sample, meta
-
-
-# train.py's --dataset -> its reader (the synthetic scenes are written in the NYUD layout)
-READERS = {'nyud': NYUD, 'pascal': PASCALContext, 'synthetic': NYUD}
-# what each layout looks like, and its name in messages
-LAYOUTS = {'synthetic': (('synthetic.json',), 'synthetic scenes (NYUD layout)'),
-           'nyud': (('gt_sets', 'images'), 'NYUD-v2'), 'pascal': (('ImageSets', 'JPEGImages'), 'PASCAL-Context')}
-
-
-def layout(root):
-    """The dataset a folder holds, by the files at its top (LAYOUTS), or None."""
-    return next((name for name, (files, _) in LAYOUTS.items()
-                 if all(os.path.exists(os.path.join(root, f)) for f in files)), None)
-
-
 # -------------------------------------------------------------------------------------------------
-# Batching
+# The steps of the augmentations and the meters
 # -------------------------------------------------------------------------------------------------
 
 
-def collate(samples):
-    """Stack every tensor along a new dim 0; 'meta' stays a list of dicts."""
-    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != 'meta'}
-    batch['meta'] = [s['meta'] for s in samples]
-    return batch
+def _nearest(a, h, w):
+    """Nearest-neighbour resize of (h0, w0[, C]) to (h, w) as OpenCV's INTER_NEAREST, which the reference
+    resizes labels with: source pixel floor(i * h0 / h) (not pixel-centre aligned)."""
+    rows = np.minimum((np.arange(h) * a.shape[0] / h).astype(np.int64), a.shape[0] - 1)
+    cols = np.minimum((np.arange(w) * a.shape[1] / w).astype(np.int64), a.shape[1] - 1)
+    return a[rows[:, None], cols]
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Batches of steps start..stop-1 for one process. Step s is batch s % per_epoch of epoch
-    s // per_epoch, whose order is a permutation drawn from (seed, epoch); each process reads its
-    slice of the global batch. Items are (index, epoch) so the sample's augmentation can be seeded."""
-
-    def __init__(self, n, global_batch, *, rank, world, seed, start, stop):
-        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.start, self.stop = seed, start, stop
-        self.per_epoch = n // global_batch  # full batches only
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        b = self.gb // self.world
-        epoch, perm = None, None
-        for s in range(self.start, self.stop):
-            e, j = divmod(s, self.per_epoch)
-            if e != epoch:
-                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
-            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
-            yield [(int(i), e) for i in chunk]
+def _convert(x, alpha=1.0, beta=0.0):
+    """x alpha + beta, clipped to 0..255 and truncated to uint8, as each step of the reference does."""
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-class SeededSamples(torch.utils.data.Dataset):
-    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        i, epoch = key
-        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
-        return self.dataset[i]
-
-
-def train_loader(dataset, global_batch, *, rank, world, seed, start, stop, workers):
-    """The training stream of steps start..stop-1 for process `rank` of `world` (StepBatches): every
-    batch and augmentation is a function of (seed, step), so a resumed run reads what an
-    uninterrupted one would have, with or without worker processes."""
-    return torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank=rank, world=world,
-                                                                seed=seed, start=start, stop=stop),
-        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed))  # its worker seeds: never drawn from the global RNG
-
-
-def eval_loader(dataset, batch_size, workers):
-    """`dataset` (not augmented) in order, every item once; its workers persist between evaluations."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0, generator=torch.Generator())  # (as above: the global RNG untouched)
-
-
-# -------------------------------------------------------------------------------------------------
-# Scoring, as the benchmarks score: every definition follows the evaluation code that the NYUD-v2 /
-# PASCAL-Context multi-task literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter, and SEISM /
-# Piotr Dollar's edges toolbox for boundaries; "the reference", README 'References'), so our numbers
-# can sit next to the papers'. Where it was silent or unusable as is, the choice is said in a comment.
-# A task's main metric is TASK_TABLE[task].metric (taskexpert.py).
-# -------------------------------------------------------------------------------------------------
-
-class Meter:
-    """A metric over a split. Its state is the tensors named in SUMS, each a sum over images, so the
-    shards of a split add up (all-reduce them with SUM). The state lives on the device of the
-    predictions given to update(), so no image waits for a copy to the host; score() reads it once."""
-    SUMS = ()
-
-    def state(self):
-        """The sum tensors, in a fixed order (every process all-reduces the same list)."""
-        return [getattr(self, k) for k in self.SUMS]
-
-    def _to(self, device):
-        for k, v in vars(self).items():
-            if isinstance(v, torch.Tensor):
-                setattr(self, k, v.to(device))
+def _hsv_step(x, channel, change):
+    """RGB uint8 (h, w, 3) -> HSV, change(channel values) -> RGB uint8; PIL's HSV (hue 0..255 for 360 deg)."""
+    hsv = np.array(Image.fromarray(x).convert('HSV'))
+    hsv[..., channel] = change(hsv[..., channel])
+    return np.asarray(Image.fromarray(hsv, 'HSV').convert('RGB'))
 
 
 def _batched(pred, target):
@@ -785,166 +968,55 @@ def _count(index, size):
     return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
-class SegMeter(Meter):
-    """Semantic segmentation / human parts: one confusion matrix over the split (255 ignored).
-    IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU = mean over ALL classes, as the reference
-    SemsegMeter / HumanPartsMeter: a class absent from both GT and prediction scores 0 there (it never
-    happens on the full NYUD / PASCAL val splits, but lowers mIoU on small subsets). 'class_IoU' is
-    each class's IoU by its name (names: the dataset's class table, in class-id order), as the
-    reference meters print them; mIoU is their mean."""
-    SUMS = ('conf',)
-
-    def __init__(self, names):
-        self.names, self.num_classes = tuple(names), len(names)
-        self.conf = torch.zeros(len(names), len(names), dtype=torch.int64)  # (gt, pred)
-
-    def update(self, pred, target):
-        # checked where the target is (on the CPU, as the loader gives it): no wait on the device
-        if ((target != IGNORE_INDEX) & ((target < 0) | (target >= self.num_classes))).any():
-            raise ValueError(f'SegMeter: target labels must be in [0, {self.num_classes}) or {IGNORE_INDEX}')
-        pred, target = _batched(pred, target)
-        self._to(pred.device)
-        label = pred.max(dim=1).indices  # (B, h, w): the first best class, as argmax (max is faster on CPUs)
-        target = target.reshape(label.shape).long()
-        C = self.num_classes
-        idx = torch.where(target != IGNORE_INDEX, target * C + label, C * C)  # void pixels: a spare bin
-        self.conf += _count(idx, C * C + 1)[:C * C].reshape(C, C)
-
-    def score(self):
-        self._to('cpu')
-        conf = self.conf.double()
-        tp = conf.diag()
-        iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1e-8)
-        return {'mIoU': 100 * iou.mean().item(), 'pixAcc': 100 * (tp.sum() / conf.sum().clamp(min=1)).item(),
-                'class_IoU': dict(zip(self.names, (100 * iou).tolist()))}
+def _move(meter, device):
+    """Move a meter's tensors to `device`."""
+    for k, v in vars(meter).items():
+        if isinstance(v, torch.Tensor):
+            setattr(meter, k, v.to(device))
 
 
-class DepthMeter(Meter):
-    """Depth over the valid pixels of the split: rmse = sqrt(sum sq err / n valid), log_rmse, abs_rel.
-    As the reference DepthMeter, predictions <= 0 are set to 1e-9 (needed by the log; it also enters
-    rmse and abs_rel, negligibly)."""
-    SUMS = ('sq', 'log_sq', 'abs_rel', 'n')
-
-    def __init__(self):
-        self.sq, self.log_sq, self.abs_rel = (torch.zeros((), dtype=torch.float64) for _ in range(3))
-        self.n = torch.zeros((), dtype=torch.int64)
-
-    def update(self, pred, target):
-        pred, target = _batched(pred, target)
-        self._to(pred.device)
-        valid = depth_valid(target.reshape(pred.shape))
-        p = pred.double().clamp(min=1e-9)
-        g = torch.where(valid, target.reshape(pred.shape).double(), 1.0)  # 1 where invalid: finite log, ratio
-        self.sq += torch.where(valid, (p - g) ** 2, 0).sum()
-        self.log_sq += torch.where(valid, (p.log() - g.log()) ** 2, 0).sum()
-        self.abs_rel += torch.where(valid, (p - g).abs() / g, 0).sum()
-        self.n += valid.sum()
-
-    def score(self):
-        self._to('cpu')
-        n = max(self.n.item(), 1)
-        return {'rmse': (self.sq.item() / n) ** 0.5, 'log_rmse': (self.log_sq.item() / n) ** 0.5,
-                'abs_rel': self.abs_rel.item() / n}
+def _check_labels(target, num_classes):
+    if ((target != IGNORE_INDEX) & ((target < 0) | (target >= num_classes))).any():
+        raise ValueError(f'SegMeter: target labels must be in [0, {num_classes}) or {IGNORE_INDEX}')
 
 
-class NormalsMeter(Meter):
-    """Angular error (degrees) between the unit-normalised prediction and GT over valid pixels: mean,
-    rmse, median, and % of pixels under 11.25 / 22.5 / 30 deg (reference eval_normals). All but the
-    median are exact sums; the median comes from a histogram of 0.01-deg bins (O(1) memory over the
-    split, exact to +-0.005 deg; np.median of the reference needs every error).
-
-    Valid = every non-zero GT vector, as the reference counts (see data.decode_normals): NYUD pixels
-    stored black or grey where no normal was computed count too, so 'mean' is comparable with the
-    papers'. 'strict_mean' is the mean error over the pixels whose stored vector is a plausible unit
-    normal (length 0.5 to 1.5), i.e. without that fill: a stricter reading, not the papers' number."""
-
-    BIN = 0.01  # degrees
-    THRESHOLDS = (11.25, 22.5, 30.0)
-    SUMS = ('hist', 'sum', 'sum_sq', 'below', 'n', 'strict_sum', 'strict_n')
-
-    def __init__(self):
-        self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
-        self.sum, self.sum_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        self.below = torch.zeros(len(self.THRESHOLDS), dtype=torch.int64)
-        self.n = torch.zeros((), dtype=torch.int64)
-        self.strict_sum, self.strict_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
-
-    def update(self, pred, target):
-        pred, target = _batched(pred, target)
-        self._to(pred.device)
-        # float32 on the 3 component planes (B, h, w) at a time: faster on a CPU than float64 over
-        # (B, 3, h, w), within 1e-5 deg of it; the sums are still accumulated in float64
-        p, g = pred.float().unbind(1), target.reshape(pred.shape).float().unbind(1)
-        g_sq = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]  # |g|^2 (B, h, w)
-        # unit vectors as F.normalize(eps=1e-12) makes them: x / max(|x|, 1e-12)
-        inv_p = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).rsqrt_().clamp_(max=1e12)
-        inv_g = g_sq.rsqrt().clamp_(max=1e12)
-        diff_sq, sum_sq = torch.zeros_like(g_sq), torch.zeros_like(g_sq)  # |p - g|^2, |p + g|^2
-        for a, b in zip(p, g):
-            a, b = a * inv_p, b * inv_g
-            diff_sq.addcmul_(a - b, a - b)
-            sum_sq.addcmul_(a + b, a + b)
-        # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
-        err = torch.atan2(diff_sq.sqrt_(), sum_sq.sqrt_()).mul_(360 / math.pi)  # (B, h, w) degrees
-        valid = g_sq > 0  # (B, h, w): not the zero vector (normals_valid, without its slower any())
-        bins = torch.where(valid, (err / self.BIN).long().clamp(max=len(self.hist) - 1), len(self.hist))
-        self.hist += _count(bins, len(self.hist) + 1)[:-1]  # invalid pixels: the spare last bin
-        err = torch.where(valid, err, 0)
-        self.sum += err.sum(dtype=torch.float64)
-        self.sum_sq += err.double().square().sum()
-        self.below += torch.stack([((err < t) & valid).sum() for t in self.THRESHOLDS])
-        self.n += valid.sum()
-        strict = (g_sq > 0.25) & (g_sq < 2.25)  # |g| in (0.5, 1.5): a plausible unit normal was stored
-        self.strict_sum += torch.where(strict, err, 0).sum(dtype=torch.float64)
-        self.strict_n += strict.sum()
-
-    def score(self):
-        self._to('cpu')
-        total = self.n.item()
-        n = max(total, 1)
-        cum = torch.cumsum(self.hist, 0)
-        # np.median: mean of the values of rank (n-1)//2 and n//2 (0-based); each read at its bin centre
-        ranks = torch.tensor([(total - 1) // 2, total // 2])
-        median = ((torch.searchsorted(cum, ranks, right=True).double() + 0.5) * self.BIN).mean().item()
-        out = {'mean': self.sum.item() / n, 'rmse': (self.sum_sq.item() / n) ** 0.5, 'median': median}
-        out.update({f'{t:g}': 100 * b / n for t, b in zip(self.THRESHOLDS, self.below.tolist())})
-        out['strict_mean'] = self.strict_sum.item() / max(self.strict_n.item(), 1)
-        return out
+def _angular_error(pred, target):
+    """The angle (degrees) between the unit prediction and the unit GT, per pixel (B, h, w), and |GT|^2."""
+    # float32 on the 3 component planes (B, h, w) at a time: faster on a CPU than float64 over
+    # (B, 3, h, w), within 1e-5 deg of it; the meter accumulates the sums in float64
+    p, g = pred.float().unbind(1), target.reshape(pred.shape).float().unbind(1)
+    g_sq = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]  # |g|^2 (B, h, w)
+    # unit vectors as F.normalize(eps=1e-12) makes them: x / max(|x|, 1e-12)
+    inv_p = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).rsqrt_().clamp_(max=1e12)
+    inv_g = g_sq.rsqrt().clamp_(max=1e12)
+    diff_sq, sum_sq = torch.zeros_like(g_sq), torch.zeros_like(g_sq)  # |p - g|^2, |p + g|^2
+    for a, b in zip(p, g):
+        a, b = a * inv_p, b * inv_g
+        diff_sq.addcmul_(a - b, a - b)
+        sum_sq.addcmul_(a + b, a + b)
+    # 2 atan2(|p - g|, |p + g|) = arccos(p . g), stable near 0 and 180 deg (reference NormalsMeter)
+    return torch.atan2(diff_sq.sqrt_(), sum_sq.sqrt_()).mul_(360 / math.pi), g_sq
 
 
-class SaliencyMeter(Meter):
-    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, with TP / predicted /
-    actual positives per threshold summed over the split (not per image), as the reference
-    SaliencyMeter. Replicated quirk, for comparable numbers: the reference receives probabilities
-    and applies a sigmoid AGAIN before thresholding, so the score is sigmoid(sigmoid(logit)), in
-    [0.5, 0.731]: thresholds <= 0.5 mark everything salient, >= 0.75 nothing, and only 0.55, 0.60,
-    0.65, 0.70 (probability >= 0.20, 0.41, 0.62, 0.85) discriminate."""
-    SUMS = ('tp', 'pred_pos', 'gt_pos')
+def _hist_median(hist, total, width):
+    """The median of `total` values counted in a histogram of bins `width` wide, each read at its bin centre:
+    as np.median, the mean of the values of rank (n-1)//2 and n//2 (0-based)."""
+    ranks = torch.tensor([(total - 1) // 2, total // 2])
+    return ((torch.searchsorted(torch.cumsum(hist, 0), ranks, right=True).double() + 0.5) * width).mean().item()
 
-    def __init__(self, beta_sq=0.3):
-        self.beta_sq = beta_sq
-        self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference
-        self.tp = torch.zeros(len(self.thresholds), dtype=torch.int64)
-        self.pred_pos = torch.zeros_like(self.tp)
-        self.gt_pos = torch.zeros((), dtype=torch.int64)
 
-    def update(self, pred, target):
-        pred, target = _batched(pred, target)
-        self._to(pred.device)
-        valid = (target != IGNORE_INDEX).reshape(-1, 1)
-        score = torch.sigmoid(torch.sigmoid(pred.float())).reshape(-1, 1)  # the double sigmoid, see above
-        gt = (target == 1).reshape(-1, 1)
-        above = (score >= self.thresholds) & valid  # (N, thresholds)
-        self.tp += (above & gt).sum(0)
-        self.pred_pos += above.sum(0)
-        self.gt_pos += (gt & valid).sum()
+class _Here:
+    """An EdgeMeter's pool when none is given: each image scored at once, here (no workers: no backlog)."""
+    workers = 0
 
-    def score(self):
-        self._to('cpu')
-        tp, pred_pos, gt_pos = self.tp.double(), self.pred_pos.double(), self.gt_pos.double()
-        prec, rec = tp / pred_pos, tp / gt_pos
-        f = (1 + self.beta_sq) * prec * rec / (self.beta_sq * prec + rec)
-        return {'maxF': 100 * torch.nan_to_num(f, nan=0.0).max().item()}
+    @staticmethod
+    def submit(fn, *args):
+        done = concurrent.futures.Future()
+        done.set_result(fn(*args))
+        return done
+
+
+_HERE = _Here()
 
 
 # ---- boundary detection: ODS / OIS F-measure as SEISM computes it (no MATLAB) ---------------------
@@ -958,7 +1030,7 @@ class SaliencyMeter(Meter):
 # matched / total GT pixels. ODS: counts summed over the split per threshold, best F.
 # OIS: each image at its own best threshold, counts summed, F. Thinning dominates the cost for the
 # flat maps of an untrained model (every threshold's map is nearly the whole image; see
-# _thin_lanes), the exact matchings for sharper maps (README, 'What an evaluation costs').
+# _thin_lanes), the exact matchings for sharper maps (docs/results.md, 'What an evaluation costs').
 
 def probability_levels(logit):
     """Logits (any shape) -> uint8 255 sigmoid(logit), truncated as numpy's astype(np.uint8) truncates:
@@ -1199,7 +1271,7 @@ def _edge_counts(prob, target, max_dist):
     Matching: BSDS's correspondPixels is a min-cost assignment whose outlier cost (100 x radius)
     aims at a maximum-cardinality matching of the pixel pairs within the radius; we compute that
     maximum exactly. (correspondPixels gives unmatched pixels only a few random outlier slots, so it
-    can miss it and find slightly fewer matches; README, 'Metrics as the papers count them'.)
+    can miss it and find slightly fewer matches; docs/evaluation.md, 'Metrics as the papers count them'.)
     One-to-one, so matched predicted = matched GT. GT boundary = the pixels where target == 1, as they
     are: the val readers give SEISM's boundary (gt_boundary), already thinned as SEISM thins it;
     255 pixels (padding) count neither as GT nor as prediction."""
@@ -1309,52 +1381,6 @@ def _edge_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class EdgeMeter(Meter):
-    """Boundary ODS / OIS F-measure (%) over the split, SEISM style (see `_edge_counts`), of the 8-bit
-    maps that the saved PNGs hold (probability_levels of the logits given). Each image is scored as it
-    arrives, so memory stays O(thresholds); max_dist is relative to the diagonal. The target's 1-pixels
-    are the GT boundary as they are: the val readers give SEISM's (gt_boundary).
-    With a pool (EdgePool) the images are scored in its workers: update() returns at once unless
-    2 x workers images are still waiting; state() and score() wait for all. Same sums either way."""
-    SUMS = ('counts', 'ois')
-
-    def __init__(self, max_dist, pool=None):
-        self.max_dist, self.pool = max_dist, pool
-        self.counts = torch.zeros(len(EDGE_THRESHOLDS), 4, dtype=torch.int64)  # summed over images
-        self.ois = torch.zeros(4, dtype=torch.int64)  # each image at its own best threshold, summed
-        self.pending = collections.deque()  # futures of the images in the pool
-
-    def update(self, pred, target):
-        pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
-        levels = probability_levels(pred[:, 0]).cpu().numpy()  # (B, h, w) uint8: each map's one copy to the host
-        target = target.detach().cpu().reshape(levels.shape).to(torch.uint8).numpy()
-        for p, t in zip(levels, target):
-            if self.pool is None:
-                self._add(_edge_job(p, t, self.max_dist))
-                continue
-            self.pending.append(self.pool.submit(_edge_job, p, t, self.max_dist))
-            while len(self.pending) > 2 * self.pool.workers:  # bounded backlog: memory, honest progress
-                self._add(self.pending.popleft().result())
-
-    def _add(self, counts):
-        self.counts += torch.from_numpy(counts)
-        self.ois += torch.from_numpy(counts[np.argmax(_f_measure(counts))])
-
-    def wait(self):
-        """Add the counts of every image still in the pool."""
-        while self.pending:
-            self._add(self.pending.popleft().result())
-
-    def state(self):
-        self.wait()
-        return super().state()
-
-    def score(self):
-        self.wait()
-        counts, ois = self.counts.numpy(), self.ois.numpy()
-        f = _f_measure(counts)
-        return {'odsF': 100 * float(f.max()), 'oisF': 100 * float(_f_measure(ois)),
-                'odsT': float(EDGE_THRESHOLDS[f.argmax()])}  # odsT: the ODS threshold
 
 
 # The published PASCAL-Context boundary F of this family (ATRC, InvPT, TaskPrompter, TaskExpert) is
@@ -1393,54 +1419,6 @@ EDGE_TEST_NEW = _decode_ids(_TEST_NEW)  # the val images whose boundaries PASCAL
 EDGE_MAX_DIST = {'nyud': 0.011, 'synthetic': 0.011, 'pascal': 0.0075}
 
 
-def make_meters(tasks, dataset, pool=None):
-    """task -> meter for the tasks named in `tasks` (or the keys of a dict such as TASKS[...]); the
-    dataset's class tables (CLASS_NAMES) give the classes; pool: an EdgePool for the boundary metric,
-    or None to score boundaries here."""
-    if dataset not in EDGE_MAX_DIST:
-        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
-    meters = {}
-    for task in tasks:
-        if task not in TASK_TABLE:
-            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
-        meter = TASK_TABLE[task].meter
-        if meter == 'segmentation':
-            meters[task] = SegMeter(CLASS_NAMES[TASK_SET[dataset]][task])
-        elif meter == 'boundary':
-            meters[task] = EdgeMeter(EDGE_MAX_DIST[dataset], pool)
-        elif meter == 'saliency':
-            meters[task] = SaliencyMeter()
-        elif meter == 'normals':
-            meters[task] = NormalsMeter()
-        elif meter == 'depth':
-            meters[task] = DepthMeter()
-        else:
-            raise ValueError(f'task {task!r}: no meter {meter!r}')
-    return meters
-
-
-def crops(outputs, batch):
-    """Each image of a batch cut to its content (meta['size']: the padding is no part of it), as the
-    benchmarks score and save it -> (meta, outputs task -> (1, C, h, w), the batch's tensors name ->
-    (1, ..., h, w): the image and its targets), image by image."""
-    for i, meta in enumerate(batch['meta']):
-        h, w = meta['size']
-        yield (meta, {t: o[i:i + 1, :, :h, :w] for t, o in outputs.items()},
-               {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
-
-
-def update_meters(meters, outputs, batch):
-    """Feed one batch to `meters` (make_meters), image by image as the benchmarks score: each image
-    cropped to its content (crops), each task unless the image's meta lists it as 'unscored'.
-    outputs: task -> raw predictions (B, C, H, W) on any device; batch: as the loaders give it."""
-    for meta, preds, targets in crops(outputs, batch):
-        # boundaries first: with a pool, its workers score them while the other meters run here
-        for t, meter in sorted(meters.items(), key=lambda item: TASK_TABLE[item[0]].meter != 'boundary'):
-            if t in meta['unscored']:
-                continue
-            meter.update(preds[t], targets[t])
-
-
 def write_predictions(folder, outputs, batch):
     """Write what the field's offline tools read, per image of a batch (cropped to its content) and
     task, into folder/<task>/<id>.<ext> as the reference saves its predictions (InvPT
@@ -1477,26 +1455,28 @@ def trivial_scores(loader, tasks, dataset):
     """The val scores of input-blind predictors, measured with the same meters: the majority class
     (semseg, human parts), the mean depth, the mean normal, all-edge and all-salient. Two passes:
     statistics of the val labels, then the constant predictions."""
-    counts = {t: torch.zeros(c) for t, c in tasks.items() if TASK_TABLE[t].kind == 'classes'}
-    depth_sum, depth_n, normal_sum = 0.0, 0, torch.zeros(3)
+    kinds = {t: TASK_TABLE[t].kind for t in tasks}
+    counts = {t: torch.zeros(c) for t, c in tasks.items() if kinds[t] == 'classes'}  # pixels per class
+    depth = {t: (0.0, 0) for t in tasks if kinds[t] == 'depth'}  # the valid depths' sum, their number
+    normal = {t: torch.zeros(3) for t in tasks if kinds[t] == 'normals'}  # the vectors' sum
     for batch in loader:
         for t in counts:
             y = batch[t][batch[t] != IGNORE_INDEX]
             counts[t] += torch.bincount(y, minlength=len(counts[t]))[:len(counts[t])].float()
-        if 'depth' in tasks:
-            d = batch['depth'][batch['depth'] > 0]
-            depth_sum, depth_n = depth_sum + d.sum().item(), depth_n + d.numel()
-        if 'normals' in tasks:
-            normal_sum += batch['normals'].sum((0, 2, 3))  # invalid normals are 0
+        for t in depth:
+            d = batch[t][batch[t] > 0]
+            depth[t] = depth[t][0] + d.sum().item(), depth[t][1] + d.numel()
+        for t in normal:
+            normal[t] += batch[t].sum((0, 2, 3))  # invalid normals are 0
     constant = {}  # task -> one image's prediction (C, 1, 1)
     for t, c in tasks.items():
-        kind = TASK_TABLE[t].kind
+        kind = kinds[t]
         if kind == 'classes':  # one-hot logits of the majority class
             constant[t] = F.one_hot(counts[t].argmax(), c).float()[:, None, None]
         elif kind == 'depth':
-            constant[t] = torch.full((1, 1, 1), depth_sum / max(depth_n, 1))
+            constant[t] = torch.full((1, 1, 1), depth[t][0] / max(depth[t][1], 1))
         elif kind == 'normals':
-            constant[t] = F.normalize(normal_sum, dim=0)[:, None, None]
+            constant[t] = F.normalize(normal[t], dim=0)[:, None, None]
         elif kind == 'binary':  # a logit of 10 everywhere, i.e. all positive
             constant[t] = torch.full((1, 1, 1), 10.0)
         else:
@@ -1854,8 +1834,8 @@ def _lit(rng, albedo, *, pos, t, dirs, normal, room, boxes):
     """The pixels' RGB 0-255 (N, 3) float32: ambient + Lambert from a lamp 10 cm above the lens (a
     flash, a head-mounted lamp), with box shadows, a near inverse-square fall-off, a tint and sensor
     noise. A light at the camera makes brightness fall with distance and with the surface's angle to
-    the view: a depth and orientation cue a small model learns from scratch in minutes (README,
-    'Results')."""
+    the view: a depth and orientation cue a small model learns from scratch in minutes (docs/results.md,
+    'The quick start')."""
     light = (pos + [0, 0.1, 0]).astype(np.float32)
     point = pos.astype(np.float32) + t[:, None] * dirs  # (N, 3) world
     to_light = light - point
