@@ -13,12 +13,10 @@ A sample (the contract): a dict of tensors at the network size (H, W); each targ
 Before to_tensors, a sample is numpy in HWC layout: image uint8 (h, w, 3), labels uint8 (h, w), depth
 float32 (h, w), normals float32 (h, w, 3).
 """
-import base64, collections, colorsys, concurrent.futures, json, math, multiprocessing, os, signal, sys, types
-import zlib
+import base64, collections, colorsys, concurrent.futures, json, math, multiprocessing, os, signal, sys, types, zlib
 
 import numpy as np
-import scipy.io
-import scipy.ndimage
+import scipy.io, scipy.ndimage
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -28,12 +26,12 @@ from scipy.sparse.csgraph import maximum_flow
 from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
                         postprocess, unknown_kind)
 
-# ---- The readers: which file each task comes from, and how its target is decoded ------------------
+# ---- The readers: which file each task's target comes from, and how it is decoded -----------------
 
 
 def edge_target(labels, split, train_target):
-    """The edge target of a split, from the label map its boundaries are drawn from. On the val split, the one
-    the benchmarks score: SEISM's ground-truth boundary (gt_boundary). To train on: the reference's target."""
+    """The edge target of a split, from the label map the boundaries are drawn from. To train on: the
+    reference's, train_target(labels). On the val split, what the benchmarks score: SEISM's gt_boundary."""
     return gt_boundary(labels) if split == 'val' else train_target(labels)
 
 
@@ -44,14 +42,7 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
     FILES = {}  # task -> (folder, extension, decode(file, s) -> target); s: what the sample's decoders share
 
     def __init__(self, root, split='train', train=True, size=None, tasks=None, seed=0):
-        known = TASKS[self.dataset]
-        self.tasks = tuple(known if tasks is None else tasks)
-        if unknown := [t for t in self.tasks if t not in known]:
-            raise ValueError(f'unknown {self.dataset} task(s) {unknown}: choose from {", ".join(known)}')
-        if unread := [t for t in self.tasks if t not in self.FILES]:
-            raise ValueError(f'{type(self).__name__} has no reader for task {unread[0]!r}')
-        if not os.path.isdir(root):
-            raise DataError(f'{root}: dataset folder not found; {_SEE_README}')
+        self.tasks = _checked_tasks(self, tasks, root)
         self.root, self.split, self.train, self.size = root, split, train, tuple(size or self.SIZE)
         self.rng = np.random.default_rng(seed)
         self.subsets = {}  # task -> the images its meter scores, for a task scored on part of the split
@@ -94,6 +85,7 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
         return os.path.join(self.root, folder, id_ + ext)
 
     def needs(self):
+        """The files each sample must have (checked at the start)."""
         return ('image',) + self.tasks
 
     def check(self, workers=0, rank=0, world=1):
@@ -116,16 +108,15 @@ class NYUD(_MultiTaskDataset):
 class PASCALContext(_MultiTaskDataset):
     """PASCAL-Context in the ATRC / InvPT layout of PASCALContext.tar.gz (DOWNLOAD_HELP)."""
     dataset, SIZE, SPLITS, IMAGES = 'pascal', (512, 512), 'ImageSets/Context', ('JPEGImages', '.jpg')
-    LABELMAP = ('pascal-context/trainval', '.mat')  # 'LabelMap', 459 context classes: s.labelmap
-    FILES = {
-        'semseg': ('semseg/VOC12', '.png', lambda p, s: _labels(p, 20, void=IGNORE_INDEX)),  # else pascal-context/
-        'human_parts': ('human_parts', '.mat', lambda p, s: _person_parts(p, s)),  # 0..6, unscored without a person
+    FILES = {  # s.labelmap: the sample's LabelMap (459 context classes), read once
+        'semseg': ('semseg/VOC12', '.png', lambda p, s: _labels(p, 20, void=IGNORE_INDEX)),  # 255 = void
+        'human_parts': ('human_parts', '.mat', lambda p, s: _person_parts(p, s)),  # unscored without a person
         'sal': ('sal_distill', '.png',  # 0..255 -> {0, 1}
                 lambda p, s: (_grey(p, 'saliency').astype(np.float32) / 255.0 > 0.5).astype(np.uint8)),
         'normals': ('normals_distill', '.png',  # kept on the context classes NYU has too, else 0 = invalid
                     lambda p, s: np.where(np.isin(s.labelmap, PASCAL_NORMAL_CLASSES)[..., None], _normals(p),
                                           0).astype(np.float32)),
-        'edge': (*LABELMAP, lambda p, s: edge_target(s.labelmap, s.split, labelmap_edges))}
+        'edge': ('pascal-context/trainval', '.mat', lambda p, s: edge_target(s.labelmap, s.split, labelmap_edges))}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -145,9 +136,7 @@ class PASCALContext(_MultiTaskDataset):
         return s
 
     def path(self, name, id_):
-        if name == 'labelmap':
-            return os.path.join(self.root, self.LABELMAP[0], id_ + self.LABELMAP[1])
-        p = super().path(name, id_)
+        p = super().path('edge' if name == 'labelmap' else name, id_)  # (the LabelMap is the edges' file)
         if name == 'semseg' and not os.path.isfile(p):  # VOC12's masks where they exist, else Context's
             p = os.path.join(self.root, 'semseg', 'pascal-context', id_ + '.png')
         return p
@@ -178,9 +167,8 @@ def random_scale(sample, rng, lo=0.5, hi=2.0):
 
 
 def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
-    """Crop a window of min(image, size), as the reference RandomCrop (mmseg's cat_max_ratio). A window whose
-    balancing labels (semseg) hold one class, or one class on max_ratio of them or more, is drawn again, up
-    to `tries` times; the window drawn after the last try is kept as it is."""
+    """Crop a window of min(image, size), as the reference RandomCrop (mmseg's cat_max_ratio): drawn again, up
+    to `tries` times, while one class holds max_ratio or more of the balancing task's labels (semseg)."""
     h0, w0 = sample['image'].shape[:2]
     h, w = min(h0, size[0]), min(w0, size[1])
     guide = [t for t in sample if t != 'image' and TASK_TABLE[t].balances_crop]
@@ -206,10 +194,10 @@ def hflip(sample):
 
 
 def photometric(image, rng):
-    """The reference PhotoMetricDistortion (after mmseg's) on the RGB image -> float32 0..255. Each step has
-    p = 0.5 and ends in uint8: brightness + U(-32, 32); contrast x U(0.5, 1.5), first or last; saturation
-    x U(0.5, 1.5); hue + d, d uniform in -18..17 OpenCV units (2 deg each). We convert to HSV with PIL (hue
-    0..255), not OpenCV (docs/results.md, 'The photometric jitter against OpenCV's')."""
+    """The reference PhotoMetricDistortion (mmseg's) on the RGB image -> float32 0..255. Each step has p = 0.5
+    and ends in uint8: brightness + U(-32, 32); contrast x U(0.5, 1.5), first or last; saturation x U(0.5, 1.5);
+    hue + d, d in -18..17 OpenCV units of 2 deg. HSV is PIL's (docs/results.md, 'The photometric jitter
+    against OpenCV's')."""
     x = _convert(image)
 
     def contrast(x):
@@ -230,8 +218,7 @@ def photometric(image, rng):
 
 
 def augment(sample, size, rng):
-    """The reference training transforms, in order: scale, crop, flip, photometric jitter.
-    -> (the sample, image float32 0..255; its (h, w) before padding)."""
+    """The reference training transforms: scale, crop, flip, photometric jitter -> (sample, its (h, w))."""
     sample = random_crop(random_scale(sample, rng), size, rng)
     if rng.random() < 0.5:
         sample = hflip(sample)
@@ -245,8 +232,8 @@ def augment(sample, size, rng):
 
 
 def to_tensors(sample, size):
-    """Normalise the image (taskexpert.normalise) and pad everything at the bottom and right to `size`
-    -> the contract's tensors. Padding: image 0 (the mean colour), depth and normals 0 (invalid), labels 255."""
+    """Normalise the image (taskexpert.normalise), pad everything at the bottom and right to `size` -> the
+    contract's tensors. Padding: image 0 (the mean colour), labels 255, depth and normals 0 (invalid)."""
     h, w = sample['image'].shape[:2]
     out = {}
     for k, a in sample.items():
@@ -254,8 +241,7 @@ def to_tensors(sample, size):
             x = normalise(torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))))
             out[k] = F.pad(x, (0, size[1] - w, 0, size[0] - h))  # (3, H, W)
             continue
-        kind = TASK_TABLE[k].kind
-        a = np.asarray(a)
+        kind, a = TASK_TABLE[k].kind, np.asarray(a)
         pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (a.ndim - 2)
         if kind == 'classes':
             out[k] = torch.from_numpy(np.pad(a, pad, constant_values=IGNORE_INDEX).astype(np.int64))  # (H, W)
@@ -279,48 +265,11 @@ def collate(samples):
     return batch
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """One process's batches of steps start..stop-1. Step s is batch s % per_epoch of epoch s // per_epoch,
-    in an order drawn from (seed, epoch); each process reads its slice of the global batch. Items are
-    (index, epoch), so that each sample's augmentation can be seeded."""
-
-    def __init__(self, n, global_batch, *, rank, world, seed, start, stop):
-        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.start, self.stop = seed, start, stop
-        self.per_epoch = n // global_batch  # full batches only
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __iter__(self):
-        b = self.gb // self.world
-        epoch, perm = None, None
-        for s in range(self.start, self.stop):
-            e, j = divmod(s, self.per_epoch)
-            if e != epoch:
-                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
-            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
-            yield [(int(i), e) for i in chunk]
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
-
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        i, epoch = key
-        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
-        return self.dataset[i]
-
-
 def train_loader(dataset, global_batch, *, rank, world, seed, start, stop, workers):
-    """The training stream of steps start..stop-1 for process `rank` of `world`. Every batch and
-    augmentation is a function of (seed, step): a resumed run reads what an uninterrupted one would."""
+    """The training stream of steps start..stop-1 for process `rank` of `world`. Step s is batch s % per_epoch
+    of epoch s // per_epoch, in an order drawn from (seed, epoch) (StepBatches); sample i of epoch e is
+    augmented with an rng drawn from (seed, e, i) (SeededSamples). So a resumed run reads what an
+    uninterrupted one would, with or without worker processes."""
     return torch.utils.data.DataLoader(
         SeededSamples(dataset, seed), batch_sampler=StepBatches(len(dataset), global_batch, rank=rank, world=world,
                                                                 seed=seed, start=start, stop=stop),
@@ -335,7 +284,7 @@ def eval_loader(dataset, batch_size, workers):
         persistent_workers=workers > 0, generator=torch.Generator())  # (as above: the global RNG untouched)
 
 
-# ---- The meters, as the benchmarks score (docs/evaluation.md, 'Metrics as the papers count them') ------
+# ---- The meters, as the benchmarks score (docs/evaluation.md) ----------------------------------------
 # Each follows the evaluation code the NYUD-v2 / PASCAL-Context literature shares (MTI-Net -> ATRC ->
 # InvPT / TaskPrompter; SEISM for boundaries). A task's main metric is TASK_TABLE[task].metric.
 
@@ -358,8 +307,8 @@ class Meter:
 
 class SegMeter(Meter):
     """Semantic segmentation and human parts: one confusion matrix over the split (255 ignored). As the
-    reference, IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU is the mean over ALL classes (a class absent
-    from both GT and prediction scores 0). 'class_IoU': each class's IoU by its name (CLASS_NAMES)."""
+    reference, IoU_c = TP / max(TP + FP + FN, 1e-8) and mIoU is the mean over ALL classes (one absent from
+    both GT and prediction scores 0). 'class_IoU': each class's IoU by its name (CLASS_NAMES)."""
     SUMS = ('conf',)
 
     def __init__(self, names):
@@ -412,10 +361,9 @@ class DepthMeter(Meter):
 
 
 class NormalsMeter(Meter):
-    """Angular error (degrees) between the unit prediction and GT: mean, rmse, median (from a histogram of
-    0.01-deg bins, exact to +-0.005 deg), and % under 11.25 / 22.5 / 30 deg (reference eval_normals). Valid =
-    every non-zero GT vector, as the reference counts (decode_normals), so 'mean' is the papers'.
-    'strict_mean' counts only plausible unit GT normals (length 0.5 to 1.5): a stricter reading."""
+    """Angular error (degrees) of the unit prediction: mean, rmse, median (of a histogram of 0.01-deg bins:
+    +-0.005 deg), and % under 11.25 / 22.5 / 30 deg (reference eval_normals), over every non-zero GT vector
+    as the reference counts (decode_normals). 'strict_mean': over plausible unit GT normals alone."""
     BIN = 0.01  # degrees
     THRESHOLDS = (11.25, 22.5, 30.0)
     SUMS = ('hist', 'sum', 'sum_sq', 'below', 'n', 'strict_sum', 'strict_n')
@@ -452,10 +400,9 @@ class NormalsMeter(Meter):
 
 
 class SaliencyMeter(Meter):
-    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, TP and positives summed over
-    the split, as the reference SaliencyMeter. Its quirk kept, for comparable numbers: the reference applies
-    a sigmoid to probabilities, so the score is sigmoid(sigmoid(logit)) in [0.5, 0.731], and only the
-    thresholds 0.55 .. 0.70 (probability >= 0.20, 0.41, 0.62, 0.85) discriminate."""
+    """Saliency maxF (beta^2 = 0.3) over thresholds 0.05, 0.10, ..., 0.95, counts summed over the split, as
+    the reference SaliencyMeter. Its quirk is kept, for comparable numbers: it applies a sigmoid to
+    probabilities, so the score is sigmoid(sigmoid(logit)), in [0.5, 0.731]: only 0.55 .. 0.70 discriminate."""
     SUMS = ('tp', 'pred_pos', 'gt_pos')
 
     def __init__(self, beta_sq=0.3):
@@ -483,9 +430,9 @@ class SaliencyMeter(Meter):
 
 
 class EdgeMeter(Meter):
-    """Boundary ODS / OIS F-measure (%) as SEISM computes it, on the 8-bit maps the saved PNGs hold
-    (probability_levels). Part II has SEISM's steps (_edge_counts: NMS, thinning, matching within max_dist x
-    the image diagonal). Each image is scored as it arrives; with a pool (EdgePool), in its workers."""
+    """Boundary ODS / OIS F-measure (%) as SEISM computes it (Part II, _edge_counts: NMS, thinning, matching
+    within max_dist x the image diagonal) on the 8-bit maps the saved PNGs hold (probability_levels). Each
+    image is scored as it arrives; with a pool (EdgePool), in its workers."""
     SUMS = ('counts', 'ois')
 
     def __init__(self, max_dist, pool=None):
@@ -501,15 +448,15 @@ class EdgeMeter(Meter):
         for p, t in zip(levels, target):
             self.pending.append(self.pool.submit(_edge_job, p, t, self.max_dist))
             while len(self.pending) > 2 * self.pool.workers:  # a bounded backlog
-                self._add(self.pending.popleft().result())
+                self.add(self.pending.popleft().result())
 
-    def _add(self, counts):
+    def add(self, counts):
         self.counts += torch.from_numpy(counts)
         self.ois += torch.from_numpy(counts[np.argmax(_f_measure(counts))])
 
     def state(self):
         while self.pending:
-            self._add(self.pending.popleft().result())
+            self.add(self.pending.popleft().result())
         return super().state()
 
     def score(self):
@@ -529,16 +476,7 @@ METERS = {'segmentation': lambda task, dataset, pool: SegMeter(CLASS_NAMES[TASK_
 def make_meters(tasks, dataset, pool=None):
     """task -> its meter (METERS), for `tasks` (names, or a dict's keys). pool: an EdgePool to score
     boundaries in, or None to score them here."""
-    if dataset not in EDGE_MAX_DIST:
-        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
-    meters = {}
-    for task in tasks:
-        if task not in TASK_TABLE:
-            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
-        if (meter := TASK_TABLE[task].meter) not in METERS:
-            raise ValueError(f'task {task!r}: no meter {meter!r}')
-        meters[task] = METERS[meter](task, dataset, pool)
-    return meters
+    return {task: METERS[TASK_TABLE[task].meter](task, dataset, pool) for task in _scored_tasks(tasks, dataset)}
 
 
 def crops(outputs, batch):
@@ -822,7 +760,7 @@ _LAPLACE = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float64)
 def labelmap_edges(labelmap):
     """PASCAL's training edge target: thin(|Laplacian(LabelMap)| > 0) (h, w) uint8 {0, 1}. The
     Laplacian is OpenCV's default 3x3 one with reflect-101 borders (scipy 'mirror'), as in the
-    reference. (The val split is scored against SEISM's boundary instead, gt_boundary.)"""
+    reference. On the val split edge_target gives SEISM's boundary instead (gt_boundary)."""
     lap = scipy.ndimage.convolve(labelmap.astype(np.float64), _LAPLACE, mode='mirror')
     return thin(np.abs(lap) > 0).astype(np.uint8)
 
@@ -873,8 +811,21 @@ def layout(root):
 
 
 # -------------------------------------------------------------------------------------------------
-# Probing a split before a run: every sample read once, the first problem said in one line
+# Input checks, and probing a split before a run: each sample read once, a problem said in one line
 # -------------------------------------------------------------------------------------------------
+
+
+def _checked_tasks(reader, tasks, root):
+    """A reader's tasks (all of its dataset's by default), each one it reads; its root, a folder."""
+    known = TASKS[reader.dataset]
+    tasks = tuple(known if tasks is None else tasks)
+    if unknown := [t for t in tasks if t not in known]:
+        raise ValueError(f'unknown {reader.dataset} task(s) {unknown}: choose from {", ".join(known)}')
+    if unread := [t for t in tasks if t not in reader.FILES]:
+        raise ValueError(f'{type(reader).__name__} has no reader for task {unread[0]!r}')
+    if not os.path.isdir(root):
+        raise DataError(f'{root}: dataset folder not found; {_SEE_README}')
+    return tasks
 
 
 def _check_fits(reader, i, h, w, most=None):
@@ -928,6 +879,50 @@ class _Probe(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------------------------------------
+# The training stream as a function of (seed, step): what a resumed run replays
+# -------------------------------------------------------------------------------------------------
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """One process's batches of steps start..stop-1. Step s is batch s % per_epoch of epoch s // per_epoch,
+    in an order drawn from (seed, epoch); each process reads its slice of the global batch. Items are
+    (index, epoch), so that each sample's augmentation can be seeded."""
+
+    def __init__(self, n, global_batch, *, rank, world, seed, start, stop):
+        self.n, self.gb, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self.per_epoch = n // global_batch  # full batches only
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        b = self.gb // self.world
+        epoch, perm = None, None
+        for s in range(self.start, self.stop):
+            e, j = divmod(s, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            chunk = perm[j * self.gb + self.rank * b: j * self.gb + (self.rank + 1) * b]
+            yield [(int(i), e) for i in chunk]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Item (i, epoch) of a training dataset, augmented with the rng drawn from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        self.dataset.rng = np.random.default_rng([self.seed, epoch, i, 1])  # 1: not the order's seed
+        return self.dataset[i]
+
+
+# -------------------------------------------------------------------------------------------------
 # The steps of the augmentations and the meters
 # -------------------------------------------------------------------------------------------------
 
@@ -966,6 +961,19 @@ def _count(index, size):
     (torch.bincount on a GPU first copies the maximum to the host, a wait per call.)"""
     index = index.flatten()
     return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+def _scored_tasks(tasks, dataset):
+    """make_meters' tasks as a list, each a row of the task table with a meter of METERS; its dataset checked."""
+    tasks = list(tasks)
+    if dataset not in EDGE_MAX_DIST:
+        raise ValueError(f'make_meters: unknown dataset {dataset!r}; expected one of {sorted(EDGE_MAX_DIST)}')
+    for task in tasks:
+        if task not in TASK_TABLE:
+            raise ValueError(f'make_meters: unknown task {task!r}; known: {sorted(TASK_TABLE)}')
+        if TASK_TABLE[task].meter not in METERS:
+            raise ValueError(f'task {task!r}: no meter {TASK_TABLE[task].meter!r}')
+    return tasks
 
 
 def _move(meter, device):
