@@ -516,7 +516,7 @@ DOWNLOAD_HELP = """\
 Datasets (README.md, section 'Datasets'): the multi-task copies used by ATRC / InvPT,
   https://data.vision.ee.ethz.ch/brdavid/atrc/NYUDv2.tar.gz
   https://data.vision.ee.ethz.ch/brdavid/atrc/PASCALContext.tar.gz
-(docs/datasets.md lists mirrors on HKUST's SharePoint, should these be down.)
+(README.md lists mirrors on HKUST's SharePoint, should these be down.)
 Extract with `tar xzf`, then pass the extracted folder as --data-root.
 NYUD-v2 (NYUDv2.tar.gz, the multi-task copy used by ATRC / InvPT), 795 train / 654 val:
   NYUDv2/
@@ -1508,7 +1508,7 @@ def delta_m(results, baselines):
 
 
 # -------------------------------------------------------------------------------------------------
-# Synthetic indoor scenes in the NYUD layout (README, 'Quick start')
+# Synthetic indoor scenes in the NYUD layout (docs/datasets.md, 'The synthetic rooms')
 # A room is the inside of an axis-aligned box (world y up, metres); furniture are boxes with a yaw;
 # one ray per pixel is cast with slab tests, vectorised over pixels (one box at a time).
 # -------------------------------------------------------------------------------------------------
