@@ -731,10 +731,10 @@ def load_mil_program(package):
 
 
 def _stored(v, flush=False):
-    """A value as the interpreter keeps it: fp16 widened to fp32 (exactly) for the arithmetic of the
-    ops that read it; with flush, the subnormals (of its own dtype) of a tensor set to zero first.
-    Scalars are op parameters, which a kernel reads as it likes (a LayerNorm's epsilon of 1e-6 is an
-    fp16 subnormal: read as 0, a constant token, such as an untrained class token, would give 0 / 0)."""
+    """A value as the interpreter keeps it: fp16 is widened to fp32 (exactly) for the ops that read it.
+    With flush, a tensor's subnormals (in its own dtype) are set to zero first. Scalars are op
+    parameters, kept as they are: a kernel reads them as it likes. (A LayerNorm's epsilon of 1e-6 is an
+    fp16 subnormal. Read as 0, a constant token, such as an untrained class token, would give 0 / 0.)"""
     if flush and v.is_floating_point() and v.ndim:
         v = torch.where(v.abs() < torch.finfo(v.dtype).tiny, 0, v)
     return v.float() if v.dtype == torch.float16 else v
@@ -836,9 +836,9 @@ def interpreter(main, flush=False, peak=None):
 
 
 def load_coreml(package):
-    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array, the
-    frames run one at a time (the input is one image): Core ML itself on macOS (CPU, Apple's kernels),
-    else the ML program interpreter above."""
+    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array. The
+    frames run one at a time (the input is one image): by Core ML itself on macOS (CPU, Apple's
+    kernels), else by the ML program interpreter above."""
     if platform.system() != 'Darwin':
         return interpreter(load_mil_program(package))
     from PIL import Image
