@@ -1,53 +1,19 @@
-"""Export a trained TaskExpert for apps: ONNX and Core ML, each checked against PyTorch.
+"""Export a trained TaskExpert for apps: ONNX and Core ML files, each checked against PyTorch.
 
-    python export.py --target onnx                    # newest checkpoint under runs/, training size
-    python export.py --target onnx coreml --checkpoint runs/nyud/best.pt --img-size 480 640
-    python export.py --target all --weights int8 --benchmark  # all = onnx + coreml
-    python export.py --target coreml --weights fp16 int8 4bit # one package per weights choice
+    python export.py --target onnx      # the newest checkpoint under runs/, at its training size
+    python export.py --target all --weights fp32 int8 --checkpoint runs/nyud/best.pt --img-size 480 640
 
-The app contract (the same for both targets, one fixed input size H x W):
-  input 'image'   RGB, values 0-255. ONNX: float32 (B, 3, H, W), any batch B. Core ML: an image
-                  (e.g. a camera frame) of H x W. A smaller image goes at the top left, the rest
-                  padded with the ImageNet mean colour (PAD_RGB, as training pads); a larger one is
-                  first shrunk to fit, aspect kept; the outputs' same top-left region is the image's.
-                  The ImageNet normalisation is inside the model (AppModel).
-  outputs, one per task, at the input size:
-    semseg, human_parts  int32 (B, H, W) class map (argmax); with --probabilities also
-                         '<task>_prob' float32 (B, C, H, W), the softmax over the classes
-    depth                float32 (B, 1, H, W) metres
-    normals              float32 (B, 3, H, W) unit vectors
-    edge, sal            float32 (B, 1, H, W) probabilities (sigmoid)
-Weights (--weights, see WEIGHTS): ONNX fp32 (default) or int8; Core ML fp32, fp16 (default), int8
-or 4bit. Every file reports its size, time, the check it passed (tolerances fit to its weights) and
-the change of each task's main metric on val images relative to the fp32 PyTorch model. A target
-whose export or check fails prints why, the others still run, and the script exits non-zero. Files
-are written in a work folder '<final name>.tmp-<host>-<pid>' beside the final one and moved into
-place only once their check has passed; a run removes the work folders of killed runs. A write the
-disk refuses, Ctrl-C and SIGTERM stop the run with one line saying what was written; older files of
-the names not written stay as they were. File names (file_stem) carry the model's tasks when it has
-only some of its dataset's, and its ablation.
-"""
-import argparse
-import contextlib
-import copy
-import errno
-import functools
-import glob
-import hashlib
-import json
-import logging
-import os
-import platform
-import re
-import resource
-import shutil
-import signal
-import socket
-import statistics
-import sys
-import tempfile
-import time
-import traceback
+The app contract, the same for both targets at one fixed input size H x W (in full: docs/export.md):
+- input 'image': RGB values 0-255; ONNX float32 (B, 3, H, W), Core ML an H x W image. A smaller image
+  sits at the top left, padded with the ImageNet mean colour. The model normalises it: its first op.
+- outputs: one per task at H x W, by the task's kind. classes: int32 (B, H, W) class ids (with
+  --probabilities also '<task>_prob' float32 (B, C, H, W)); binary: float32 (B, 1, H, W) probabilities;
+  depth: float32 (B, 1, H, W) metres; normals: float32 (B, 3, H, W) unit vectors.
+- weights (--weights): ONNX fp32 (default) or int8; Core ML fp32, fp16 (default), int8 or 4bit.
+Each file is written in a work folder, checked against PyTorch and measured on val images, then moved
+into place. Part I: the app model, the ONNX and Core ML conversions, the main path."""
+import argparse, contextlib, copy, errno, functools, glob, hashlib, json, logging, os, platform, re, resource
+import shutil, signal, socket, statistics, sys, tempfile, time, traceback
 
 import numpy as np
 import torch
@@ -58,7 +24,457 @@ from data import CLASS_NAMES, READERS, DataError, collate, make_meters, render_s
 from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TASKS, TaskExpert, denormalise,
                         normalise, postprocess, set_grid, unknown_kind)
 
-NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
+# The app model: what an app feeds in and gets back (the contract above)
+
+
+class AppModel(nn.Module):
+    """RGB 0-255 (B, 3, H, W) -> the post-processed outputs, a tuple in the order of output_names.
+    Its first op is the normalisation (taskexpert.normalise, as in training), and its only place."""
+
+    def __init__(self, model, probabilities=False):
+        super().__init__()
+        self.model, self.probabilities = model, probabilities
+        self.output_names = output_names(model.tasks, probabilities)
+        self.eval()
+
+    def forward(self, image):
+        return tuple(postprocess(self.model(normalise(image)), self.probabilities).values())
+
+
+def at_size(model, img_size):
+    """A copy of the model for one input size (H, W), its position embedding resampled here, not in the graph."""
+    model = copy.deepcopy(model).eval()
+    set_grid(model.backbone, (img_size[0] // PATCH, img_size[1] // PATCH))
+    return model
+
+
+def output_names(tasks, probabilities):
+    """One output per task, named after it; with probabilities, '<task>_prob' after each class map."""
+    return [n for t in tasks for n in ((t, t + '_prob') if probabilities and is_class_map(t) else (t,))]
+
+# ONNX: the dynamo exporter, one file
+
+
+def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, calibration=None):
+    """The dynamo exporter at opset 20 (pinned: torch 2.13's default, the version tested), batch dynamic,
+    all weights in one file. int8: an fp32 file (fp32, else one made here) quantized (write_onnx_int8)."""
+    import onnx
+    made = weights == 'fp32' or fp32 is None
+    if made:
+        example = torch.from_numpy(check_images(2, img_size))  # batch 2: a batch-1 example fixes the batch to 1
+        program = torch.onnx.export(app, (example,), dynamo=True, opset_version=20, input_names=['image'],
+                                    output_names=app.output_names, dynamic_shapes=({0: torch.export.Dim('batch')},),
+                                    external_data=False)
+        label_onnx(program.model, meta, descriptions)
+        fp32 = path if weights == 'fp32' else path + '.fp32'
+        program.save(fp32, external_data=False)
+    if weights == 'int8':
+        write_onnx_int8(fp32, path, calibration)
+        if made:
+            os.remove(fp32)
+    onnx.checker.check_model(path, full_check=True)
+
+# Core ML: torch.export, then coremltools' converter to an ML program
+
+
+def export_coreml(app, img_size, path, weights, meta, descriptions):
+    """torch.export -> Core ML ML program: fp32, or fp16 arithmetic with fp16, int8 or 4-bit weights
+    (WEIGHTS). iOS 17+; iOS 18+ for 4bit (its block-wise int4 weights)."""
+    ct = import_coremltools()
+    mlmodel = ct.convert(
+        exported_program(app, tuple(img_size)), convert_to='mlprogram',
+        minimum_deployment_target=ct.target.iOS18 if weights == '4bit' else ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT32 if weights == 'fp32' else ct.precision.FLOAT16,
+        # the frame as it is, 0-255 (scale 1, no bias): AppModel's first op normalises it
+        inputs=[ct.ImageType(name='image', shape=(1, 3, *img_size), color_layout=ct.colorlayout.RGB, scale=1.0,
+                             bias=[0.0, 0.0, 0.0])],
+        # float32 outputs (else an fp16 program returns Float16), int32 class maps
+        outputs=[ct.TensorType(name=n, dtype=np.int32 if is_class_map(n) else np.float32)
+                 for n in app.output_names])
+    if weights in ('int8', '4bit'):
+        mlmodel = quantize_coreml(mlmodel, weights)
+    label_coreml(mlmodel, weights, meta, descriptions)
+    mlmodel.save(path)
+
+# The main path: flags -> model -> each file exported, checked and moved into place
+
+
+def main():
+    """Export the files the flags ask for. The checkpoint, the val frames and the out-dir are checked
+    first, in this order (a one-line error, nothing written). Then each file; then the benchmark."""
+    args, variants = parse_args()
+    done = {}  # (target, weights) -> the file, as each is moved into place
+    with stopping(variants, done):  # Ctrl-C, SIGTERM, a refused write: one line saying what was written
+        path, model, img_size = load_model(args)
+        app = AppModel(model, args.probabilities)
+        meta, descriptions = describe(model.config, model.tasks, args.probabilities, img_size, path, model.step)
+        root, samples, calibration = val_frames(args, model.config, img_size, model.tasks, ('onnx', 'int8') in variants)
+        stem = os.path.join(open_out_dir(args, path), file_stem(model.config, model.tasks, img_size))
+        print(f'export.py: {path} ({model.config["dataset"]}, ViT-{model.config["backbone"]}), '
+              f'input {img_size[0]}x{img_size[1]}, outputs {", ".join(app.output_names)}')
+        measure = metric_measure(model, args.probabilities, root, samples)
+        for target, weights in variants:
+            if target == 'onnx':  # int8: from this run's fp32 file if any, calibrated on val frames
+                export = functools.partial(export_onnx, fp32=done.get(('onnx', 'fp32')),
+                                           calibration=calibration if weights == 'int8' else None)
+                check, load, ext = check_onnx, load_onnx, '.onnx'
+            else:
+                export, check, load, ext = export_coreml, check_coreml, load_coreml, '.mlpackage'
+            file = stem + ('' if (target, weights) == ('onnx', 'fp32') else f'_{weights}') + ext
+            if run_target(f'{target} {weights}', file,
+                          lambda tmp: export(app, img_size, tmp, weights, meta, descriptions),
+                          lambda tmp: check(tmp, model, args.probabilities, img_size, weights),
+                          lambda tmp: measure(load, tmp)):
+                done[target, weights] = file
+            stop_if_asked()  # a signal held while a file was moved into place or a work folder removed
+        if args.benchmark and any(t == 'onnx' for t, _ in done):
+            benchmark(app, done, img_size)
+    if failed := [f'{t} {w}' for t, w in variants if (t, w) not in done]:
+        raise SystemExit(f'export.py: failed: {", ".join(failed)}')
+
+
+def run_target(name, path, export, check, measure):
+    """Export in a work folder, check it, measure it (-> a line, or None), move it into place, print the
+    report -> True. False if its export or check failed (said why). The work folder goes either way."""
+    work, t0 = work_dir(path), time.perf_counter()
+    try:
+        remove(work)  # this process's name: a leftover of an earlier process with the same pid
+        os.makedirs(work)
+        tmp = os.path.join(work, os.path.basename(path))
+        export(tmp)
+        t_export = time.perf_counter() - t0
+        how, lines = check(tmp)
+        t_check = time.perf_counter() - t0 - t_export
+        measured = measure(tmp)  # on val frames: the Core ML checker's fp16 sums are checked there too
+        with uninterrupted():
+            install(tmp, path)
+    except Exception as e:
+        return failure(name, path, e)
+    finally:
+        with uninterrupted():
+            remove(work)
+    print(f'{name}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
+          f'check {t_check:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines) + f'\n  {measured}' * bool(measured))
+    return True
+
+
+# Part II: the machinery: metadata, checks against PyTorch, quantization, the Core ML interpreter, safe writes, flags
+# -------------------------------------------------------------------------------------------------
+# What the files say (metadata, descriptions, names), and helpers of the conversions
+# -------------------------------------------------------------------------------------------------
+
+# The input contract's letterbox, as training pads (data.to_tensors) and predict fits an image. The pad
+# colour is the ImageNet mean in 0-255 RGB, 0 after normalisation.
+PAD_RGB = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # (123.675, 116.28, 103.53); 8-bit: 124, 116, 104
+LETTERBOX = ('an image larger than the input is shrunk to fit, aspect kept (bilinear; never enlarged), placed at '
+             'the top left, the rest padded with metadata padding; the outputs of its top-left region are the '
+             "image's")
+
+
+def is_class_map(name):
+    """Whether an output (a task, or '<task>_prob') is a class map."""
+    return name in TASK_TABLE and TASK_TABLE[name].kind == 'classes'
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(config, tasks, probabilities, img_size, checkpoint, step):
+    """-> (metadata dict str -> str, dict output name -> description), the same for both targets.
+    Each description says the task's output (TASK_TABLE's what) and its kind's type and shape. The
+    checkpoint is named by its file name and SHA-256: no path of this machine goes into an app."""
+    dataset = config['dataset']
+    names = CLASS_NAMES[TASK_SET[dataset]]
+    H, W = img_size
+    meta = {
+        'tasks': ','.join(tasks),
+        'classes': json.dumps({t: list(names[t]) for t in tasks if is_class_map(t)}),
+        'input_size': f'{H}x{W}',
+        'input': f'RGB image {H}x{W}, values 0-255: {LETTERBOX}',
+        'padding': json.dumps(PAD_RGB),
+        'normalisation': f'inside the model, its first op (as in training): (x / 255 - mean) / std per channel, '
+                         f'ImageNet mean {IMAGENET_MEAN}, std {IMAGENET_STD}',
+        'dataset': dataset,
+        'backbone': config['backbone'],
+        'checkpoint': os.path.basename(checkpoint),
+        'checkpoint_sha256': sha256(checkpoint),
+        'step': str(step),
+    }
+    out = {}
+    for task, channels in tasks.items():
+        what, kind = TASK_TABLE[task].what, TASK_TABLE[task].kind
+        if kind == 'classes':
+            out[task] = (f'{what} (B, {H}, {W}) int32: argmax over {channels} classes, ' +
+                         ', '.join(f'{i} {n}' for i, n in enumerate(names[task])))
+            if probabilities:
+                out[task + '_prob'] = (f'{task} class probabilities (B, {channels}, {H}, {W}) float32, softmax over '
+                                       'the classes')
+        else:
+            out[task] = f'{what} (B, {channels}, {H}, {W}) float32' + ' in [0, 1]' * (kind == 'binary')
+    return meta, out
+
+
+def label_onnx(model, meta, descriptions):
+    """The metadata and descriptions (Netron shows them) written into an fp32 ONNX model (onnx_ir)."""
+    model.metadata_props.update(meta, weights=WEIGHTS['onnx']['fp32'])
+    model.graph.inputs[0].doc_string = meta['input'] + ', float32 (B, 3, H, W)'
+    for value in model.graph.outputs:
+        value.doc_string = descriptions[value.name]
+
+
+def label_coreml(mlmodel, weights, meta, descriptions):
+    """The metadata and descriptions (Xcode shows them) written into a Core ML model."""
+    mlmodel.author = 'TaskExpert open implementation (export.py)'
+    mlmodel.short_description = (f'TaskExpert (Ye & Xu, ICCV 2023) multi-task dense prediction, ViT-{meta["backbone"]} '
+                                 f'trained on {meta["dataset"]}: {meta["tasks"].replace(",", ", ")} from one RGB image')
+    mlmodel.version = f'step {meta["step"]}'
+    mlmodel.user_defined_metadata.update(meta, weights=WEIGHTS['coreml'][weights])
+    mlmodel.input_description['image'] = meta['input']
+    for name, text in descriptions.items():
+        mlmodel.output_description[name] = text.replace('(B, ', '(1, ')
+
+
+def file_stem(config, tasks, img_size):
+    """The name of a model's files, without weights and extension: taskexpert_<dataset>_<backbone>_<H>x<W>.
+    Then its tasks, when they are not all of the dataset's (in the dataset's order, joined by '-'), and
+    its ablation, if any. So a depth-only or an ablated model never replaces the full model's file."""
+    every = TASKS[TASK_SET[config['dataset']]]
+    parts = ['taskexpert', config['dataset'], config['backbone'], f'{img_size[0]}x{img_size[1]}']
+    if len(tasks) < len(every):
+        parts.append('-'.join(t for t in every if t in tasks))
+    if config['ablation'] != 'none':
+        parts.append(config['ablation'])
+    return '_'.join(parts)
+
+
+@contextlib.contextmanager
+def quiet(*loggers):
+    """Log messages of these loggers ('' = the root logger) below ERROR are dropped for the duration."""
+    loggers = [logging.getLogger(name) for name in loggers]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def import_coremltools():
+    """coremltools, without the warnings it logs on import on Linux (no Core ML framework to load, a
+    torch newer than it was tested with). Its conversion warnings still show."""
+    with quiet('coremltools'):
+        import coremltools
+    return coremltools
+
+
+@functools.lru_cache(maxsize=1)
+def exported_program(app, img_size):
+    """The app model as coremltools converts it: torch.export at batch 1, decomposed to core ATen ops.
+    Made once per model and size: each Core ML weights choice converts the same program."""
+    H, W = img_size
+    return torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
+
+
+# -------------------------------------------------------------------------------------------------
+# Comparing an exported model's outputs with PyTorch's
+# -------------------------------------------------------------------------------------------------
+
+def reference(model, images, probabilities):
+    """What the exported model must output: the PyTorch model (at the export size) on the frames,
+    normalised by taskexpert.normalise as AppModel does. images: float32 (B, 3, H, W) in 0-255 ->
+    (dict output name -> array, dict task -> raw head output (B, C_t, H, W))."""
+    with torch.no_grad():
+        raw = model.eval()(normalise(torch.from_numpy(images)))
+    return {k: v.numpy() for k, v in postprocess(raw, probabilities).items()}, {k: v.numpy() for k, v in raw.items()}
+
+
+def check_images(n, img_size, seed=0, noise=True):
+    """n test frames, float32 (n, 3, H, W), integers 0-255 like a camera's. Even ones are synthetic
+    rooms (data.render_scene: smooth surfaces, edges). Odd ones are uniform noise: every input value,
+    far from the training statistics. All are rooms if not noise."""
+    rng = np.random.default_rng(seed)
+    frames = [render_scene(rng, img_size)['image'].transpose(2, 0, 1) if i % 2 == 0 or not noise else
+              rng.integers(0, 256, (3, *img_size)) for i in range(n)]
+    return np.stack(frames).astype(np.float32)
+
+
+# Check tolerances per kind of output and weights of the exported model. An output value passes
+# if |exported - PyTorch| <= tol * max(1, |PyTorch|): absolute for probabilities and unit normals
+# (at most 1), relative for depths above 1 m. fp32 and fp16 sit about 10x above the rounding errors
+# of a correct conversion, and far below the errors of a conversion bug (a wrong weight, layout or
+# resize mode changes outputs by a good part of their range). Quantized weights err by themselves:
+# the int8 and 4bit tolerances sit about 3x above their largest errors on the test model and on the
+# quick start's checkpoint (docs/results.md, 'Exported files'). So one layer's scale off by 1.5x fails
+# the int8 ones (2x for an ONNX int8 head), off by 2x the 4bit ones (tested). ONNX int8 also rounds
+# the inputs of its layers to 8 bits with one scale per tensor (a MatMul's set at run time by its
+# range, a conv's fixed by calibration). It errs more than weights alone: most at the heads' convs, on
+# frames unlike the calibration's (the noise frame) and at large input sizes (docs/results.md, 'Exported files').
+TOLERANCE = {
+    'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
+    'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
+    'int8': {'prob': 5e-2, 'depth': 6e-2, 'normals': 0.1, 'logit': 0.15},
+    'int8 onnx': {'prob': 0.1, 'depth': 0.1, 'normals': 0.1, 'logit': 0.25},
+    '4bit': {'prob': 0.25, 'depth': 0.5, 'normals': 0.5, 'logit': 1.0},
+}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def output_kind(name):
+    """The kind of an output: its task's (TASK_TABLE), or 'probabilities' for a '<task>_prob'."""
+    return TASK_TABLE[name].kind if name in TASK_TABLE else 'probabilities'
+
+
+def compare(got, ref, raw, tol):
+    """got, ref: dict output name -> array; raw: the PyTorch head outputs (see reference). Returns one
+    line per output. Raises CheckFailed (with those lines) if an output is out of tolerance.
+
+    Each output is judged by its kind. Two kinds are ill-conditioned where the raw prediction is, so
+    they are judged against it:
+    - class maps, by the pixels that differ (compare_classes);
+    - unit normals: a rounding error e of the raw 3-vector turns its direction by about e / |raw|. So a
+      pixel's error is scaled by min(1, |raw| / median |raw|) before the test: raw vectors shorter than
+      typical (e.g. where bilinear upsampling blends opposite normals) may err more."""
+    lines, ok = [], True
+    for name, r in ref.items():
+        g, kind = got[name], output_kind(name)
+        if g.shape != r.shape:
+            passed, line = False, f'{name}: shape {g.shape}, PyTorch {r.shape}'
+        elif kind == 'classes':
+            passed, line = compare_classes(name, g, r, raw[name], tol['logit'])
+        elif kind == 'normals':
+            err = np.abs(g.astype(np.float64) - r).max(1)  # (B, H, W)
+            length = np.linalg.norm(raw[name], axis=1)
+            scaled = float((err * np.minimum(1, length / np.median(length))).max())
+            passed = scaled <= tol['normals']
+            line = (f'{name}: max |error| {err.max():.2e}, {scaled:.2e} scaled by the raw length '
+                    f'(limit {tol["normals"]:g})')
+        elif kind in ('binary', 'probabilities', 'depth'):  # probabilities; metres, relative above 1 m
+            limit = tol['depth' if kind == 'depth' else 'prob']
+            err = np.abs(g.astype(np.float64) - r)
+            passed = bool((err <= limit * np.maximum(1, np.abs(r))).all())
+            line = f'{name}: max |error| {err.max():.2e} (limit {limit:g}{" x max(1, |depth|)" * (kind == "depth")})'
+        else:
+            raise unknown_kind(name, 'tolerance of its exported output')
+        lines.append(line + ('' if passed else '  <- OUT OF TOLERANCE'))
+        ok &= passed
+    if not ok:
+        raise CheckFailed('outputs differ from PyTorch:\n    ' + '\n    '.join(lines))
+    return lines
+
+
+def compare_classes(name, got, ref, logits, tol):
+    """A class map got against PyTorch's ref, with PyTorch's logits (B, C, H, W) -> (passed, line). A
+    pixel may differ only at a near-tie: where PyTorch's logits of the two classes are within
+    tol * max(1, |logit|). There the exported model's own rounding can pick the other class; a flip
+    anywhere else is an error."""
+    if ((got < 0) | (got >= logits.shape[1])).any():
+        return False, f'{name}: class ids outside 0..{logits.shape[1] - 1}'
+    top = np.take_along_axis(logits, ref[:, None].astype(np.int64), 1)[:, 0]  # (B, H, W)
+    gap = top - np.take_along_axis(logits, got[:, None].astype(np.int64), 1)[:, 0]  # 0 where equal
+    diff = got != ref
+    bad = int((diff & (gap > tol * np.maximum(1, np.abs(top)))).sum())
+    return bad == 0, (f'{name}: {100 * diff.mean():.4f}% of pixels differ, {bad} not at a near-tie (largest '
+                      f'logit gap of a flip {gap[diff].max() if diff.any() else 0:.1e}, limit {tol:g})')
+
+
+def subnormals(a):
+    """How many values of an array are subnormal in its own float dtype (not 0, below its smallest
+    normal number: 2^-14 in fp16, 2^-126 in fp32); 0 for integers."""
+    a = np.asarray(a)
+    return int(((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
+
+
+def refuse_subnormals(bad, what):
+    """bad: dict op -> how many of its values are subnormal; what: a phrase for them ('3 <what>')."""
+    if bad:
+        raise CheckFailed(f'{sum(bad.values())} {what}, read as 0 by hardware without subnormals: ' +
+                          ', '.join(f'{op}: {n}' for op, n in bad.items()))
+
+
+def compare_flushed(got, ref, raw, tol):
+    """compare() for the run with subnormals flushed to zero: the same limits, its failure saying so."""
+    try:
+        compare(got, ref, raw, tol)
+    except CheckFailed as e:
+        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
+
+
+def load_onnx(path, threads=0, flush=False):
+    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array. It
+    runs onnxruntime on this CPU with `threads` threads (0: one per core). flush: the CPU reads and
+    writes subnormals as zero (onnxruntime's denormals-are-zero and flush-to-zero modes)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if flush:
+        options.add_session_config_entry('session.set_denormal_as_zero', '1')
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    names = [o.name for o in session.get_outputs()]
+    return lambda images: dict(zip(names, session.run(None, {'image': images})))
+
+
+def onnx_subnormals(path):
+    """The stored floats of an ONNX file that are subnormal in their dtype -> dict 'op name (initializer)'
+    -> their number, each named by the node that reads it."""
+    import onnx
+    graph = onnx.load(path).graph
+    counts = {i.name: n for i in graph.initializer if (n := subnormals(onnx.numpy_helper.to_array(i)))}
+    return {f'{node.op_type} {node.name!r} ({name})': counts[name] for node in graph.node for name in node.input
+            if name in counts}
+
+
+def check_onnx(path, model, probabilities, img_size, weights):
+    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with), then once
+    more with subnormals flushed to zero. No stored float (weights, quantization scales) may be
+    subnormal. int8 is checked on rooms alone: its convs' input ranges are calibrated on real frames,
+    and clip those of the noise frame, as they would clip any frame unlike the calibration's."""
+    refuse_subnormals(onnx_subnormals(path), 'stored values are subnormal')
+    images = check_images(3, img_size, seed=1, noise=weights != 'int8')
+    ref, raw = reference(model, images, probabilities)
+    tol = TOLERANCE['int8 onnx' if weights == 'int8' else weights]
+    lines = compare(load_onnx(path)(images), ref, raw, tol)
+    compare_flushed(load_onnx(path, flush=True)(images), ref, raw, tol)
+    lines.append('with subnormals flushed to zero (none stored; onnxruntime\'s denormals-are-zero mode): '
+                 'within the same limits')
+    frames = '3 rooms' if weights == 'int8' else '3 frames (room, noise, room)'
+    return f'onnxruntime CPU vs PyTorch, {weights} weights, {frames}', lines
+
+
+def check_coreml(path, model, probabilities, img_size, weights):
+    """The saved package vs PyTorch on 2 frames (room, noise): by Core ML on macOS, else by the
+    interpreter below (which checks fp16 sums). Then its program once more with subnormals flushed to
+    zero (the interpreter, everywhere). No quantization parameter may be subnormal."""
+    main = load_mil_program(path)
+    refuse_subnormals(subnormal_parameters(main), 'quantization parameters are fp16 subnormals')
+    images = check_images(2, img_size, seed=1)
+    ref, raw = reference(model, images, probabilities)
+    tol, peak = TOLERANCE[weights], {}
+    darwin = platform.system() == 'Darwin'
+    run = load_coreml(path) if darwin else interpreter(main, peak=peak)
+    lines = compare(run(images), ref, raw, tol)
+    compare_flushed(interpreter(main, flush=True)(images), ref, raw, tol)
+    n, total = stored_subnormals(main)
+    lines.append(f'with subnormals flushed to zero ({n:,} of the {total:,} stored values, and those computed): '
+                 'within the same limits')
+    if peak:
+        lines.append(f'largest sum inside an fp16 op: {peak["sum"]:.3g} ({peak["op"]}; fp16 holds {FP16_MAX:g})')
+    how = 'Core ML (CPU)' if darwin else 'its ML program run by the Linux checker'
+    return f'{how} vs PyTorch, {weights} weights, 2 frames (room, noise)', lines
+
+
+# -------------------------------------------------------------------------------------------------
+# Quantization: what --weights writes
+# -------------------------------------------------------------------------------------------------
 
 # --weights: how each format stores its weights, in the words written to the file's metadata 'weights'.
 # Weights smaller than coremltools' threshold (2048 values: gates, norms, biases) stay fp16 in every
@@ -92,444 +508,19 @@ NO_WEIGHTS = {  # why a format has no such weights
                       "or --target coreml for 4bit",
 }
 
-# -------------------------------------------------------------------------------------------------
-# Checkpoint -> model
-# -------------------------------------------------------------------------------------------------
-
-
-def newest_checkpoint(root):
-    """The newest run folder under root (by its newest checkpoint): its best.pt, else its last.pt."""
-    found = glob.glob(os.path.join(root, '**', 'best.pt'), recursive=True) + \
-        glob.glob(os.path.join(root, '**', 'last.pt'), recursive=True)
-    if not found:
-        return None
-    run = os.path.dirname(max(found, key=os.path.getmtime))
-    best = os.path.join(run, 'best.pt')
-    return best if os.path.isfile(best) else os.path.join(run, 'last.pt')
-
-
-# -------------------------------------------------------------------------------------------------
-# The exported module: normalisation folded in, outputs post-processed for apps
-# -------------------------------------------------------------------------------------------------
-
-
-def at_size(model, img_size):
-    """A copy of the model for one fixed input size (H, W): the position embedding is resampled here,
-    once (bicubic, set_grid), so that no resampling op lands in the exported graph."""
-    model = copy.deepcopy(model).eval()
-    set_grid(model.backbone, (img_size[0] // PATCH, img_size[1] // PATCH))
-    return model
-
-
-def is_class_map(name):
-    """Whether an output (a task, or '<task>_prob') is a class map."""
-    return name in TASK_TABLE and TASK_TABLE[name].kind == 'classes'
-
-
-def output_names(tasks, probabilities):
-    return [n for t in tasks for n in ((t, t + '_prob') if probabilities and is_class_map(t) else (t,))]
-
-
-class AppModel(nn.Module):
-    """RGB 0-255 (B, 3, H, W) -> tuple of post-processed outputs, in the order of self.output_names.
-    The ImageNet normalisation is the model's first op (taskexpert.normalise, as in training), so a
-    Core ML ImageType input takes the camera frame as it is."""
-
-    def __init__(self, model, probabilities=False):
-        super().__init__()
-        self.model = model
-        self.probabilities = probabilities
-        self.output_names = output_names(model.tasks, probabilities)
-        self.eval()
-
-    def forward(self, image):
-        return tuple(postprocess(self.model(normalise(image)), self.probabilities).values())
-
-
-def reference(model, images, probabilities):
-    """What the exported model must output, computed by the PyTorch model (at the export size) with the
-    normalisation done explicitly, so the check covers the folding too. images: float32 (B, 3, H, W)
-    in 0-255 -> (dict output name -> array, dict task -> raw head output (B, C_t, H, W))."""
-    with torch.no_grad():
-        raw = model.eval()(normalise(torch.from_numpy(images)))
-    return {k: v.numpy() for k, v in postprocess(raw, probabilities).items()}, {k: v.numpy() for k, v in raw.items()}
-
-
-def check_images(n, img_size, seed=0, noise=True):
-    """n test frames, float32 (n, 3, H, W) with integer values 0-255 like a camera's: even ones a
-    synthetic room (data.render_scene: real-looking, smooth surfaces, edges), odd ones uniform noise
-    (every input value, far from the training statistics); all rooms if not noise."""
-    rng = np.random.default_rng(seed)
-    frames = [render_scene(rng, img_size)['image'].transpose(2, 0, 1) if i % 2 == 0 or not noise else
-              rng.integers(0, 256, (3, *img_size)) for i in range(n)]
-    return np.stack(frames).astype(np.float32)
-
-
-# The input contract's letterbox, as training pads (data.to_tensors) and predict fits an image: the
-# pad colour is the ImageNet mean in 0-255 RGB, 0 after normalisation
-PAD_RGB = tuple(round(255 * m, 3) for m in IMAGENET_MEAN)  # (123.675, 116.28, 103.53); 8-bit: 124, 116, 104
-LETTERBOX = ('an image larger than the input is shrunk to fit, aspect kept (bilinear; never enlarged), placed at '
-             'the top left, the rest padded with metadata padding; the outputs of its top-left region are the '
-             "image's")
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe(config, tasks, probabilities, img_size, checkpoint, step):
-    """-> (metadata dict str -> str, dict output name -> description), shared by both targets. The
-    checkpoint is named by its file name and SHA-256: no path of this machine goes into an app."""
-    dataset = config['dataset']
-    names = CLASS_NAMES[TASK_SET[dataset]]
-    H, W = img_size
-    meta = {
-        'tasks': ','.join(tasks),
-        'classes': json.dumps({t: list(names[t]) for t in tasks if is_class_map(t)}),
-        'input_size': f'{H}x{W}',
-        'input': f'RGB image {H}x{W}, values 0-255: {LETTERBOX}',
-        'padding': json.dumps(PAD_RGB),
-        'normalisation': f'inside the model: x / 255 (its first op), then (x - mean) / std folded into the first '
-                         f'conv, ImageNet mean {IMAGENET_MEAN}, std {IMAGENET_STD}',
-        'dataset': dataset,
-        'backbone': config['backbone'],
-        'checkpoint': os.path.basename(checkpoint),
-        'checkpoint_sha256': sha256(checkpoint),
-        'step': str(step),
-    }
-    text = {
-        'semseg': f'semantic class map (B, {H}, {W}) int32: argmax over {len(names["semseg"])} classes, names in '
-                  f"metadata 'classes'",
-        'human_parts': f'human-part class map (B, {H}, {W}) int32: 0 background, 1 head, 2 torso, 3 upper arms, '
-                       '4 lower arms and hands, 5 upper legs, 6 lower legs and feet',
-        'depth': f'depth (B, 1, {H}, {W}) float32 in metres',
-        'normals': f'surface normals (B, 3, {H}, {W}) float32, unit vectors in the camera frame (x, y, z), '
-                   'as in the training data',
-        'edge': f'boundary probability (B, 1, {H}, {W}) float32 in [0, 1]',
-        'sal': f'saliency probability (B, 1, {H}, {W}) float32 in [0, 1]',
-    }
-    out = {}
-    for name in output_names(tasks, probabilities):
-        task = name.removesuffix('_prob')
-        out[name] = (f'{task} class probabilities (B, {tasks[task]}, {H}, {W}) float32, softmax over the classes'
-                     if name.endswith('_prob') else text[task])
-    return meta, out
-
-
-# -------------------------------------------------------------------------------------------------
-# Comparing an exported model's outputs with PyTorch's
-# -------------------------------------------------------------------------------------------------
-
-# Check tolerances per kind of output and weights of the exported model. An output value passes
-# if |exported - PyTorch| <= tol * max(1, |PyTorch|): absolute for probabilities and unit normals
-# (at most 1), relative for depths above 1 m. fp32 and fp16 sit about 10x above the rounding errors
-# of a correct conversion, and far below the errors of a conversion bug (a wrong weight, layout or
-# resize mode changes outputs by a good part of their range). Quantized weights err by themselves:
-# the int8 and 4bit tolerances sit about 3x above their largest errors on the test model and on the
-# quick start's checkpoint (README, 'Exported files'), so that one layer's scale off by 1.5x fails
-# the int8 ones (2x for an ONNX int8 head), off by 2x the 4bit ones (tested). ONNX int8 also rounds
-# the inputs of its layers to 8 bits with one scale per tensor (a MatMul's set at run time by its
-# range, a conv's fixed by calibration): it errs more than weights alone, most at the heads' convs, on
-# frames unlike the calibration's (the noise frame) and at large input sizes (README, 'Exported files').
-TOLERANCE = {
-    'fp32': {'prob': 1e-5, 'depth': 2e-5, 'normals': 2e-4, 'logit': 1e-4},
-    'fp16': {'prob': 1e-2, 'depth': 1e-2, 'normals': 5e-2, 'logit': 5e-2},
-    'int8': {'prob': 5e-2, 'depth': 6e-2, 'normals': 0.1, 'logit': 0.15},
-    'int8 onnx': {'prob': 0.1, 'depth': 0.1, 'normals': 0.1, 'logit': 0.25},
-    '4bit': {'prob': 0.25, 'depth': 0.5, 'normals': 0.5, 'logit': 1.0},
-}
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def compare(got, ref, raw, tol):
-    """got, ref: dict output name -> array; raw: the PyTorch head outputs (see reference). Returns one
-    line per output; raises CheckFailed (with those lines) if any output is out of tolerance.
-
-    Two outputs are ill-conditioned where the raw prediction is, so they are judged against it:
-    - class maps, as the fraction of pixels that differ. A pixel may differ only at a near-tie, where
-      PyTorch's logits of the two classes are within tol['logit'] * max(1, |logit|): there the
-      exported model's own rounding can pick the other class. A flip anywhere else is an error.
-    - unit normals: a rounding error e of the raw 3-vector turns its direction by about e / |raw|,
-      so a pixel's error is scaled by min(1, |raw| / median |raw|) before the test: shorter-than-
-      typical raw vectors (e.g. where bilinear upsampling blends opposite normals) may err more."""
-    lines, ok = [], True
-    for name, r in ref.items():
-        g = got[name]
-        if g.shape != r.shape:
-            passed, line = False, f'{name}: shape {g.shape}, PyTorch {r.shape}'
-        elif is_class_map(name) and ((g < 0) | (g >= raw[name].shape[1])).any():
-            passed, line = False, f'{name}: class ids outside 0..{raw[name].shape[1] - 1}'
-        elif is_class_map(name):
-            logits = raw[name]  # (B, C, H, W)
-            top = np.take_along_axis(logits, r[:, None].astype(np.int64), 1)[:, 0]  # (B, H, W)
-            gap = top - np.take_along_axis(logits, g[:, None].astype(np.int64), 1)[:, 0]  # 0 where equal
-            diff = g != r
-            bad = int((diff & (gap > tol['logit'] * np.maximum(1, np.abs(top)))).sum())
-            passed = bad == 0
-            line = (f'{name}: {100 * diff.mean():.4f}% of pixels differ, {bad} not at a near-tie (largest '
-                    f'logit gap of a flip {gap[diff].max() if diff.any() else 0:.1e}, limit {tol["logit"]:g})')
-        elif name in TASK_TABLE and TASK_TABLE[name].kind == 'normals':
-            err = np.abs(g.astype(np.float64) - r).max(1)  # (B, H, W)
-            length = np.linalg.norm(raw['normals'], axis=1)
-            scaled = float((err * np.minimum(1, length / np.median(length))).max())
-            passed = scaled <= tol['normals']
-            line = (f'{name}: max |error| {err.max():.2e}, {scaled:.2e} scaled by the raw length '
-                    f'(limit {tol["normals"]:g})')
-        elif name.endswith('_prob') or TASK_TABLE[name].kind in ('binary', 'depth'):  # probabilities, metres
-            limit = tol['depth' if name == 'depth' else 'prob']
-            err = np.abs(g.astype(np.float64) - r)
-            passed = bool((err <= limit * np.maximum(1, np.abs(r))).all())
-            line = f'{name}: max |error| {err.max():.2e} (limit {limit:g}{" x max(1, |depth|)" * (name == "depth")})'
-        else:
-            raise unknown_kind(name, 'tolerance of its exported output')
-        lines.append(line + ('' if passed else '  <- OUT OF TOLERANCE'))
-        ok &= passed
-    if not ok:
-        raise CheckFailed('outputs differ from PyTorch:\n    ' + '\n    '.join(lines))
-    return lines
-
-
-def subnormals(a):
-    """How many values of an array are subnormal in its own float dtype (not 0, below its smallest
-    normal number: 2^-14 in fp16, 2^-126 in fp32); 0 for integers."""
-    a = np.asarray(a)
-    return int(((a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
-
-
-def refuse_subnormals(bad, what):
-    """bad: dict op -> how many of its values are subnormal; what: a phrase for them ('3 <what>')."""
-    if bad:
-        raise CheckFailed(f'{sum(bad.values())} {what}, read as 0 by hardware without subnormals: ' +
-                          ', '.join(f'{op}: {n}' for op, n in bad.items()))
-
-
-def compare_flushed(got, ref, raw, tol):
-    """compare() for the run with subnormals flushed to zero: the same limits, its failure saying so."""
-    try:
-        compare(got, ref, raw, tol)
-    except CheckFailed as e:
-        raise CheckFailed(f'with subnormals flushed to zero, {e}') from None
-
-
-# -------------------------------------------------------------------------------------------------
-# Writing files: in a work folder beside the final path, moved into place when checked
-# -------------------------------------------------------------------------------------------------
-
-WORK_SUFFIX = re.compile(r'\.tmp-(.+)-(\d+)$')  # '<final name>.tmp-<host>-<pid>'
-
-
-def file_stem(config, tasks, img_size):
-    """The name of a model's files without weights and extension: taskexpert_<dataset>_<backbone>_<H>x<W>,
-    then its tasks when they are not all of the dataset's (in the dataset's order, joined by '-') and its
-    ablation when it has one: the export of a depth-only or an ablated model never replaces the full
-    model's file in the same folder."""
-    every = TASKS[TASK_SET[config['dataset']]]
-    parts = ['taskexpert', config['dataset'], config['backbone'], f'{img_size[0]}x{img_size[1]}']
-    if len(tasks) < len(every):
-        parts.append('-'.join(t for t in every if t in tasks))
-    if config['ablation'] != 'none':
-        parts.append(config['ablation'])
-    return '_'.join(parts)
-
-
-def work_dir(path):
-    """The folder an export of path writes in: beside it (so the final move is a rename), not named
-    like an export (so nobody takes it for one), and naming its host and process, so that a later run
-    can tell whether it was left by a killed one."""
-    return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
-
-
-def remove(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, run by another user
-        pass
-    return True
-
-
-def remove_stale_work(folder):
-    """Remove the work folders that exports killed on this host left in folder -> their names. Those
-    of a process still running (another export now) and of other hosts stay. A package that install
-    had moved aside when the kill came goes back to its name first, if that name is free."""
-    stale = [name for name in sorted(os.listdir(folder)) if (m := WORK_SUFFIX.search(name))
-             and m[1] == socket.gethostname() and not alive(int(m[2]))]
-    for name in stale:
-        previous, final = os.path.join(folder, name, 'previous'), os.path.join(folder, WORK_SUFFIX.sub('', name))
-        if os.path.exists(previous) and not os.path.exists(final):
-            os.replace(previous, final)
-        remove(os.path.join(folder, name))
-    return stale
-
-
-def install(tmp, path):
-    """Move tmp (a file or a .mlpackage folder, inside work_dir(path)) to path. os.replace cannot swap
-    a folder over an existing one: the old one is moved into the work folder first, and back if the
-    move of the new one fails, so path always holds a complete export: the new one or the old one."""
-    previous = os.path.join(os.path.dirname(tmp), 'previous')
-    if os.path.isdir(tmp) and os.path.exists(path):
-        os.replace(path, previous)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(previous):
-            os.replace(previous, path)
-        raise
-
-
-# Ctrl-C and SIGTERM stop a run between two steps of Python code: the export under way raises Stopped,
-# its work folder is removed, and main says in one line what was written. Two steps are not stopped
-# halfway (uninterrupted): install's moves, and the removal of a work folder; a signal that comes
-# during one stops the run at the next stop_if_asked.
-STOP_SIGNALS = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
-stopped_by = None  # the stop signal, once one arrived (main resets it)
-_holding = False  # inside uninterrupted()
-
-
-class Stopped(BaseException):  # not an Exception: no `except Exception` of ours or of a library catches it
-    def __init__(self, signum):
-        super().__init__(STOP_SIGNALS[signum])
-        self.signum = signum
-
-
-def stop(signum, frame):
-    """The handler of STOP_SIGNALS (main installs it). The signal is kept too: a library may turn
-    Stopped into an error of its own (torch.onnx does when it arrives during one of its imports)."""
-    global stopped_by
-    stopped_by = signum
-    if not _holding:
-        raise Stopped(signum)
-
-
-def stop_if_asked():
-    """Raise Stopped if a stop signal has arrived (held by uninterrupted, or its Stopped turned into
-    another error by a library)."""
-    if stopped_by is not None:
-        raise Stopped(stopped_by)
-
-
-@contextlib.contextmanager
-def uninterrupted():
-    """Ctrl-C and SIGTERM wait until the block is done (see stop_if_asked)."""
-    global _holding
-    _holding = True
-    try:
-        yield
-    finally:
-        _holding = False
-
-
-class CannotWrite(Exception):
-    """The file system refused a write: the run stops (the next files would fail alike)."""
-
-
-REFUSED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def refused_write(e, folder):
-    """Why the file system refused a write of an export that raised e -> a phrase, or None if it did
-    not. The writers say so in their own ways: Python's file objects raise OSError (onnx.save, which
-    torch.onnx calls), shutil.copytree (coremltools' save) a shutil.Error listing (source, destination,
-    why) for each file; C++ writers raise RuntimeError without the errno (coremltools' weight writer:
-    '[MIL FileWriter]: Unknown error occurred while writing data to the file.') or leave a truncated
-    file without a word (onnxruntime's quantizer: reading it back fails to parse it). So, failing an
-    errno, the file system is asked: a file size limit (ulimit -f) set, or the disk of folder or of the
-    temporary files (where coremltools and onnxruntime's quantizer write) full."""
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    state = f', under a file size limit of {limit:,} bytes (ulimit -f)' * (limit != resource.RLIM_INFINITY)
-    for where in dict.fromkeys((folder, tempfile.gettempdir())):  # each disk once
-        if (free := shutil.disk_usage(where).free) < 2 ** 20:
-            state += f', {free:,} bytes free on the disk of {where}'
-    x = e
-    while x is not None:  # e, then the exceptions it was raised from or while handling
-        if isinstance(x, shutil.Error) and x.args and isinstance(x.args[0], list) and x.args[0]:
-            return x.args[0][0][-1] + state
-        if isinstance(x, OSError) and x.errno in REFUSED:
-            return (f'{x.strerror}: {x.filename}' if x.filename else x.strerror) + state
-        x = x.__cause__ or x.__context__
-    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}{state}' if state else None
-
-
-def disk_size(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-# -------------------------------------------------------------------------------------------------
-# ONNX
-# -------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet(*loggers):
-    """Log messages of these loggers ('' = the root logger) below ERROR are dropped for the duration."""
-    loggers = [logging.getLogger(name) for name in loggers]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, calibration=None):
-    """Export with the dynamo exporter at opset 20 (pinned: its default in torch 2.13, the version tested),
-    batch dynamic, all weights in the one file. int8: an fp32 export quantized by onnxruntime
-    (quantize_onnx, calibrated on the frames `calibration`): fp32, the file of one made in this run,
-    else one made beside path."""
-    import onnx
-    made = weights == 'fp32' or fp32 is None
-    if made:
-        example = torch.from_numpy(check_images(2, img_size))  # batch 2: a batch-1 example fixes the batch to 1
-        program = torch.onnx.export(app, (example,), dynamo=True, opset_version=20, input_names=['image'],
-                                    output_names=app.output_names, dynamic_shapes=({0: torch.export.Dim('batch')},),
-                                    external_data=False)
-        program.model.metadata_props.update(meta, weights=WEIGHTS['onnx']['fp32'])
-        program.model.graph.inputs[0].doc_string = meta['input'] + ', float32 (B, 3, H, W)'
-        for value in program.model.graph.outputs:
-            value.doc_string = descriptions[value.name]
-        fp32 = path if weights == 'fp32' else path + '.fp32'
-        program.save(fp32, external_data=False)
-    if weights == 'int8':
-        quantize_onnx(fp32, path, calibration)
-        if made:
-            os.remove(fp32)
-        proto = onnx.load(path)  # the quantizer keeps the metadata and descriptions: only 'weights' changes
-        next(p for p in proto.metadata_props if p.key == 'weights').value = WEIGHTS['onnx']['int8']
-        onnx.save(proto, path)
-    onnx.checker.check_model(path, full_check=True)
-
 
 def quantize_onnx(src, dst, calibration=None):
-    """int8, with standard ONNX ops, in two passes of onnxruntime's quantizer:
+    """int8 with standard ONNX ops, in two passes of onnxruntime's quantizer:
     1. static, the heads' convs (their 3x3 convs at 1/4 resolution are about half the work at the
-       paper's width): QDQ with int8 weights, one scale per output channel, and uint8 inputs with one
-       scale per tensor fixed by the min / max seen on `calibration`, frames float32 (N, 3, H, W) in
-       0-255. The patch embedding stays fp32 (~1% of the work): every later error starts there (in a
-       trial at 448x576, quantizing it gave most of the int8 file's error);
+       paper's width). QDQ: int8 weights, one scale per output channel; uint8 inputs, one scale per
+       tensor, fixed by the min / max seen on `calibration` (frames float32 (N, 3, H, W) in 0-255).
+       The patch embedding stays fp32 (~1% of the work): every later error starts there (in a trial
+       at 448x576, quantizing it gave most of the int8 file's error).
     2. dynamic, each MatMul with a constant weight (the Linear layers; the attention products have
-       none): MatMulInteger on int8 weights with one scale per output channel, its input quantized to
-       uint8 at run time (DynamicQuantizeLinear); in a trial it ran faster than static MatMuls.
+       none). MatMulInteger on int8 weights, one scale per output channel; its input is quantized to
+       uint8 at run time (DynamicQuantizeLinear). In a trial it ran faster than static MatMuls.
        calibration None: this pass alone (what --benchmark compares an int8 file with).
-    Their logging is silenced: it recommends onnxruntime's pre-processing, which on our graph
+    Their logging is silenced. It recommends onnxruntime's pre-processing, which on our graph
     quantizes the same ops to the same outputs (and whose symbolic shape inference fails on the
     exporter's Expand nodes)."""
     import onnx
@@ -556,102 +547,21 @@ def quantize_onnx(src, dst, calibration=None):
     remove(convs)
 
 
-def load_onnx(path, threads=0, flush=False):
-    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array,
-    computed by onnxruntime on this CPU (with `threads` threads; 0: one per core). flush: the CPU
-    reads and writes subnormals as zero (onnxruntime sets its denormals-are-zero and flush-to-zero
-    modes)."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if flush:
-        options.add_session_config_entry('session.set_denormal_as_zero', '1')
-    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    names = [o.name for o in session.get_outputs()]
-    return lambda images: dict(zip(names, session.run(None, {'image': images})))
-
-
-def onnx_subnormals(path):
-    """The stored floats of an ONNX file that are subnormal in their dtype -> dict 'op name (initializer)'
-    -> their number, each named by the node that reads it."""
+def write_onnx_int8(fp32, path, calibration):
+    """The fp32 ONNX file quantized to int8 at path (quantize_onnx), its metadata 'weights' said so. The
+    quantizer keeps the other metadata and the descriptions."""
     import onnx
-    graph = onnx.load(path).graph
-    counts = {i.name: n for i in graph.initializer if (n := subnormals(onnx.numpy_helper.to_array(i)))}
-    return {f'{node.op_type} {node.name!r} ({name})': counts[name] for node in graph.node for name in node.input
-            if name in counts}
-
-
-def check_onnx(path, model, probabilities, img_size, weights):
-    """onnxruntime (CPU) vs PyTorch on a batch of 3 (not the batch of 2 it was exported with), then once
-    more with subnormals flushed to zero. No stored float (weights, quantization scales) may be subnormal.
-    int8 is checked on rooms alone: its convs' input ranges are calibrated on real frames, and clip
-    those of the noise frame, as they would clip any frame unlike the calibration's."""
-    refuse_subnormals(onnx_subnormals(path), 'stored values are subnormal')
-    images = check_images(3, img_size, seed=1, noise=weights != 'int8')
-    ref, raw = reference(model, images, probabilities)
-    tol = TOLERANCE['int8 onnx' if weights == 'int8' else weights]
-    lines = compare(load_onnx(path)(images), ref, raw, tol)
-    compare_flushed(load_onnx(path, flush=True)(images), ref, raw, tol)
-    lines.append('with subnormals flushed to zero (none stored; onnxruntime\'s denormals-are-zero mode): '
-                 'within the same limits')
-    frames = '3 rooms' if weights == 'int8' else '3 frames (room, noise, room)'
-    return f'onnxruntime CPU vs PyTorch, {weights} weights, {frames}', lines
-
-
-# -------------------------------------------------------------------------------------------------
-# Core ML
-# -------------------------------------------------------------------------------------------------
-
-
-def import_coremltools():
-    """coremltools, without the warnings it logs on import on Linux (no Core ML framework to load,
-    torch newer than it was tested with); its conversion warnings still show."""
-    with quiet('coremltools'):
-        import coremltools
-    return coremltools
-
-
-@functools.lru_cache(maxsize=1)
-def exported_program(app, img_size):
-    """The app model as coremltools converts it: torch.export at batch 1, decomposed to core ATen ops.
-    Made once per model and size: each Core ML weights choice converts the same program."""
-    H, W = img_size
-    return torch.export.export(app, (torch.zeros(1, 3, H, W),)).run_decompositions({})
-
-
-def export_coreml(app, img_size, path, weights, meta, descriptions):
-    """torch.export -> Core ML ML program: fp32, or fp16 arithmetic with fp16, int8 or 4-bit weights
-    (WEIGHTS). iOS 17+, iOS 18+ for 4bit (its block-wise int4 weights)."""
-    ct = import_coremltools()
-    H, W = img_size
-    mlmodel = ct.convert(
-        exported_program(app, tuple(img_size)), convert_to='mlprogram',
-        minimum_deployment_target=ct.target.iOS18 if weights == '4bit' else ct.target.iOS17,
-        compute_precision=ct.precision.FLOAT32 if weights == 'fp32' else ct.precision.FLOAT16,
-        # scale 1, no bias: the program normalises the frame itself (AppModel), exactly per channel
-        inputs=[ct.ImageType(name='image', shape=(1, 3, H, W), color_layout=ct.colorlayout.RGB, scale=1.0,
-                             bias=[0.0, 0.0, 0.0])],
-        # float32 outputs (else an fp16 program returns Float16), int32 class maps
-        outputs=[ct.TensorType(name=n, dtype=np.int32 if is_class_map(n) else np.float32)
-                 for n in app.output_names])
-    if weights in ('int8', '4bit'):
-        mlmodel = quantize_coreml(mlmodel, weights)
-    mlmodel.author = 'TaskExpert open implementation (export.py)'
-    mlmodel.short_description = (f'TaskExpert (Ye & Xu, ICCV 2023) multi-task dense prediction, ViT-{meta["backbone"]} '
-                                 f'trained on {meta["dataset"]}: {meta["tasks"].replace(",", ", ")} from one RGB image')
-    mlmodel.version = f'step {meta["step"]}'
-    mlmodel.user_defined_metadata.update(meta, weights=WEIGHTS['coreml'][weights])
-    mlmodel.input_description['image'] = meta['input']
-    for name, text in descriptions.items():
-        mlmodel.output_description[name] = text.replace('(B, ', '(1, ')
-    mlmodel.save(path)
+    quantize_onnx(fp32, path, calibration)
+    proto = onnx.load(path)
+    next(p for p in proto.metadata_props if p.key == 'weights').value = WEIGHTS['onnx']['int8']
+    onnx.save(proto, path)
 
 
 def quantize_coreml(mlmodel, weights):
     """Symmetric linear quantization of the fp16 program's weights: int8 with one scale per output
-    channel, or int4 with one scale per block of 32 input channels (with one per output channel, int4
-    erred 2-4x more on the quick start's model; coremltools' 4-bit k-means palettization needs
-    scikit-learn, not a dependency here). coremltools logs a warning for each weight whose second axis
+    channel, or int4 with one scale per block of 32 input channels. (With one scale per output channel,
+    int4 erred 2-4x more on the quick start's model; coremltools' 4-bit k-means palettization needs
+    scikit-learn, not a dependency here.) coremltools logs a warning for each weight whose second axis
     a block does not divide: those stay fp16, as WEIGHTS says, so its warnings are silenced."""
     import coremltools.optimize.coreml as cto
     config = (dict(dtype='int8', granularity='per_channel') if weights == 'int8' else
@@ -660,6 +570,10 @@ def quantize_coreml(mlmodel, weights):
         return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
             cto.OpLinearQuantizerConfig(mode='linear_symmetric', **config)))
 
+
+# -------------------------------------------------------------------------------------------------
+# The Core ML interpreter: the Linux check of a package
+# -------------------------------------------------------------------------------------------------
 
 # The Linux check: Core ML cannot run here, but the saved package's ML program can be read back
 # (coremltools' milproto loader, weights from the package's blob file) and executed op by op with
@@ -817,10 +731,10 @@ def load_mil_program(package):
 
 
 def _stored(v, flush=False):
-    """A value as the interpreter keeps it: fp16 widened to fp32 (exactly) for the arithmetic of the
-    ops that read it; with flush, the subnormals (of its own dtype) of a tensor set to zero first.
-    Scalars are op parameters, which a kernel reads as it likes (a LayerNorm's epsilon of 1e-6 is an
-    fp16 subnormal: read as 0, a constant token, such as an untrained class token, would give 0 / 0)."""
+    """A value as the interpreter keeps it: fp16 is widened to fp32 (exactly) for the ops that read it.
+    With flush, a tensor's subnormals (in its own dtype) are set to zero first. Scalars are op
+    parameters, kept as they are: a kernel reads them as it likes. (A LayerNorm's epsilon of 1e-6 is an
+    fp16 subnormal. Read as 0, a constant token, such as an untrained class token, would give 0 / 0.)"""
     if flush and v.is_floating_point() and v.ndim:
         v = torch.where(v.abs() < torch.finfo(v.dtype).tiny, 0, v)
     return v.float() if v.dtype == torch.float16 else v
@@ -922,9 +836,9 @@ def interpreter(main, flush=False, peak=None):
 
 
 def load_coreml(package):
-    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array, the
-    frames run one at a time (the input is one image): Core ML itself on macOS (CPU, Apple's kernels),
-    else the ML program interpreter above."""
+    """-> a function: frames float32 (N, 3, H, W) in 0-255 -> dict output name -> (N, ...) array. The
+    frames run one at a time (the input is one image): by Core ML itself on macOS (CPU, Apple's
+    kernels), else by the ML program interpreter above."""
     if platform.system() != 'Darwin':
         return interpreter(load_mil_program(package))
     from PIL import Image
@@ -934,37 +848,192 @@ def load_coreml(package):
                                                                              'RGB')}))
 
 
-def check_coreml(path, model, probabilities, img_size, weights):
-    """The saved package vs PyTorch on 2 frames (room, noise), by Core ML on macOS, else by the
-    interpreter (which checks fp16 sums); then its program once more with subnormals flushed to zero
-    (the interpreter, everywhere). No quantization parameter may be subnormal."""
-    main = load_mil_program(path)
-    refuse_subnormals(subnormal_parameters(main), 'quantization parameters are fp16 subnormals')
-    images = check_images(2, img_size, seed=1)
-    ref, raw = reference(model, images, probabilities)
-    tol, peak = TOLERANCE[weights], {}
-    darwin = platform.system() == 'Darwin'
-    run = load_coreml(path) if darwin else interpreter(main, peak=peak)
-    lines = compare(run(images), ref, raw, tol)
-    compare_flushed(interpreter(main, flush=True)(images), ref, raw, tol)
-    n, total = stored_subnormals(main)
-    lines.append(f'with subnormals flushed to zero ({n:,} of the {total:,} stored values, and those computed): '
-                 'within the same limits')
-    if peak:
-        lines.append(f'largest sum inside an fp16 op: {peak["sum"]:.3g} ({peak["op"]}; fp16 holds {FP16_MAX:g})')
-    how = 'Core ML (CPU)' if darwin else 'its ML program run by the Linux checker'
-    return f'{how} vs PyTorch, {weights} weights, 2 frames (room, noise)', lines
+# -------------------------------------------------------------------------------------------------
+# Writing files: in a work folder beside the final path, moved into place when checked
+# -------------------------------------------------------------------------------------------------
+
+WORK_SUFFIX = re.compile(r'\.tmp-(.+)-(\d+)$')  # '<final name>.tmp-<host>-<pid>'
+
+
+def work_dir(path):
+    """The folder an export of path writes in. It lies beside path, so the final move is a rename. It
+    is not named like an export, so nobody takes it for one. It names its host and process, so a later
+    run can tell whether a killed one left it."""
+    return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
+
+
+def remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        pass
+    return True
+
+
+def remove_stale_work(folder):
+    """Remove the work folders that exports killed on this host left in folder -> their names. Those
+    of a process still running (another export now) and of other hosts stay. A package that install
+    had moved aside when the kill came first goes back to its name, if that name is free."""
+    stale = [name for name in sorted(os.listdir(folder)) if (m := WORK_SUFFIX.search(name))
+             and m[1] == socket.gethostname() and not alive(int(m[2]))]
+    for name in stale:
+        previous, final = os.path.join(folder, name, 'previous'), os.path.join(folder, WORK_SUFFIX.sub('', name))
+        if os.path.exists(previous) and not os.path.exists(final):
+            os.replace(previous, final)
+        remove(os.path.join(folder, name))
+    return stale
+
+
+def install(tmp, path):
+    """Move tmp (a file or a .mlpackage folder, inside work_dir(path)) to path. os.replace cannot swap a
+    folder over an existing one: the old one is moved into the work folder first, and back if the move
+    of the new one fails. So path always holds a complete export, the new one or the old one."""
+    previous = os.path.join(os.path.dirname(tmp), 'previous')
+    if os.path.isdir(tmp) and os.path.exists(path):
+        os.replace(path, previous)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(previous):
+            os.replace(previous, path)
+        raise
+
+
+def disk_size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# Ctrl-C and SIGTERM stop a run between two steps of Python code: the export under way raises Stopped,
+# its work folder is removed, and `stopping` says in one line what was written. Two steps are not
+# stopped halfway (uninterrupted): install's moves, and the removal of a work folder. A signal that
+# comes during one stops the run at the next stop_if_asked.
+STOP_SIGNALS = {signal.SIGINT: 'Ctrl-C', signal.SIGTERM: 'SIGTERM'}
+stopped_by = None  # the stop signal, once one arrived (stopping resets it)
+_holding = False  # inside uninterrupted()
+
+
+class Stopped(BaseException):  # not an Exception: no `except Exception` of ours or of a library catches it
+    def __init__(self, signum):
+        super().__init__(STOP_SIGNALS[signum])
+        self.signum = signum
+
+
+def stop(signum, frame):
+    """The handler of STOP_SIGNALS (installed by stopping). The signal is kept too: a library may turn
+    Stopped into an error of its own (torch.onnx does when it arrives during one of its imports)."""
+    global stopped_by
+    stopped_by = signum
+    if not _holding:
+        raise Stopped(signum)
+
+
+def stop_if_asked():
+    """Raise Stopped if a stop signal has arrived: one held by uninterrupted, or one whose Stopped a
+    library turned into another error."""
+    if stopped_by is not None:
+        raise Stopped(stopped_by)
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Ctrl-C and SIGTERM wait until the block is done (see stop_if_asked)."""
+    global _holding
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+
+
+@contextlib.contextmanager
+def stopping(variants, done):
+    """Ctrl-C and SIGTERM raise Stopped in the block. Stopped and CannotWrite end the run with one line
+    saying which files were written (done). The previous handlers come back at the end: main may run in
+    a process that goes on, as in the tests."""
+    global stopped_by
+    stopped_by, handlers = None, {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    except Stopped as e:
+        print(f'export.py: stopped by {e}, the work folder removed; {summary(variants, done)}', file=sys.stderr)
+        sys.exit(128 + e.signum)  # as a shell reports a process ended by that signal
+    except CannotWrite as e:
+        raise SystemExit(f'export.py: {e}: free some space or pass another --out-dir; {summary(variants, done)}')
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def summary(variants, done):
+    """-> 'written: ...; not written: ...', the files of this run."""
+    written = [f'{t} {w} ({os.path.basename(done[t, w])})' for t, w in variants if (t, w) in done]
+    missing = [f'{t} {w}' for t, w in variants if (t, w) not in done]
+    return f'written: {", ".join(written) or "nothing"}' + \
+        f'; not written: {", ".join(missing)} (any older files of their names kept)' * bool(missing)
+
+
+class CannotWrite(Exception):
+    """The file system refused a write: the run stops (the next files would fail alike)."""
+
+
+REFUSED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def refused_write(e, folder):
+    """Why the file system refused a write of an export that raised e -> a phrase, or None if it did
+    not. The writers say so in their own ways:
+    - Python's file objects raise OSError (onnx.save, which torch.onnx calls);
+    - shutil.copytree (coremltools' save) raises a shutil.Error listing (source, destination, why) per file;
+    - C++ writers raise RuntimeError without the errno (coremltools' weight writer: '[MIL FileWriter]:
+      Unknown error occurred while writing data to the file.'), or leave a truncated file without a
+      word (onnxruntime's quantizer: reading it back fails to parse it).
+    So, failing an errno, the file system is asked: is a file size limit (ulimit -f) set, or is the disk
+    of folder or of the temporary files (where coremltools and onnxruntime's quantizer write) full?"""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    state = f', under a file size limit of {limit:,} bytes (ulimit -f)' * (limit != resource.RLIM_INFINITY)
+    for where in dict.fromkeys((folder, tempfile.gettempdir())):  # each disk once
+        if (free := shutil.disk_usage(where).free) < 2 ** 20:
+            state += f', {free:,} bytes free on the disk of {where}'
+    x = e
+    while x is not None:  # e, then the exceptions it was raised from or while handling
+        if isinstance(x, shutil.Error) and x.args and isinstance(x.args[0], list) and x.args[0]:
+            return x.args[0][0][-1] + state
+        if isinstance(x, OSError) and x.errno in REFUSED:
+            return (f'{x.strerror}: {x.filename}' if x.filename else x.strerror) + state
+        x = x.__cause__ or x.__context__
+    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}{state}' if state else None
+
+
+def failure(name, path, e):
+    """An export or check of path that raised e. Raises Stopped if a stop signal came (e may be what a
+    library made of it), CannotWrite if the file system refused a write. Else prints why -> False."""
+    stop_if_asked()
+    if not isinstance(e, CheckFailed) and (why := refused_write(e, os.path.dirname(os.path.abspath(path)))):
+        raise CannotWrite(f'{name}: cannot write {path} ({why})') from None
+    why = str(e) if isinstance(e, CheckFailed) else traceback.format_exc()
+    print(f'{name}: FAILED ({path} not written): {why}', file=sys.stderr)
+    return False
 
 
 # -------------------------------------------------------------------------------------------------
 # What compression costs on real frames: each task's main metric on val images
 # -------------------------------------------------------------------------------------------------
 
-
 def open_val(config, data_root, img_size, tasks):
-    """The val split of data_root, else of the checkpoint's training data (its config's data_root;
-    synthetic scenes are generated there first if missing, by the same call as train.py's), read at
-    the export size -> data.py reader. Raises DataError / ValueError (a missing dataset or split)."""
+    """The val split of data_root, else of the checkpoint's training data (its config's data_root),
+    read at the export size -> a data.py reader. Synthetic scenes are generated there first if missing,
+    by the same call as train.py's. Raises DataError / ValueError (a missing dataset or split)."""
     if data_root is None and config['dataset'] == 'synthetic':
         write_synthetic(config)
     return READERS[config['dataset']](data_root or config['data_root'], split='val', train=False, size=img_size,
@@ -974,7 +1043,7 @@ def open_val(config, data_root, img_size, tasks):
 def read_frames(val, ids):
     """Samples ids of val, each read once -> dict id -> sample. One that cannot be read (data.DataError:
     a damaged file, an image larger than the export size) is left out with a warning line naming the
-    file, so that the run goes on with the others."""
+    file, and the run goes on with the others."""
     samples = {}
     for i in ids:
         try:
@@ -982,6 +1051,44 @@ def read_frames(val, ids):
         except DataError as e:
             print(f'export.py: warning: val image {i} skipped: {e}', file=sys.stderr)
     return samples
+
+
+def val_frames(args, config, img_size, tasks, calibrated):
+    """The val frames this run uses, read once before any export: the first --val-images (the metric
+    change) and --calib-images spread evenly over the split (ONNX int8's calibration, if calibrated).
+    -> (the split's folder, the metric's samples, the calibration frames float32 (N, 3, H, W) in 0-255,
+    padded as the contract pads, or None), or a one-line error. Unreadable frames are skipped (read_frames)."""
+    if not (args.val_images or calibrated):
+        return None, [], None
+    try:
+        val = open_val(config, args.data_root, img_size, tasks)
+    except (DataError, ValueError) as e:
+        if args.data_root is not None:
+            raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
+        if calibrated:
+            raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read '
+                             f'({e}): pass --data-root with a val split')
+        print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
+        return None, [], None
+    first = range(min(args.val_images, len(val)))
+    spread = np.unique(np.linspace(0, len(val) - 1, min(args.calib_images, len(val))).round().astype(int)) \
+        if calibrated else []
+    ids = sorted({*first, *spread})
+    samples = read_frames(val, ids)
+    metric = [samples[i] for i in first if i in samples]
+    calibration = [samples[i]['image'] for i in spread if i in samples]
+    if calibrated and not calibration:
+        raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read (none '
+                         f'of the {len(spread)} frames of {val.root} it takes is usable, see above): pass --data-root '
+                         f'with a val split')
+    if first and not metric:
+        print(f'export.py: metric change not measured (none of the first {len(first)} val images of {val.root} is '
+              f'usable, see above): pass --data-root with a val split', file=sys.stderr)
+    uses = [f'the metric change is measured on {len(metric)} of the first {len(first)} val images'] * bool(metric) + \
+        [f'ONNX int8 calibrated on {len(calibration)} of {len(spread)} frames'] * calibrated
+    if len(samples) < len(ids) and uses:
+        print('export.py: ' + ', '.join(uses), file=sys.stderr)
+    return val.root, metric, denormalise(torch.stack(calibration)).numpy() if calibrated else None
 
 
 def as_scores(task, x, channels):
@@ -998,9 +1105,9 @@ def as_scores(task, x, channels):
 
 
 def main_metrics(predict, samples, tasks, dataset):
-    """Each task's main metric (TASK_TABLE[task].metric) of predict (frames -> app outputs, as
-    load_onnx returns) on val samples (read_frames), scored as training's evaluation scores them
-    (data.update_meters) -> dict task -> value."""
+    """Each task's main metric (TASK_TABLE[task].metric) of predict (frames -> app outputs, as load_onnx
+    returns) on val samples (read_frames) -> dict task -> value. They are scored as training's
+    evaluation scores them (data.update_meters)."""
     meters = make_meters(tasks, dataset)
     for sample in samples:
         batch = collate([sample])
@@ -1014,19 +1121,36 @@ def metric_change(got, base):
     return ', '.join(f'{t} {TASK_TABLE[t].metric} {base[t]:.4g} -> {v:.4g} ({v - base[t]:+.2g})' for t, v in got.items())
 
 
+def metric_measure(model, probabilities, root, samples):
+    """-> measure(load, file): a line with the main metrics of the file (loaded by load) on the val
+    samples, each against the fp32 PyTorch model's (measured once, at the first file). None without
+    samples."""
+    base = {}
+
+    def measure(load, file):
+        if not samples:
+            return None
+        predict = load(file)
+        if not base:
+            base.update(main_metrics(lambda im: reference(model, im, probabilities)[0], samples, model.tasks,
+                                     model.config['dataset']))
+        got = main_metrics(predict, samples, model.tasks, model.config['dataset'])
+        return (f'main metrics on {len(samples)} val images of {root}, fp32 PyTorch -> this file: '
+                f'{metric_change(got, base)}')
+    return measure
+
+
 # -------------------------------------------------------------------------------------------------
 # Benchmark and command line
 # -------------------------------------------------------------------------------------------------
 
-
 def benchmark(app, files, img_size, runs=20, warmup=3):
     """files: dict (target, weights) -> path. Median latency at batch 1 of eager PyTorch (the same
-    AppModel) and of each ONNX file in onnxruntime on this CPU, with every file's size. Next to an
-    int8 file, for comparison, the fp32 file quantized by the dynamic pass alone (quantize_onnx
-    without calibration; not written): what calibrating the convs buys. They run in turn, run by run,
-    so that other load on the machine slows all alike, with torch's number of threads
-    (OMP_NUM_THREADS sets it). Core ML runs on Apple devices only: its latency is for Xcode's Core ML
-    performance report."""
+    AppModel) and of each ONNX file in onnxruntime on this CPU, with every file's size. Next to an int8
+    file, for comparison: the fp32 file quantized by the dynamic pass alone (quantize_onnx without
+    calibration; not written), which shows what calibrating the convs buys. They run in turn, run by
+    run, so other load on the machine slows all alike, with torch's number of threads (OMP_NUM_THREADS
+    sets it). Core ML runs on Apple devices only: its latency is for Xcode's Core ML performance report."""
     image = check_images(1, img_size)
     threads = torch.get_num_threads()
     engines = {('PyTorch eager', 'fp32'): lambda: app(torch.from_numpy(image))}
@@ -1058,36 +1182,7 @@ def benchmark(app, files, img_size, runs=20, warmup=3):
             print(f'{line}  latency: on an Apple device (Xcode\'s Core ML performance report)')
 
 
-def run_target(name, path, export, check, measure):
-    """Export in a work folder, check it, measure it (-> a line, or None), move it into place; print
-    the report. -> True if done, False if its export or check failed; raises CannotWrite when the file
-    system refused a write, Stopped on Ctrl-C / SIGTERM (the work folder removed either way)."""
-    work = work_dir(path)
-    t0 = time.perf_counter()
-    try:
-        remove(work)  # this process's name: a leftover of an earlier process with the same pid
-        os.makedirs(work)
-        tmp = os.path.join(work, os.path.basename(path))
-        export(tmp)
-        t_export = time.perf_counter() - t0
-        how, lines = check(tmp)
-        t_check = time.perf_counter() - t0 - t_export
-        measured = measure(tmp)  # on val frames: the Core ML checker's fp16 sums are checked there too
-        with uninterrupted():
-            install(tmp, path)
-    except Exception as e:
-        stop_if_asked()  # e may be what a library made of Stopped
-        if not isinstance(e, CheckFailed) and (why := refused_write(e, os.path.dirname(os.path.abspath(path)))):
-            raise CannotWrite(f'{name}: cannot write {path} ({why})') from None
-        why = str(e) if isinstance(e, CheckFailed) else traceback.format_exc()
-        print(f'{name}: FAILED ({path} not written): {why}', file=sys.stderr)
-        return False
-    finally:
-        with uninterrupted():
-            remove(work)
-    print(f'{name}: {path}\n  size {disk_size(path) / 2 ** 20:.1f} MiB, export {t_export:.1f} s, '
-          f'check {t_check:.1f} s\n  check passed ({how}):\n    ' + '\n    '.join(lines) + f'\n  {measured}' * bool(measured))
-    return True
+NO_CHECKPOINT = 'train one with `python train.py --dataset synthetic` or pass --checkpoint PATH'
 
 
 def parse_args():
@@ -1156,48 +1251,21 @@ def load_model(args):
     return path, at_size(model, img_size), img_size  # (the copy keeps .config and .step)
 
 
-def val_frames(args, config, img_size, tasks, calibrated):
-    """The val frames this run uses, read once before any export: the first --val-images (the metric
-    change) and --calib-images spread evenly over the split (ONNX int8's calibration, if calibrated)
-    -> (the split's folder, the metric's samples, the calibration frames float32 (N, 3, H, W) in 0-255
-    padded as the contract pads, or None), or a one-line error. Unreadable frames are skipped (read_frames)."""
-    if not (args.val_images or calibrated):
-        return None, [], None
-    try:
-        val = open_val(config, args.data_root, img_size, tasks)
-    except (DataError, ValueError) as e:
-        if args.data_root is not None:
-            raise SystemExit(f'export.py: --data-root {args.data_root}: {e}')
-        if calibrated:
-            raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read '
-                             f'({e}): pass --data-root with a val split')
-        print(f'export.py: metric change not measured ({e}): pass --data-root with a val split', file=sys.stderr)
-        return None, [], None
-    first = range(min(args.val_images, len(val)))
-    spread = np.unique(np.linspace(0, len(val) - 1, min(args.calib_images, len(val))).round().astype(int)) \
-        if calibrated else []
-    ids = sorted({*first, *spread})
-    samples = read_frames(val, ids)
-    metric = [samples[i] for i in first if i in samples]
-    calibration = [samples[i]['image'] for i in spread if i in samples]
-    if calibrated and not calibration:
-        raise SystemExit(f'export.py: ONNX int8 is calibrated on val frames, and the val split cannot be read (none '
-                         f'of the {len(spread)} frames of {val.root} it takes is usable, see above): pass --data-root '
-                         f'with a val split')
-    if first and not metric:
-        print(f'export.py: metric change not measured (none of the first {len(first)} val images of {val.root} is '
-              f'usable, see above): pass --data-root with a val split', file=sys.stderr)
-    uses = [f'the metric change is measured on {len(metric)} of the first {len(first)} val images'] * bool(metric) + \
-        [f'ONNX int8 calibrated on {len(calibration)} of {len(spread)} frames'] * calibrated
-    if len(samples) < len(ids) and uses:
-        print('export.py: ' + ', '.join(uses), file=sys.stderr)
-    return val.root, metric, denormalise(torch.stack(calibration)).numpy() if calibrated else None
+def newest_checkpoint(root):
+    """The newest run folder under root (by its newest checkpoint): its best.pt, else its last.pt."""
+    found = glob.glob(os.path.join(root, '**', 'best.pt'), recursive=True) + \
+        glob.glob(os.path.join(root, '**', 'last.pt'), recursive=True)
+    if not found:
+        return None
+    run = os.path.dirname(max(found, key=os.path.getmtime))
+    best = os.path.join(run, 'best.pt')
+    return best if os.path.isfile(best) else os.path.join(run, 'last.pt')
 
 
 def open_out_dir(args, checkpoint):
-    """--out-dir (default: the checkpoint's folder), made if missing, after asking the file system for
-    a file there (a read-only disk, a permission; an unnamed one, gone when closed); the work folders
-    of killed exports in it removed -> its path, or a one-line error."""
+    """--out-dir (default: the checkpoint's folder) -> its path, or a one-line error. It is made if
+    missing, and the file system is asked for a file there (an unnamed one, gone when closed): a
+    read-only disk or a permission fails here. The work folders of killed exports in it are removed."""
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(checkpoint))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -1210,86 +1278,6 @@ def open_out_dir(args, checkpoint):
         raise SystemExit(f'export.py: {what} cannot be written ({e.strerror or e}): pass --out-dir with a folder you '
                          f'can write to')
     return out_dir
-
-
-def summary(variants, done):
-    """-> 'written: ...; not written: ...', the files of this run."""
-    written = [f'{t} {w} ({os.path.basename(done[t, w])})' for t, w in variants if (t, w) in done]
-    missing = [f'{t} {w}' for t, w in variants if (t, w) not in done]
-    return f'written: {", ".join(written) or "nothing"}' + \
-        f'; not written: {", ".join(missing)} (any older files of their names kept)' * bool(missing)
-
-
-def main():
-    global stopped_by
-    args, variants = parse_args()
-    # Ctrl-C and SIGTERM raise Stopped; the previous handlers come back at the end (main may run in a
-    # process that goes on, as in the tests)
-    stopped_by, handlers = None, {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
-    done = {}  # (target, weights) -> the file, as each is moved into place
-    try:
-        export_run(args, variants, done)
-    except Stopped as e:
-        print(f'export.py: stopped by {e}, the work folder removed; {summary(variants, done)}', file=sys.stderr)
-        sys.exit(128 + e.signum)  # as a shell reports a process ended by that signal
-    except CannotWrite as e:
-        raise SystemExit(f'export.py: {e}: free some space or pass another --out-dir; {summary(variants, done)}')
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    failed = [f'{t} {w}' for t, w in variants if (t, w) not in done]
-    if failed:
-        raise SystemExit(f'export.py: failed: {", ".join(failed)}')
-
-
-def export_run(args, variants, done):
-    """The checkpoint, the val frames and the out-dir, checked in this order (a one-line error, with
-    nothing written), then each file exported into done; then the benchmark."""
-    path, model, img_size = load_model(args)
-    config = model.config
-    app = AppModel(model, args.probabilities)
-    meta, descriptions = describe(config, model.tasks, args.probabilities, img_size, path, model.step)
-    frames = val_frames(args, config, img_size, model.tasks, ('onnx', 'int8') in variants)
-    stem = os.path.join(open_out_dir(args, path), file_stem(config, model.tasks, img_size))
-    print(f'export.py: {path} ({config["dataset"]}, ViT-{config["backbone"]}), input {img_size[0]}x{img_size[1]}, '
-          f'outputs {", ".join(app.output_names)}')
-    export_all(variants, stem, app, model, args, img_size=img_size, meta=meta, descriptions=descriptions,
-               frames=frames, done=done)
-    if args.benchmark and any(t == 'onnx' for t, _ in done):
-        benchmark(app, done, img_size)
-
-
-def export_all(variants, stem, app, model, args, *, img_size, meta, descriptions, frames, done):
-    """Each (target, weights) exported, checked and moved into place (run_target), with its metric
-    change on the val samples of frames (val_frames) when there are some; done: dict (target, weights)
-    -> the path of each file written, filled as they are."""
-    root, samples, calibration = frames
-    dataset, base = model.config['dataset'], {}
-
-    def measure(load, tmp):
-        if not samples:
-            return None
-        predict = load(tmp)
-        if not base:  # the fp32 PyTorch model's, measured once
-            base.update(main_metrics(lambda im: reference(model, im, args.probabilities)[0], samples, model.tasks,
-                                     dataset))
-        got = main_metrics(predict, samples, model.tasks, dataset)
-        return (f'main metrics on {len(samples)} val images of {root}, fp32 PyTorch -> this file: '
-                f'{metric_change(got, base)}')
-    for target, weights in variants:
-        export, check, load = {'onnx': (export_onnx, check_onnx, load_onnx),
-                               'coreml': (export_coreml, check_coreml, load_coreml)}[target]
-        file = stem + ('' if (target, weights) == ('onnx', 'fp32') else f'_{weights}') + \
-            ('.onnx' if target == 'onnx' else '.mlpackage')
-        more = {}
-        if target == 'onnx':
-            more = dict(fp32=done.get(('onnx', 'fp32')), calibration=calibration if weights == 'int8' else None)
-        if run_target(f'{target} {weights}', file,
-                      lambda tmp: export(app, img_size, tmp, weights, meta, descriptions, **more),
-                      lambda tmp: check(tmp, model, args.probabilities, img_size, weights),
-                      functools.partial(measure, load)):
-            done[target, weights] = file
-        stop_if_asked()  # a signal held while a file was moved into place or a work folder removed
 
 
 if __name__ == '__main__':
