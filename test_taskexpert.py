@@ -2864,7 +2864,7 @@ def test_export_coreml_fp16_overflow_inside_an_op_is_caught(tmp_path):
 
 @pytest.mark.heavy
 def test_export_readme_python_snippet_letterboxes_like_predict(tmp_path, capsys):
-    """The README's onnxruntime snippet, run as written (its two paths pointed at a test export and at a
+    """docs/export.md's onnxruntime snippet, run as written (its two paths pointed at a test export and at a
     500x375 photo stored sideways with an EXIF orientation): its outputs equal predict's on the upright
     photo within the fp32 file's tolerance, so an app that copies it sees what evaluation sees."""
     size = (384, 512)  # a 500x375 photo fits: padded at the bottom and right
@@ -2877,7 +2877,7 @@ def test_export_readme_python_snippet_letterboxes_like_predict(tmp_path, capsys)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'photo.png', exif=exif)  # stored 375 wide
-    readme = open(os.path.join(os.path.dirname(_EXPORT_SCRIPT), 'README.md')).read()
+    readme = open(os.path.join(os.path.dirname(_EXPORT_SCRIPT), 'docs', 'export.md')).read()
     code = re.search(r'onnxruntime in Python:\n\n```python\n(.*?)```', readme, re.S)[1]
     for old, new in (("'runs/nyud/taskexpert_nyud_large_448x576.onnx'", repr(path)),
                      ("'room.jpg'", repr(str(tmp_path / 'photo.png')))):
