@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import pytest
 import scipy.io
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -487,10 +488,9 @@ def test_model_rejects_bad_options():
 # Written from the definitions (timm's ViT arithmetic, the MMoE and TaskHead docstrings, PIL's bicubic
 # filter), never through the modules' own code path: a wrong permute, eps, GELU or order fails them.
 
-def _ref_params(module, prefix=''):
-    """A module's parameters and buffers as float64 numpy arrays, by state-dict name (prefix dropped)."""
-    return {k.removeprefix(prefix): v.detach().double().numpy() for k, v in module.state_dict().items()
-            if k.startswith(prefix)}
+def _ref_params(module):
+    """A module's parameters and buffers as float64 numpy arrays, by state-dict name."""
+    return {k: v.detach().double().numpy() for k, v in module.state_dict().items()}
 
 
 def _ref_layer_norm(x, weight, bias, eps):
@@ -499,7 +499,6 @@ def _ref_layer_norm(x, weight, bias, eps):
 
 
 def _ref_gelu(x):  # the exact GELU, x Phi(x)
-    import scipy.special
     return 0.5 * x * (1 + scipy.special.erf(x / math.sqrt(2)))
 
 
@@ -584,27 +583,26 @@ def _ref_head(m, p, grid, size):
 
 def _ref_taskexpert(model, image):
     """The whole forward pass of an eval-mode TaskExpert, by hand -> (outputs, gate weights per tap)."""
-    p, vit = _ref_params(model), model.backbone
+    vit = model.backbone
+    p = _ref_params(vit)
     x = image.double().numpy()
     B, _, H, W = x.shape
     grid, heads, C = (H // 16, W // 16), vit.blocks[0].attn.num_heads, vit.cls_token.shape[-1]
     # 16x16 patches, row by row, each flattened as the conv weight (channel, y, x)
     patches = x.reshape(B, 3, grid[0], 16, grid[1], 16).transpose(0, 2, 4, 1, 3, 5).reshape(B, -1, 3 * 256)
-    tokens = patches @ p['backbone.patch_embed.proj.weight'].reshape(C, -1).T + p['backbone.patch_embed.proj.bias']
-    x = np.concatenate([np.broadcast_to(p['backbone.cls_token'], (B, 1, C)), tokens], 1) + p['backbone.pos_embed']
+    tokens = patches @ p['patch_embed.proj.weight'].reshape(C, -1).T + p['patch_embed.proj.bias']  # (B, N, C)
+    x = np.concatenate([np.broadcast_to(p['cls_token'], (B, 1, C)), tokens], 1) + p['pos_embed']  # (B, 1 + N, C)
     tapped = []
     for l in range(1, max(model.taps) + 1):  # the taps are 1-based block numbers
-        x = _ref_block(x, {k.removeprefix(f'backbone.blocks.{l - 1}.'): v for k, v in p.items()
-                           if k.startswith(f'backbone.blocks.{l - 1}.')}, heads)
+        x = _ref_block(x, _ref_params(vit.blocks[l - 1]), heads)
         if l in model.taps:
             tapped.append(x[:, 1:])
-    tapped[-1] = _ref_layer_norm(tapped[-1], p['backbone.norm.weight'], p['backbone.norm.bias'], 1e-6)
+    tapped[-1] = _ref_layer_norm(tapped[-1], p['norm.weight'], p['norm.bias'], 1e-6)  # the last tap only
     memory, gates = None, []
-    for i, (moe, x_l) in enumerate(zip(model.mmoe, tapped)):
-        memory, g = _ref_mmoe(x_l, _ref_params(model, f'mmoe.{i}.'), memory, moe.E, moe.D, moe.gate_mode,
-                              moe.memory_write)
+    for moe, x_l in zip(model.mmoe, tapped):  # the memory passed on from one MMoE to the next
+        memory, g = _ref_mmoe(x_l, _ref_params(moe), memory, moe.E, moe.D, moe.gate_mode, moe.memory_write)
         gates.append(g)
-    return {t: _ref_head(memory[t], _ref_params(model, f'heads.{t}.'), grid, (H, W)) for t in model.heads}, gates
+    return {t: _ref_head(memory[t], _ref_params(head), grid, (H, W)) for t, head in model.heads.items()}, gates
 
 
 def _randomise(module, seed, scale=0.5):
@@ -690,7 +688,7 @@ def test_model_taskexpert_forward_equals_a_hand_computation(gate, memory_write):
 
 def test_model_drop_path_grows_linearly_over_the_blocks():
     """Stochastic depth p * l / (depth - 1) for block l = 0..depth-1 (timm / DeiT): the first block is
-    never dropped, the last with the rate given; an eval-mode or p = 0 block is never dropped."""
+    never dropped (the same output in training as in eval), the last with the rate given."""
     blocks = _tiny(TASKS['nyud'], drop_path=0.33).backbone.blocks
     assert [b.drop_path for b in blocks] == pytest.approx([0.33 * l / 11 for l in range(12)], abs=1e-12)
     assert blocks[0].drop_path == 0.0 and blocks[11].drop_path == pytest.approx(0.33)
@@ -698,8 +696,8 @@ def test_model_drop_path_grows_linearly_over_the_blocks():
     x = torch.randn(64, 5, 192)
     with torch.no_grad():
         assert torch.equal(blocks[0].train()(x), blocks[0].eval()(x))  # p = 0: deterministic in training
-        dropped = blocks[11].train()(x) == x + 0  # samples whose two branches were both dropped
-    assert 0 < dropped.all(-1).all(-1).sum() < 64
+        both_dropped = (blocks[11].train()(x) == x).all(-1).all(-1)  # (64,): samples that kept only x
+    assert 0 < both_dropped.sum() < 64  # p^2 = 0.11 of them
 
 
 def _ref_bicubic_matrix(n_in, n_out):
