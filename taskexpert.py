@@ -695,7 +695,7 @@ def load_pretrained(model, name):
         for wrapper in ('model', 'state_dict'):
             if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                 sd = sd[wrapper]
-    plain = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}
+    plain = {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in sd.items()}  # DDP, compile: any order
     clean = {k: v for k, v in plain.items() if not k.startswith(('head.', 'fc_norm.'))}  # not the classifier
     own = vit.state_dict()
     missing, unexpected = sorted(own.keys() - clean.keys()), sorted(clean.keys() - own.keys())

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import pytest
 import scipy.io
+import scipy.special
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -483,6 +484,307 @@ def test_model_rejects_bad_options():
         TaskExpert(TASKS['nyud'], backbone='tiny', taps=(3, 12), ablation='static')
 
 
+# ---- the model against independent references: hand computations in numpy, float64 ---------------
+# Written from the definitions (timm's ViT arithmetic, the MMoE and TaskHead docstrings, PIL's bicubic
+# filter), never through the modules' own code path: a wrong permute, eps, GELU or order fails them.
+
+def _ref_params(module):
+    """A module's parameters and buffers as float64 numpy arrays, by state-dict name."""
+    return {k: v.detach().double().numpy() for k, v in module.state_dict().items()}
+
+
+def _ref_layer_norm(x, weight, bias, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * weight + bias
+
+
+def _ref_gelu(x):  # the exact GELU, x Phi(x)
+    return 0.5 * x * (1 + scipy.special.erf(x / math.sqrt(2)))
+
+
+def _ref_softmax(logits):
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _ref_attention(x, p, heads):
+    """timm's fused qkv: output channels [q | k | v], each split into heads of C / heads contiguous
+    channels; per head softmax(q k^T / sqrt(d)) v; the heads concatenated in order, then projected."""
+    B, N, C = x.shape
+    d = C // heads
+    qkv = x @ p['qkv.weight'].T + p['qkv.bias']  # (B, N, 3C)
+    out = np.zeros((B, N, C))
+    for b in range(B):
+        for h in range(heads):
+            q, k, v = (qkv[b, :, s * C + h * d:s * C + (h + 1) * d] for s in range(3))  # each (N, d)
+            out[b, :, h * d:(h + 1) * d] = _ref_softmax(q @ k.T / math.sqrt(d)) @ v
+    return out @ p['proj.weight'].T + p['proj.bias']
+
+
+def _ref_block(x, p, heads):
+    """Pre-norm: x + Attn(LN1(x)), then + fc2(GELU(fc1(LN2(.)))); both LayerNorms with eps 1e-6."""
+    x = x + _ref_attention(_ref_layer_norm(x, p['norm1.weight'], p['norm1.bias'], 1e-6),
+                           {k[5:]: v for k, v in p.items() if k.startswith('attn.')}, heads)
+    h = _ref_layer_norm(x, p['norm2.weight'], p['norm2.bias'], 1e-6)
+    return x + _ref_gelu(h @ p['mlp.fc1.weight'].T + p['mlp.fc1.bias']) @ p['mlp.fc2.weight'].T + p['mlp.fc2.bias']
+
+
+def _ref_mmoe(x, p, memory, E, D, gate, memory_write):
+    """Z_e = GELU(LN_e(W_e X)) with each expert's own affine; g_t = softmax(W_t [X ; mean_N X] + b_t)
+    per token (gate 'image': of the mean over tokens of those logits); F_t = sum_e g_t,e Z_e (+ g_t,E+1 M_t,
+    + M_t for 'add')."""
+    B, N, C = x.shape
+    h = x @ p['experts.weight'].T + p['experts.bias']  # (B, N, E*D): expert e is channels e*D..(e+1)*D
+    z = [_ref_gelu(_ref_layer_norm(h[..., e * D:(e + 1) * D], p['expert_norm_weight'][e], p['expert_norm_bias'][e],
+                                   1e-6)) for e in range(E)]
+    context = np.concatenate([x, np.broadcast_to(x.mean(1, keepdims=True), x.shape)], -1)  # (B, N, 2C)
+    new, gates = {}, {}
+    for t in sorted({k.split('.')[1] for k in p if k.startswith('gates.')}):
+        logits = context @ p[f'gates.{t}.weight'].T + p[f'gates.{t}.bias']  # (B, N, E[+1])
+        if gate == 'image':
+            logits = np.broadcast_to(logits.mean(1, keepdims=True), logits.shape)
+        g = _ref_softmax(logits)
+        f = sum(g[..., e:e + 1] * z[e] for e in range(E))
+        if memory is not None:
+            f = f + g[..., E:E + 1] * memory[t] + (memory[t] if memory_write == 'add' else 0)
+        new[t], gates[t] = f, g
+    return new, gates
+
+
+def _ref_bilinear_matrix(n_in, n_out):
+    """Rows: the weights of bilinear resizing (half-pixel centres, edge clamped), one output pixel each."""
+    M = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = int(src)
+        M[i, i0] += 1 - (src - i0)
+        M[i, min(i0 + 1, n_in - 1)] += src - i0
+    return M
+
+
+def _ref_resize_bilinear(x, size):  # x (B, C, h, w)
+    return np.einsum('Hh,bchw,Ww->bcHW', _ref_bilinear_matrix(x.shape[2], size[0]), x,
+                     _ref_bilinear_matrix(x.shape[3], size[1]))
+
+
+def _ref_head(m, p, grid, size):
+    """Token n = (row n // w, column n % w) -> bilinear x4 -> 3x3 conv (zero padding, no bias) -> BN
+    (running statistics, eps 1e-5) -> GELU -> 1x1 conv -> bilinear to size."""
+    B, N, D = m.shape
+    x = _ref_resize_bilinear(m.reshape(B, *grid, D).transpose(0, 3, 1, 2), (4 * grid[0], 4 * grid[1]))
+    pad, (h, w) = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))), x.shape[2:]
+    x = sum(np.einsum('oc,bchw->bohw', p['conv.weight'][:, :, i, j], pad[:, :, i:i + h, j:j + w])
+            for i in range(3) for j in range(3))
+    bn = [p['bn.' + k][:, None, None] for k in ('running_mean', 'running_var', 'weight', 'bias')]
+    x = _ref_gelu((x - bn[0]) / np.sqrt(bn[1] + 1e-5) * bn[2] + bn[3])
+    x = np.einsum('oc,bchw->bohw', p['pred.weight'][:, :, 0, 0], x) + p['pred.bias'][:, None, None]
+    return _ref_resize_bilinear(x, size)
+
+
+def _ref_taskexpert(model, image):
+    """The whole forward pass of an eval-mode TaskExpert, by hand -> (outputs, gate weights per tap)."""
+    vit = model.backbone
+    p = _ref_params(vit)
+    x = image.double().numpy()
+    B, _, H, W = x.shape
+    grid, heads, C = (H // 16, W // 16), vit.blocks[0].attn.num_heads, vit.cls_token.shape[-1]
+    # 16x16 patches, row by row, each flattened as the conv weight (channel, y, x)
+    patches = x.reshape(B, 3, grid[0], 16, grid[1], 16).transpose(0, 2, 4, 1, 3, 5).reshape(B, -1, 3 * 256)
+    tokens = patches @ p['patch_embed.proj.weight'].reshape(C, -1).T + p['patch_embed.proj.bias']  # (B, N, C)
+    x = np.concatenate([np.broadcast_to(p['cls_token'], (B, 1, C)), tokens], 1) + p['pos_embed']  # (B, 1 + N, C)
+    tapped = []
+    for l in range(1, max(model.taps) + 1):  # the taps are 1-based block numbers
+        x = _ref_block(x, _ref_params(vit.blocks[l - 1]), heads)
+        if l in model.taps:
+            tapped.append(x[:, 1:])
+    tapped[-1] = _ref_layer_norm(tapped[-1], p['norm.weight'], p['norm.bias'], 1e-6)  # the last tap only
+    memory, gates = None, []
+    for moe, x_l in zip(model.mmoe, tapped):  # the memory passed on from one MMoE to the next
+        memory, g = _ref_mmoe(x_l, _ref_params(moe), memory, moe.E, moe.D, moe.gate_mode, moe.memory_write)
+        gates.append(g)
+    return {t: _ref_head(memory[t], _ref_params(head), grid, (H, W)) for t, head in model.heads.items()}, gates
+
+
+def _randomise(module, seed, scale=0.5):
+    """Every parameter and buffer of a module drawn at random (variances positive), so that no weight
+    is a 0 or 1 a mistake could hide behind."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith('running_var')
+                        else torch.randn(t.shape, generator=g) * scale)
+    return module
+
+
+def test_model_vit_block_equals_a_hand_computation():
+    """A ViT block, in float64, equals softmax(q k^T / sqrt(d)) v per head written out, with timm's
+    [q | k | v] x heads channel layout, exact GELU, LayerNorm eps 1e-6 and the pre-norm residual
+    order: a head split or merge in another order, a post-norm block or the tanh GELU fail it. The
+    tokens include some of tiny variance, where the LayerNorm's eps counts."""
+    block = _randomise(taskexpert.Block(12, 3, drop_path=0.0), seed=1).double().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 12, generator=g, dtype=torch.float64) * 2
+    x[1, :3] = 1 + 2e-3 * torch.randn(3, 12, generator=g, dtype=torch.float64)  # variance ~4e-6
+    with torch.no_grad():
+        got = block(x).numpy()
+    want = _ref_block(x.numpy(), _ref_params(block), heads=3)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    # the final LayerNorm of the backbone has the same eps
+    norm, x = _randomise(_tiny(TASKS['nyud']).backbone.norm, seed=7).double(), x.repeat(1, 1, 16)  # (2, 5, 192)
+    with torch.no_grad():
+        got = norm(x).numpy()
+    want = _ref_layer_norm(x.numpy(), _ref_params(norm)['weight'], _ref_params(norm)['bias'], 1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('first,gate,memory_write', [(True, 'token', 'replace'), (False, 'token', 'replace'),
+                                                     (False, 'image', 'replace'), (False, 'token', 'add')])
+def test_model_mmoe_equals_a_hand_computation(first, gate, memory_write):
+    """An MMoE, in float64, as its docstring writes it: per-expert LayerNorm (own affine, eps 1e-6) and
+    exact GELU, the gate on [X_l ; mean_N X_l] in that order, softmax over E (+1 for the memory),
+    gate='image' one mixture per image from the mean of the token logits, memory_write='add' adding
+    M_t to F_t. The new memory and the gate weights both."""
+    moe = taskexpert.MMoE(['depth', 'semseg'], 12, num_experts=3, expert_dim=5, first=first, gate=gate,
+                          memory_write=memory_write)
+    moe = _randomise(moe, seed=3).double().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    x[0, :2] *= 1e-3  # tokens whose expert features have a tiny variance: the eps counts
+    with torch.no_grad():
+        moe.experts.bias[:] *= 1e-3
+    memory = None if first else {t: torch.randn(2, 7, 5, generator=g, dtype=torch.float64) for t in moe.tasks}
+    with torch.no_grad():
+        new, gates = moe(x, memory)
+    want, want_gates = _ref_mmoe(x.numpy(), _ref_params(moe), memory and {t: m.numpy() for t, m in memory.items()},
+                                 3, 5, gate, memory_write)
+    for t in moe.tasks:
+        assert gates[t].shape == (2, 7, 3 if first else 4)
+        # (the gates' softmax runs in float32 whatever the input's precision)
+        np.testing.assert_allclose(gates[t].numpy(), want_gates[t], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(new[t].numpy(), want[t], rtol=1e-6, atol=1e-6)
+    if gate == 'image':  # one mixture per image: every token of an image weighs the experts alike
+        assert torch.equal(gates['depth'], gates['depth'][:, :1].expand_as(gates['depth']))
+
+
+@pytest.mark.parametrize('gate,memory_write', [('token', 'replace'), ('image', 'add')])
+def test_model_taskexpert_forward_equals_a_hand_computation(gate, memory_write):
+    """The whole eval-mode forward pass against a numpy transcription: patches row by row, the class
+    token first, the position embedding added, blocks 1..12, the taps 3/6/9/12 (the last through the
+    final LayerNorm, eps 1e-6) into the MMoEs in order with the memory passed on, each head on the
+    last memory (tokens row by row, bilinear x4, 3x3 conv, BatchNorm, GELU, 1x1 conv, bilinear to the
+    input size). The weights, BatchNorm statistics included, are random."""
+    model = _randomise(_tiny({'depth': 1, 'semseg': 3}, num_experts=3, gate=gate, memory_write=memory_write),
+                       seed=5, scale=0.1).eval()
+    image = torch.randn(2, 3, *_MODEL_SIZE, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out, gates = model.forward_with_gates(image)
+    want, want_gates = _ref_taskexpert(model, image)
+    for t in ('depth', 'semseg'):
+        np.testing.assert_allclose(out[t].numpy(), want[t], rtol=1e-4, atol=1e-4 * np.abs(want[t]).max())
+        for tap in range(4):
+            np.testing.assert_allclose(gates[tap][t].numpy(), want_gates[tap][t], rtol=1e-4, atol=1e-5)
+
+
+def test_model_drop_path_grows_linearly_over_the_blocks():
+    """Stochastic depth p * l / (depth - 1) for block l = 0..depth-1 (timm / DeiT): the first block is
+    never dropped (the same output in training as in eval), the last with the rate given."""
+    blocks = _tiny(TASKS['nyud'], drop_path=0.33).backbone.blocks
+    assert [b.drop_path for b in blocks] == pytest.approx([0.33 * l / 11 for l in range(12)], abs=1e-12)
+    assert blocks[0].drop_path == 0.0 and blocks[11].drop_path == pytest.approx(0.33)
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 192)
+    with torch.no_grad():
+        assert torch.equal(blocks[0].train()(x), blocks[0].eval()(x))  # p = 0: deterministic in training
+        both_dropped = (blocks[11].train()(x) == x).all(-1).all(-1)  # (64,): samples that kept only x
+    assert 0 < both_dropped.sum() < 64  # p^2 = 0.11 of them
+
+
+def _ref_bicubic_matrix(n_in, n_out):
+    """Rows: the weights of bicubic resizing as PIL's (and timm's antialiased resampling): Keys' cubic
+    with a = -0.5 at half-pixel centres, its support widened by n_in / n_out when shrinking, the taps
+    outside the grid left out and the rest renormalised."""
+    def cubic(t, a=-0.5):
+        t = abs(t)
+        if t < 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        return a * (t ** 3 - 5 * t ** 2 + 8 * t - 4) if t < 2 else 0.0
+    scale = n_in / n_out
+    M = np.array([[cubic((j + 0.5 - (i + 0.5) * scale) / max(scale, 1.0)) for j in range(n_in)] for i in range(n_out)])
+    return M / M.sum(1, keepdims=True)
+
+
+def _ref_resample_pos_embed(pos_embed, old_grid, grid):
+    """(1, 1 + h0*w0, C) -> (1, 1 + h*w, C): the class token as is, the grid (row by row) bicubic."""
+    pos = pos_embed.double().numpy()[0]
+    patches = pos[1:].reshape(*old_grid, -1)  # (h0, w0, C)
+    out = np.einsum('Hh,hwc,Ww->HWc', _ref_bicubic_matrix(old_grid[0], grid[0]), patches,
+                    _ref_bicubic_matrix(old_grid[1], grid[1]))
+    return np.concatenate([pos[:1], out.reshape(grid[0] * grid[1], -1)])[None]
+
+
+@pytest.mark.parametrize('old_grid,grid,given', [
+    ((24, 24), (16, 36), False),  # a 384 checkpoint at 256x576: as many patches (576), still resampled
+    ((24, 24), (4, 6), False),  # shrunk to a non-square grid
+    ((4, 6), (5, 3), True),  # a non-square grid to another (an input size other than the training size)
+    ((3, 5), (7, 9), True),  # enlarged
+])
+def test_model_pos_embed_resampled_as_a_direct_bicubic_of_its_grid(old_grid, grid, given):
+    pos = torch.randn(1, 1 + old_grid[0] * old_grid[1], 8, generator=torch.Generator().manual_seed(8))
+    got = resample_pos_embed(pos, grid, old_grid if given else None)
+    assert got.shape == (1, 1 + grid[0] * grid[1], 8)
+    assert torch.equal(got[:, 0], pos[:, 0])  # the class token's slot kept as it is
+    np.testing.assert_allclose(got.numpy(), _ref_resample_pos_embed(pos, old_grid, grid), rtol=0, atol=1e-5)
+    # and PIL's own bicubic resize of one channel agrees
+    channel = Image.fromarray(pos[0, 1:, 3].reshape(old_grid).numpy(), 'F').resize(grid[::-1], Image.BICUBIC)
+    np.testing.assert_allclose(got[0, 1:, 3].reshape(grid).numpy(), np.asarray(channel), rtol=0, atol=1e-5)
+
+
+def test_model_pos_embed_of_a_square_checkpoint_at_256x576_is_resampled_and_a_fine_tuned_one_kept(tmp_path):
+    """A 24x24 ImageNet checkpoint loaded at 256x576 (16x36 = 576 patches, as many as 24x24) must be
+    resampled, not used as is with its positions scrambled; a fine-tuned non-square embedding saved at
+    the model's own grid loads unchanged."""
+    model = TaskExpert({'depth': 1}, backbone='tiny', img_size=(256, 576), expert_dim=8)
+    sd = _timm_layout_checkpoint(model)
+    torch.save(sd, tmp_path / 'vit.pth')
+    load_pretrained(model, str(tmp_path / 'vit.pth'))
+    np.testing.assert_allclose(model.backbone.pos_embed.detach().numpy(),
+                               _ref_resample_pos_embed(sd['pos_embed'], (24, 24), (16, 36)), rtol=0, atol=1e-5)
+    model = _tiny({'depth': 1})  # 4x6 tokens: 24, not a square
+    sd = _timm_layout_checkpoint(model, grid=(4, 6))
+    torch.save(sd, tmp_path / 'fine_tuned.pth')
+    load_pretrained(model, str(tmp_path / 'fine_tuned.pth'))
+    assert torch.equal(model.backbone.pos_embed, sd['pos_embed'])
+    with pytest.raises(ValueError, match='position embedding with 20 patches: neither a square grid nor 4x6'):
+        resample_pos_embed(torch.zeros(1, 21, 8), (4, 6))
+
+
+def test_model_pretrained_keys_missing_or_unexpected_each_named_in_one_line(tmp_path):
+    """load_pretrained: a key the model lacks and a key the checkpoint lacks are each named in a
+    one-line error (not a shape error, not a load_state_dict traceback); the classifier (head.*, fc_norm.*)
+    is dropped; the 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes go, in either order."""
+    model = _tiny({'depth': 1})
+    sd = _timm_layout_checkpoint(model)
+    sd['fc_norm.weight'], sd['fc_norm.bias'] = torch.ones(192), torch.zeros(192)
+    for name, change in (('unexpected', lambda d: d.update({'blocks.12.norm1.weight': torch.ones(192)})),
+                         ('missing', lambda d: d.pop('blocks.7.norm2.bias'))):
+        broken = dict(sd)
+        change(broken)
+        torch.save(broken, tmp_path / f'{name}.pth')
+        with pytest.raises(KeyError) as e:
+            load_pretrained(model, str(tmp_path / f'{name}.pth'))
+        msg = e.value.args[0]
+        key = 'blocks.12.norm1.weight' if name == 'unexpected' else 'blocks.7.norm2.bias'
+        assert re.search(f"{name} \\['{re.escape(key)}'\\]", msg) and str(tmp_path) in msg and '\n' not in msg, msg
+    sd = {k: v * 0 + i for i, (k, v) in enumerate(sd.items())}  # every tensor its own value
+    for prefix in ('module.', '_orig_mod.', 'module._orig_mod.', '_orig_mod.module.'):
+        torch.save({'state_dict': {prefix + k: v for k, v in sd.items()}}, tmp_path / 'prefixed.pth')
+        fresh = _tiny({'depth': 1})
+        load_pretrained(fresh, str(tmp_path / 'prefixed.pth'))
+        for k, v in fresh.backbone.state_dict().items():
+            assert torch.equal(v, sd[k] if k != 'pos_embed' else resample_pos_embed(sd[k], (4, 6))), (prefix, k)
+
+
 # ==================================================================================================
 # Losses (taskexpert.py) and metrics (data.py: meters, boundaries, Delta_m)
 # ==================================================================================================
@@ -612,6 +914,43 @@ def test_metrics_losses_fp32_under_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         total, per_task = MultiTaskLoss(TASKS['nyud'])({t: o.bfloat16() for t, o in out.items()}, batch)
     assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in per_task.values())
+
+
+# ---- losses against hand values: the balanced BCE's weights, the normals' sum over components ------
+
+def _bce_by_hand(logits, targets, w):
+    """sum over valid pixels of w y (-log s(x)) + (1 - w)(1 - y)(-log(1 - s(x))), over their count."""
+    terms = [w * -math.log(1 / (1 + math.exp(-x))) if y == 1 else (1 - w) * -math.log(1 - 1 / (1 + math.exp(-x)))
+             for x, y in zip(logits, targets) if y != 255]
+    return sum(terms) / len(terms)
+
+
+def test_metrics_loss_balanced_bce_weighs_by_the_batchs_share_of_negatives_or_a_fixed_weight():
+    """pos_weight None (saliency): w = the share of negatives among the valid pixels of the whole batch,
+    not of each image, the void pixels neither; a fixed pos_weight (edge 0.95, or one given) whatever the
+    batch holds. Random logits: which term weighs the positives counts too."""
+    target = torch.tensor([[1.0, 0.0, 255.0, 255.0], [1.0, 1.0, 1.0, 0.0]]).reshape(2, 1, 1, 4)
+    logit = torch.tensor([[0.7, -1.3, 2.0, -0.4], [1.1, -0.2, 0.3, 0.9]]).reshape(2, 1, 1, 4)
+    flat = list(zip(logit.flatten().tolist(), target.flatten().tolist()))
+    x, y = [v[0] for v in flat], [v[1] for v in flat]
+    _, per_task = MultiTaskLoss(['sal', 'edge'])({'sal': logit, 'edge': logit}, {'sal': target, 'edge': target})
+    assert per_task['sal'].item() == pytest.approx(_bce_by_hand(x, y, 2 / 6), rel=1e-6)  # 2 negatives of 6 valid
+    assert per_task['edge'].item() == pytest.approx(_bce_by_hand(x, y, 0.95), rel=1e-6)
+    given = MultiTaskLoss(['sal'], pos_weights={'sal': 0.3})({'sal': logit}, {'sal': target})[0]
+    assert given.item() == pytest.approx(5.0 * _bce_by_hand(x, y, 0.3), rel=1e-6)
+
+
+def test_metrics_loss_normals_sums_the_components_over_valid_pixels():
+    """|unit(pred) - gt| summed over x, y, z, then over the valid pixels (any component non-zero, a
+    zero component of a valid normal included) and divided by their count; the prediction's length
+    does not count."""
+    gt = np.array([[0.6, 0.0, 0.8], [0.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # the middle pixel: no normal
+    pred = np.array([[2.0, 1.0, -2.0], [5.0, 5.0, 5.0], [0.3, -0.1, 0.0]])
+    unit = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    want = (np.abs(unit[0] - gt[0]).sum() + np.abs(unit[2] - gt[2]).sum()) / 2
+    as_maps = lambda a: torch.tensor(a, dtype=torch.float32).T.reshape(1, 3, 1, 3)  # noqa: E731
+    loss = MultiTaskLoss(['normals'])({'normals': as_maps(pred)}, {'normals': as_maps(gt)})[1]['normals']
+    assert loss.item() == pytest.approx(want, rel=1e-6)
 
 
 # ---- dense metrics --------------------------------------------------------------------------------
