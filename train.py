@@ -617,6 +617,7 @@ def log_start(run, datasets, why, step, pretrained):
         log('note: --pretrained none: training from scratch, far below the paper (ImageNet ViT init)')
     log('config ' + json.dumps(cfg))
 
+
 # -------------------------------------------------------------------------------------------------
 # Resuming exactly: every process's RNG states go into the checkpoint (its format: taskexpert.py). The
 # data order of a step comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample
