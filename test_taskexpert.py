@@ -2170,7 +2170,7 @@ def test_train_learning_rate_schedule_at_known_steps():
 
 def test_train_startup_warnings(monkeypatch):
     monkeypatch.setattr(os, 'cpu_count', lambda: 8)
-    cfg = train.resolve_config(*train.parse_args([]))  # synthetic: batch 8, 1 data worker
+    cfg = train.resolve_config(train.parse_args([]))  # synthetic: batch 8, 1 data worker
     cpu, gpu = torch.device('cpu'), torch.device('cuda:0')
     assert train.startup_warnings(cfg, cpu, 1) == []
     assert train.startup_warnings({**cfg, 'batch_size': 4}, gpu, 4) == []  # SyncBatchNorm over 4 images
@@ -2659,14 +2659,14 @@ def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, 
     first, again = (json.load(open(d / 'config.json')) for d in (a, tmp_path / 'b'))
     assert again == {**first, 'out_dir': str(tmp_path / 'b')}
     assert [r['loss'] for r in _train_losses(tmp_path / 'b')] == [r['loss'] for r in _train_losses(a)]
-    cfg = train.resolve_config(*train.parse_args(['--config', str(a / 'config.json'), '--max-iters', '2',
+    cfg = train.resolve_config(train.parse_args(['--config', str(a / 'config.json'), '--max-iters', '2',
                                                   '--loss-weights', 'edge=3']))
     first.pop('out_dir')  # (main adds --out-dir)
     assert cfg == {**first, 'max_iters': 2, 'loss_weights': {**first['loss_weights'], 'edge': 3.0}}
-    cfg = train.resolve_config(*train.parse_args(['--config', str(a / 'config.json'), '--tasks', 'depth']))
+    cfg = train.resolve_config(train.parse_args(['--config', str(a / 'config.json'), '--tasks', 'depth']))
     assert cfg['tasks'] == ['depth'] and cfg['loss_weights'] == {'depth': 5.0}  # a single-task baseline of the run
     (tmp_path / 'some.json').write_text('{"dataset": "nyud", "tasks": ["depth"], "lr": 3e-5, "loss_weights": {"depth": 2}}')
-    cfg = train.resolve_config(*train.parse_args(['--config', str(tmp_path / 'some.json')]))
+    cfg = train.resolve_config(train.parse_args(['--config', str(tmp_path / 'some.json')]))
     assert (cfg['tasks'], cfg['lr'], cfg['loss_weights'], cfg['backbone'], cfg['img_size']) == (
         ['depth'], 3e-5, {'depth': 2.0}, 'large', [448, 576])
     for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"), ('{"lr": "fast"}', 'lr = "fast" is not a float'),
@@ -2679,9 +2679,9 @@ def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, 
 
 
 def test_train_loss_weights_flag_changes_only_the_named_tasks():
-    cfg = train.resolve_config(*train.parse_args(['--dataset', 'nyud', '--loss-weights', 'normals=2']))
+    cfg = train.resolve_config(train.parse_args(['--dataset', 'nyud', '--loss-weights', 'normals=2']))
     assert cfg['loss_weights'] == {'semseg': 1.0, 'depth': 1.0, 'normals': 2.0, 'edge': 50.0}  # else the paper's
-    cfg = train.resolve_config(*train.parse_args(['--dataset', 'pascal']))
+    cfg = train.resolve_config(train.parse_args(['--dataset', 'pascal']))
     assert cfg['loss_weights'] == {'semseg': 1.0, 'human_parts': 2.0, 'sal': 5.0, 'normals': 10.0, 'edge': 50.0}
 
 
@@ -2759,7 +2759,7 @@ def test_train_save_predictions_writes_the_files_seism_scores(tmp_path, capsys):
     val image and task at the image's size, as InvPT writes them (edge: uint8(255 sigmoid), truncated),
     and the odsF logged is the odsF of those 8-bit edge PNGs. --eval-only prints each class's IoU."""
     root = data.make_synthetic(str(tmp_path / 'rooms'), 0, 2, (425, 560))
-    cfg = train.resolve_config(*train.parse_args(['--dataset', 'nyud', '--data-root', root, '--img-size', '432', '560',
+    cfg = train.resolve_config(train.parse_args(['--dataset', 'nyud', '--data-root', root, '--img-size', '432', '560',
                                                   '--backbone', 'tiny', '--taps', '1', '2', '--num-experts', '2',
                                                   '--expert-dim', '16']))
     torch.manual_seed(0)
@@ -2852,7 +2852,7 @@ def test_train_nyud_starts_from_imagenet_weights_and_offline_says_how_to_fetch_t
         with pytest.raises(SystemExit):
             train.main(['--dataset', dataset, '--help'])
         assert shown in ' '.join(capsys.readouterr().out.split()), dataset
-    assert train.resolve_config(*train.parse_args(['--dataset', 'pascal', '--backbone', 'base']))['pretrained'] == \
+    assert train.resolve_config(train.parse_args(['--dataset', 'pascal', '--backbone', 'base']))['pretrained'] == \
         'vit_base_patch16_384.augreg_in21k_ft_in1k'
 
 
@@ -2887,7 +2887,7 @@ def test_train_benchmark_prints_its_numbers(capsys):
                  'peak memory in training'):
         assert what in out, out
     # the numbers agree with each other: the FLOPs counted, the step time, the images/s and TFLOP/s
-    cfg = train.resolve_config(*train.parse_args(['--backbone', 'tiny', '--img-size', '32', '48', '--expert-dim', '32']))
+    cfg = train.resolve_config(train.parse_args(['--backbone', 'tiny', '--img-size', '32', '48', '--expert-dim', '32']))
     with torch.device('meta'):
         forward, flops = train.count_train_flops(TaskExpert.from_config(cfg))
     number = r'([\d.e+-]+)'

@@ -1,4 +1,4 @@
-"""Train, evaluate and run TaskExpert.
+"""Train and evaluate TaskExpert: the paper's recipe first (Part I), then the machinery (Part II).
 
     python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
     python train.py --dataset nyud                    # the paper recipe: ViT-L from ImageNet weights (fetched once)
@@ -9,24 +9,9 @@
     python train.py --predict my_photos/ --checkpoint runs/nyud/best.safetensors
     python train.py --benchmark --dataset nyud                         # FLOPs, speed, MFU, memory
 
-What a run writes to --out-dir (default runs/<dataset>): config.json (the resolved settings, which
---config reads back), train.jsonl (one line per log step), metrics.jsonl (one line per evaluation:
-every metric and the gate diagnostics; the last one, marked "report", is the one to report), TensorBoard
-event files (the same numbers, the panels and the gates: `tensorboard --logdir runs`), curves.png,
-last.pt (the full state, to resume), best.pt and best.safetensors (best = the best main metric of the
-run's first task, e.g. semseg mIoU, on the val split, which is the benchmarks' test split, hence no
-number to report; the latter the weights alone, to share), vis/ (panels of a few val images), gates.png
-(mean gate weights; none with --ablation static) and, with --save-predictions, val_step<N>/ (the last
-evaluation's predictions as the offline tools read them). While it trains, train.lock holds the folder.
-
-How a setting reaches the model, in two hops: the flags (their defaults: COMMON, the dataset's row,
-then a --config file) -> resolve_config -> the settings dict, which config.json and every checkpoint
-save -> TaskExpert.from_config, which reads its keys (MODEL_KEYS) and ignores the others.
-
-Reproducibility: the data order of step s comes from (seed, epoch) and each sample's augmentation
-randomness from (seed, epoch, sample index), never from a global stream, so a run resumed from any
-checkpoint sees the same batches as an uninterrupted one; the model's own randomness (drop-path) is
-restored from the RNG states saved in the checkpoint.
+A run writes to --out-dir (default runs/<dataset>): config.json (its settings), train.jsonl and
+metrics.jsonl (its logs; the last evaluation is the one to report), TensorBoard events, pictures,
+last.pt (to resume) and best.pt / best.safetensors. docs/training.md, 'What a run writes', has each file.
 """
 import argparse
 import contextlib
@@ -60,15 +45,190 @@ from taskexpert import (ABLATIONS, default_taps, IMAGENET_WEIGHTS, PATCH, TASK_S
                         pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
                         unknown_kind)
 
+
+@dataclasses.dataclass
+class Run:
+    """What the steps and the evaluations of one training run share."""
+    cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
+    model: TaskExpert  # the model itself: evaluations and checkpoints read it
+    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled under fp16 only; disabled, its calls pass through
+    loss_fn: MultiTaskLoss
+    device: torch.device
+    amp_dtype: torch.dtype = None  # the autocast dtype, None for fp32
+    world: int = 1  # torchrun processes
+    val_loader: torch.utils.data.DataLoader = None  # this process's share of the val split (shard_loader)
+    pool: data.EdgePool = None  # the boundary metric's worker processes, or None
+    board: object = None  # rank 0's TensorBoard SummaryWriter
+    best: dict = None  # the best evaluation so far, as best.pt records it
+
+    def save(self, name, step, rng, best=None):
+        """The full training state of `step` as <out-dir>/<name> (taskexpert.save_checkpoint)."""
+        save_checkpoint(os.path.join(self.cfg['out_dir'], name), model=self.model, optimizer=self.optimizer,
+                        scaler=self.scaler, step=step, rng=rng, config=self.cfg, best=best)
+
+
+def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
+    """The Run of cfg: the model, from ImageNet weights (the file `pretrained`) or from the state of
+    resume = (path, checkpoint); what trains it (DDP and / or torch.compile around it); Adam; the
+    GradScaler; the loss."""
+    torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
+    model = TaskExpert.from_config(cfg).to(device)
+    if pretrained:
+        load_imagenet(model, pretrained)
+    if world > 1 and device.type == 'cuda':
+        # BatchNorm statistics over the global batch, not each GPU's share (the paper's batch 4 on 4
+        # GPUs: one image each); same state dict keys. (gloo has no SyncBatchNorm: on CPUs each process
+        # keeps its own statistics.)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel for all parameters (and under fp16 the GradScaler's skip test stays on the device)
+    optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    if resume:
+        restore(model, optimizer, scaler, resume, rank)
+    trained = model  # evaluations and checkpoints use `model` itself
+    if world > 1:  # gradients as views of DDP's all-reduce buckets: one gradient-sized copy less
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+    if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
+        trained = torch.compile(trained)
+    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], pos_weights={'edge': cfg['edge_pos_weight']})
+    return Run(cfg, model, trained, optimizer, scaler, loss_fn, device, amp_dtype, world)
+
+
+def lr_at(step, cfg):
+    """Linear warm-up over cfg['warmup'] steps, times the poly decay (1 - step / max_iters)^0.9."""
+    lr = cfg['lr'] * (1 - step / cfg['max_iters']) ** 0.9
+    return lr * min(1.0, (step + 1) / cfg['warmup']) if cfg['warmup'] else lr
+
+
+def train_step(run, batch):
+    """One optimizer step on this process's share of the global batch, run as cfg['accum_steps']
+    micro-batches, then clip and Adam. -> (loss, per-task losses, why the step was skipped or None).
+
+    One path for every precision: autocast runs the forward in bf16 or fp16 (off: fp32), and the
+    GradScaler, enabled under fp16 only, scales the loss and unscales the gradients. Each micro-batch
+    backpropagates its loss / accum_steps: the gradient of the mean micro-batch loss, which DDP
+    averages over the processes, all-reducing once, on the last micro-batch. That is one step on the
+    whole batch when the micro-batches hold equally many valid pixels per task (the losses are means
+    over valid pixels), BatchNorm aside (it normalises each micro-batch with its own statistics)."""
+    accum, scaler, optimizer = run.cfg['accum_steps'], run.scaler, run.optimizer
+    m = len(batch['image']) // accum
+    total, per_task = 0.0, {}
+    for i in range(accum):
+        micro = {k: v[i * m:(i + 1) * m] for k, v in batch.items()}
+        with run.trained.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext():
+            with autocast(run.device, run.amp_dtype):
+                outputs = run.trained(micro['image'])
+            loss, losses = run.loss_fn(outputs, micro)
+            scaler.scale(loss / accum).backward()
+        total = total + loss.detach() / accum
+        per_task = {t: per_task.get(t, 0.0) + v.detach() / accum for t, v in losses.items()}
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg['clip'])  # of the all-reduced gradients
+    # The skip rule: a step whose loss or gradient is not finite is not applied, on every process alike.
+    # (Under fp16 a non-finite gradient is the GradScaler's overflow: its step skips it and lowers the scale.)
+    skipped = why_skipped(run, total, grad_norm, per_task)
+    if skipped is None:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total, per_task, skipped
+
+
+def train(cfg, device, world, rank, resume=None, pool=None):
+    """The training loop: from step 0 (or the step of resume = (path, checkpoint)) to --max-iters, a
+    progress line every --log-every steps, last.pt and an evaluation every --eval-every steps and at
+    the end."""
+    run, train_ds, step = start(cfg, device, world, rank, resume, pool)
+    if step >= cfg['max_iters']:
+        log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
+        return
+    run.model.train()
+    bad = 0  # consecutive non-finite steps
+    losses = LossLog()
+    for batch in data.train_loader(train_ds, cfg['batch_size'], rank=rank, world=world, seed=cfg['seed'],
+                                   start=step, stop=cfg['max_iters'], workers=cfg['workers']):
+        lr = lr_at(step, cfg)
+        for g in run.optimizer.param_groups:
+            g['lr'] = lr
+        total, per_task, skipped = train_step(run, to_device(batch, device))
+        step += 1
+        if skipped:
+            bad += 1
+            log(f'step {step}: {skipped}: step skipped ({bad} in a row)')
+            if bad >= MAX_BAD_STEPS:
+                fail(f'{bad} non-finite steps in a row at step {step}: lower --lr or try --amp off')
+        else:
+            bad = 0
+            losses.add(total, per_task)
+        if losses.steps and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
+            losses.report(run, step, lr)
+        if step % cfg['eval_every'] == 0 or step == cfg['max_iters']:
+            evaluation_step(run, step, bad)  # last.pt, then evaluate -> report -> best.*
+            run.model.train()
+            losses.t0 = time.time()  # the evaluation is not training time
+    if run.board:
+        run.board.close()
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
+    """The model on this process's share of the val split (`loader`, see shard_loader) -> Evaluation:
+    the meters' scores (data.update_meters) and the mean gate weights (forward_with_gates). Under
+    torchrun the sums are all-reduced: every process returns the whole split's. keep: the first
+    samples to draw; save_to: a folder for the predictions' files (data.write_predictions)."""
+    model.eval()
+    if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
+        for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
+            dist.broadcast(b, 0)
+    split = whole_split(loader)
+    meters = data.make_meters(model.tasks, dataset, pool)
+    gates = GateMeans(model, device)
+    kept, done, t0 = [], 0, time.time()
+    # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
+    # descheduled peers (docs/results.md, 'What an evaluation costs')
+    threads = torch.get_num_threads()
+    meter_threads = 1 if pool and device.type == 'cpu' else threads
+    for batch in loader:
+        images = batch['image'].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            outputs, gate_weights = model.forward_with_gates(images)
+        outputs = {t: o.float() for t, o in outputs.items()}
+        gates.add(gate_weights, batch['meta'], images.shape[-2:])
+        torch.set_num_threads(meter_threads)
+        data.update_meters(meters, outputs, batch)
+        if save_to:
+            data.write_predictions(save_to, outputs, batch)
+        torch.set_num_threads(threads)  # (the model's)
+        for meta, preds, targets in itertools.islice(data.crops(outputs, batch), keep - len(kept)):
+            kept.append((targets['image'][0], {t: targets[t][0] for t in meters},
+                         {t: preds[t][0].cpu() for t in meters}, meta['id']))
+        done += len(images)
+        log_progress(done, len(images), len(loader.dataset), len(split), t0)
+    sums = [x for m in meters.values() for x in m.state()] + gates.state()
+    if dist.is_initialized():  # every sum over all processes (gloo: CPU tensors, nccl: CUDA ones)
+        for x in sums:
+            y = x.to(device)
+            dist.all_reduce(y)
+            x.copy_(y)
+    return Evaluation(split, {t: m.score() for t, m in meters.items()}, gates.means(), kept, time.time() - t0)
+
+
+# Part II: the machinery: settings and checks, the run folder and its logs, reports, pictures, --predict, the CLI
+
 # -------------------------------------------------------------------------------------------------
-# Settings: the defaults of every flag are COMMON, then the dataset's row (argparse's defaults, set
-# once --dataset is known, so --help shows them), then a --config file's, then the flags given.
-# nyud / pascal follow the authors' recipe (README, 'Training recipe': each default and the official
-# config it comes from); synthetic is a from-scratch quick start tuned to finish in minutes on a 2-core CPU.
+# Settings. resolve_config layers them, in one place: COMMON < the dataset's row < a --config file <
+# the flags given. nyud / pascal follow the authors' recipe (docs/training.md, 'The recipe': each
+# default and the official config it comes from); synthetic is a from-scratch quick start tuned to
+# finish in minutes on a 2-core CPU.
 # -------------------------------------------------------------------------------------------------
 
 # eval_every: 10 (NYUD) and 2 (PASCAL) evaluations in 40,000 steps, few against the training's compute
-# (README, 'What an evaluation costs'); the last step is always evaluated.
+# (docs/results.md, 'What an evaluation costs'); the last step is always evaluated.
 COMMON = dict(backbone='large', batch_size=4, max_iters=40000, lr=2e-5, weight_decay=1e-6, warmup=0,
               augment=True, clip=10.0, eval_every=4000, log_every=20, workers=4, num_experts=8,
               expert_dim=None, taps=None, gate='token', memory_write='replace', ablation='none', seed=0,
@@ -79,11 +239,12 @@ DATASET_DEFAULTS = {
     # NYUD: lr 1e-5, TaskPrompter's ViT-L recipe (configs/nyud/nyud_vitLp16_taskprompter.yml; MLoRE's too)
     'nyud': dict(img_size=[448, 576], data_root='data/NYUDv2', lr=1e-5),
     'pascal': dict(img_size=[512, 512], data_root='data/PASCALContext', eval_every=20000),
-    # From scratch in minutes on a CPU (no pretrained weights offline): tiny ViT, narrow experts,
-    # 96x128 (NYUD's 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs.
-    # No augmentation: from scratch and this short it holds depth and normals back. Depth weighs 5
-    # instead of 1: at the paper's weights normals and edges (x10, x50) drive the shared backbone
-    # and depth lags (README, 'Results'). Scenes are generated at the network size.
+    # From scratch in minutes on a CPU (no pretrained weights offline): tiny ViT, narrow experts
+    # (expert_dim 64 goes with the tiny backbone: with another, that backbone's width), 96x128 (NYUD's
+    # 3:4 camera), more lr with a warm-up, and many scenes rather than many epochs. No augmentation:
+    # from scratch and this short it holds depth and normals back. Depth weighs 5 instead of 1: at the
+    # paper's weights normals and edges (x10, x50) drive the shared backbone and depth lags
+    # (docs/results.md, 'The quick start'). Scenes are generated at the network size.
     'synthetic': dict(img_size=[96, 128], data_root='data/synthetic', backbone='tiny', expert_dim=64,
                       batch_size=8, max_iters=1200, lr=5e-4, warmup=50, augment=False, eval_every=400,
                       log_every=25, workers=1, scenes=[1000, 50], loss_weights={'depth': 5.0}, pretrained='none'),
@@ -95,97 +256,105 @@ MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
 
 
-def make_parser(dataset='synthetic', defaults=None, argument_default=None):
-    """The flags, with the settings of `dataset` (and `defaults`: a --config file's) as their defaults;
-    argument_default=SUPPRESS instead leaves out every flag not given (see parse_args)."""
+def make_parser():
+    """The flags. A setting's flag has no argparse default (absent unless given: resolve_config layers
+    the defaults); its help shows each dataset's default where they differ."""
     p = argparse.ArgumentParser(description='Train, evaluate and run TaskExpert (ICCV 2023) on NYUD-v2, '
-                                'PASCAL-Context or synthetic scenes. Defaults that differ by dataset are '
-                                'shown for the --dataset given (e.g. --dataset nyud --help) and saved in '
-                                'config.json.', argument_default=argument_default)
-    row = {**COMMON, **DATASET_DEFAULTS[dataset], **(defaults or {})}
-    weights = f' = {IMAGENET_WEIGHTS.format(row["backbone"])} for the {row["backbone"]} backbone' * (
-        row['pretrained'] == 'imagenet')
+                                'PASCAL-Context or synthetic scenes. The settings a run used are saved in '
+                                'its config.json.', argument_default=argparse.SUPPRESS)
     a = p.add_argument
-    a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (generated offline), nyud or pascal (default: %(default)s)')
-    a('--config', metavar='PATH', help='a run\'s config.json (or a JSON file of some settings): its settings are '
-      'the defaults, the flags given override them')
-    a('--data-root', help='dataset folder (default: %(default)s)')
+    a('--dataset', choices=list(DATASET_DEFAULTS), help='synthetic (generated offline), nyud or pascal (default: '
+      'synthetic)')
+    a('--config', metavar='PATH', default=None, help='a run\'s config.json (or a JSON file of some settings): its '
+      'settings are the defaults, the flags given override them')
+    a('--data-root', help=f'dataset folder ({shown("data_root")})')
     a('--tasks', nargs='+', metavar='TASK', help='train and evaluate these of the dataset\'s tasks only, e.g. '
       '--tasks depth for a single-task baseline of the same model (default: all of them)')
-    a('--backbone', choices=list(VIT_PRESETS), help='ViT size (default: %(default)s)')
+    a('--backbone', choices=list(VIT_PRESETS), help=f'ViT size ({shown("backbone")})')
     a('--pretrained', metavar='WEIGHTS', help='ImageNet weights of the backbone: imagenet = timm\'s '
       'vit_<backbone>_patch16_384.augreg_in21k_ft_in1k (the authors\' start), fetched once into torch\'s hub cache; '
       'a timm .pth/.bin/.safetensors or Google .npz file; a Hugging Face hub id (owner/name, or a timm name); '
-      f'none = from scratch (default: %(default)s{weights})')
+      f'none = from scratch (nyud, pascal default: imagenet = {IMAGENET_WEIGHTS.format("large")} for the large '
+      'backbone; synthetic default: none)')
     a('--img-size', type=int, nargs=2, metavar=('H', 'W'),
-      help='network input size, divisible by 16 (default: %(default)s)')
+      help=f'network input size, divisible by 16 ({shown("img_size")})')
     a('--batch-size', type=int, help='global batch of one optimizer step, split over torchrun processes and '
-      '--accum-steps micro-batches (default: %(default)s)')
+      f'--accum-steps micro-batches ({shown("batch_size")})')
     a('--accum-steps', type=int, help='gradient accumulation: each process runs its share of the batch as N '
-      'micro-batches, for the same step with less memory (default: %(default)s)')
+      f'micro-batches, for the same step with less memory ({shown("accum_steps")})')
     a('--grad-checkpoint', choices=['off', 'mmoe', 'all'], help='activation checkpointing, less memory for more '
       'compute: mmoe = the MMoE modules (+1 %% FLOPs), all = also the backbone blocks (+17 %% for ViT-L) '
-      '(default: %(default)s)')
+      f'({shown("grad_checkpoint")})')
     a('--compile', action=argparse.BooleanOptionalAction,
-      help='torch.compile the model for training (minutes of compilation at the start; default: %(default)s)')
-    a('--max-iters', type=int, help='training iterations (default: %(default)s)')
-    a('--lr', type=float, help='Adam learning rate (default: %(default)s)')
-    a('--weight-decay', type=float, help='Adam weight decay (default: %(default)s)')
-    a('--warmup', type=int, help='linear warm-up iterations before the poly decay (default: %(default)s)')
+      help=f'torch.compile the model for training (minutes of compilation at the start; {shown("compile")})')
+    a('--max-iters', type=int, help=f'training iterations ({shown("max_iters")})')
+    a('--lr', type=float, help=f'Adam learning rate ({shown("lr")})')
+    a('--weight-decay', type=float, help=f'Adam weight decay ({shown("weight_decay")})')
+    a('--warmup', type=int, help=f'linear warm-up iterations before the poly decay ({shown("warmup")})')
     a('--augment', action=argparse.BooleanOptionalAction,
-      help='the training augmentations of ATRC / InvPT: scale, crop, flip, colour (default: %(default)s)')
-    a('--clip', type=float, help='gradient-norm clip (default: %(default)s)')
+      help=f'the training augmentations of ATRC / InvPT: scale, crop, flip, colour ({shown("augment")})')
+    a('--clip', type=float, help=f'gradient-norm clip ({shown("clip")})')
     a('--loss-weights', type=task_weight, nargs='+', metavar='TASK=W',
       help='per-task loss weights to change, e.g. depth=2 (default: the paper\'s, NYUD semseg 1 depth 1 '
       'normals 10 edge 50, PASCAL semseg 1 human_parts 2 sal 5 normals 10 edge 50; synthetic: depth 5)')
     a('--edge-pos-weight', type=float, help='weight w of the edge pixels in the edge loss\'s balanced BCE, 1 - w '
-      'that of the others (edge_w of the InvPT / TaskPrompter configs) (default: %(default)s)')
+      f'that of the others (edge_w of the InvPT / TaskPrompter configs) ({shown("edge_pos_weight")})')
     a('--eval-every', type=int, help='evaluate and save last.pt every N iterations, and at the end '
-      '(default: %(default)s)')
-    a('--log-every', type=int, help='print a progress line every N iterations (default: %(default)s)')
+      f'({shown("eval_every")})')
+    a('--log-every', type=int, help=f'print a progress line every N iterations ({shown("log_every")})')
     a('--scenes', type=int, nargs=2, metavar=('TRAIN', 'VAL'),
-      help='synthetic scenes to generate into --data-root (default: %(default)s)')
-    a('--out-dir', help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
-    a('--resume', nargs='?', const='', metavar='PATH',
+      help=f'synthetic scenes to generate into --data-root ({shown("scenes")})')
+    a('--out-dir', default=None, help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
+    a('--resume', nargs='?', const='', default=None, metavar='PATH',
       help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
-    a('--checkpoint', metavar='PATH', help='model for --eval-only / --predict, .pt or .safetensors '
+    a('--checkpoint', metavar='PATH', default=None, help='model for --eval-only / --predict, .pt or .safetensors '
       '(default: <out-dir>/best.pt)')
-    a('--eval-only', action='store_true', help='evaluate --checkpoint on the val split and exit')
+    a('--eval-only', action='store_true', default=False, help='evaluate --checkpoint on the val split and exit')
     a('--save-predictions', action=argparse.BooleanOptionalAction, help='with --eval-only and at a run\'s last '
       'evaluation: write every val image\'s predictions as the offline tools read them (edge/<id>.png for SEISM, '
-      '...) to <out-dir>/val_step<N>/ (default: %(default)s)')
+      f'...) to <out-dir>/val_step<N>/ ({shown("save_predictions")})')
     a('--baselines', nargs='*', metavar='RUN_DIR', help='folders of runs on the same dataset, one per task (the '
       'single-task runs of --tasks): every evaluation also reports Delta_m against their last evaluations; '
       'alone: none (default: none)')
-    a('--predict', metavar='DIR_OR_IMAGE', help='run --checkpoint on your own images: per image a panel '
-      '(<name>.png) and the predictions at its size (<name>.npz), <name> the image\'s file name')
-    a('--benchmark', action='store_true', help='count the FLOPs, then time training and inference on random '
-      'inputs (--amp, --compile, --grad-checkpoint, --accum-steps select the variant) and exit')
-    a('--flops-only', action='store_true', help='with --benchmark: only count the FLOPs (on the meta device: '
-      'instant for any backbone, e.g. ViT-L on a CPU)')
-    a('--peak-tflops', type=float, help='with --benchmark: the dense bf16 peak of your accelerator in TFLOP/s, '
-      'for the MFU (default: known for common NVIDIA GPUs)')
-    a('--device', help='auto (cuda if available), cpu, cuda or cuda:N (default: %(default)s)')
-    a('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
-      help='CUDA autocast: auto = bf16 where supported, else fp16 with a GradScaler; fp32 on the CPU (default: %(default)s)')
-    a('--seed', type=int, help='seed of initialisation, data order and augmentations (default: %(default)s)')
-    a('--workers', type=int, help='data-loading processes per training process (default: %(default)s)')
+    a('--predict', metavar='DIR_OR_IMAGE', default=None, help='run --checkpoint on your own images: per image a '
+      'panel (<name>.png) and the predictions at its size (<name>.npz), <name> the image\'s file name')
+    a('--benchmark', action='store_true', default=False, help='count the FLOPs, then time training and inference '
+      'on random inputs (--amp, --compile, --grad-checkpoint, --accum-steps select the variant) and exit')
+    a('--flops-only', action='store_true', default=False, help='with --benchmark: only count the FLOPs (on the meta '
+      'device: instant for any backbone, e.g. ViT-L on a CPU)')
+    a('--peak-tflops', type=float, default=None, help='with --benchmark: the dense bf16 peak of your accelerator in '
+      'TFLOP/s, for the MFU (default: known for common NVIDIA GPUs)')
+    a('--device', help=f'auto (cuda if available), cpu, cuda or cuda:N ({shown("device")})')
+    a('--amp', choices=['auto', 'bf16', 'fp16', 'off'], help='CUDA autocast: auto = bf16 where supported, else '
+      f'fp16 with a GradScaler; fp32 on the CPU ({shown("amp")})')
+    a('--seed', type=int, help=f'seed of initialisation, data order and augmentations ({shown("seed")})')
+    a('--workers', type=int, help=f'data-loading processes per training process ({shown("workers")})')
     a('--eval-workers', type=int, help='processes scoring boundaries during evaluation, per training process '
       '(default: the CPUs available divided by the processes on this machine; 0: in the training process)')
-    a('--num-experts', type=int, help='experts E per MMoE (default: %(default)s)')
-    a('--expert-dim', type=int, help='expert width D (default: %(default)s; None = by backbone, 256 tiny ... 768 '
-      'large)')
+    a('--num-experts', type=int, help=f'experts E per MMoE ({shown("num_experts")})')
+    a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny and small, 512 base, 768 '
+      'large; synthetic 64, which goes with its tiny backbone: with another --backbone, that backbone\'s)')
     a('--taps', type=int, nargs='+', metavar='BLOCK', help='1-based backbone blocks carrying an MMoE '
-      '(default: %(default)s = 4 evenly spaced, e.g. 6 12 18 24 for large)')
-    a('--gate', choices=['token', 'image'], help='gate softmax per token or per image (default: %(default)s)')
-    a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace) or M + F (add) (default: %(default)s)')
+      '(default: 4 evenly spaced, e.g. 6 12 18 24 for large; with an --ablation the last of them)')
+    a('--gate', choices=['token', 'image'], help=f'gate softmax per token or per image ({shown("gate")})')
+    a('--memory-write', choices=['replace', 'add'], help='memory write M <- F (replace) or M + F (add) '
+      f'({shown("memory_write")})')
     a('--ablation', choices=list(ABLATIONS), help='parts to remove, to measure what they buy: none = the full '
       'model, no-memory = one MMoE at the last tap, gates over its experts, static = no gates either: every '
-      'task reads the mean of the last tap\'s experts (default: %(default)s)')
-    if argument_default is None:
-        p.set_defaults(**{**row, 'dataset': dataset})
+      f'task reads the mean of the last tap\'s experts ({shown("ablation")})')
     p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
     return p
+
+
+def shown(key):
+    """A setting's default for --help: 'default: 4', or per dataset where they differ ('default: nyud
+    1e-05, pascal 2e-05, synthetic 0.0005')."""
+    rows = {d: {**COMMON, **row} for d, row in DATASET_DEFAULTS.items()}
+    text = {d: ' '.join(map(str, r[key])) if isinstance(r[key], list) else str(r[key])
+            for d, r in rows.items() if key in r}
+    if len(set(text.values())) == 1:
+        return f'default: {next(iter(text.values()))}'
+    return 'default: ' + ', '.join(f'{d} {v}' for d, v in text.items())
 
 
 def task_weight(text):
@@ -203,25 +372,16 @@ def fail(msg):
 
 
 def parse_args(argv=None):
-    """argv -> (args, given): args with every default of the chosen dataset and --config file filled in;
-    given: the settings given, by a --config file and then on the command line (name -> value), which
-    override a checkpoint's settings."""
-    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --dataset and --config first: the
-    pre.add_argument('--dataset')                                        # defaults depend on them
-    pre.add_argument('--config')
-    try:
-        first = pre.parse_known_args(argv)[0]
-    except argparse.ArgumentError:  # (a flag without its value: its error comes below)
-        first = argparse.Namespace(dataset=None, config=None)
-    from_file = read_config_file(first.config) if first.config else {}
-    dataset = first.dataset or from_file.get('dataset')
-    args = make_parser(dataset if dataset in DATASET_DEFAULTS else 'synthetic', from_file).parse_args(argv)
-    given = vars(make_parser(argument_default=argparse.SUPPRESS).parse_args(argv))
-    if 'loss_weights' in from_file:  # the file's weights of the run's tasks, then those given on the command line
-        tasks = given.get('tasks', from_file.get('tasks'))
-        weights = [(t, w) for t, w in from_file['loss_weights'].items() if tasks is None or t in tasks]
-        given['loss_weights'] = [*weights, *given.get('loss_weights', [])]
-    return args, {**from_file, **given}
+    """argv -> the command, parsed once: the settings given as flags (a setting not given is absent),
+    the other flags with their defaults, and args.from_file: the --config file's settings, if any."""
+    args = make_parser().parse_args(argv)
+    args.from_file = read_config_file(args.config) if args.config else {}
+    return args
+
+
+def given_settings(args):
+    """The settings given: the --config file's, then the flags' (name -> value)."""
+    return {**args.from_file, **{k: v for k, v in vars(args).items() if k in SETTINGS}}
 
 
 def read_config_file(path):
@@ -252,12 +412,18 @@ def read_config_file(path):
     return settings
 
 
-def resolve_config(args, given, ckpt_config=None):
-    """parse_args' (args, given) -> the full settings dict. A resumed or loaded run starts from its
-    checkpoint's config: its model settings cannot change, its training settings can (e.g. --max-iters
-    to extend it)."""
-    given = {k: v for k, v in given.items() if k in SETTINGS}
-    weights = dict(given.pop('loss_weights', []))  # the ones given change the defaults, one by one
+
+def resolve_config(args, ckpt_config=None):
+    """The settings of a run (parse_args' args), layered here and only here: COMMON < the dataset's row
+    < a --config file < the flags given. A run from a checkpoint (--resume, --eval-only, --predict)
+    starts from its config instead: COMMON < the checkpoint's < the file < the flags; its model settings
+    cannot change, its training settings can (e.g. --max-iters to extend it). The result is what
+    config.json and every checkpoint hold; TaskExpert.from_config reads its MODEL_KEYS."""
+    given = given_settings(args)
+    tasks = given.get('tasks')  # the file's loss weights of the run's tasks, then those of the flags
+    weights = {**{t: w for t, w in args.from_file.get('loss_weights', {}).items() if tasks is None or t in tasks},
+               **dict(vars(args).get('loss_weights', []))}
+    given.pop('loss_weights', None)  # (the ones given change the defaults, one by one)
     if ckpt_config is not None:
         if 'tasks' in given:
             given['tasks'] = task_list(ckpt_config['dataset'], given['tasks'])
@@ -267,18 +433,16 @@ def resolve_config(args, given, ckpt_config=None):
                  f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
         # (a training setting newer than the checkpoint takes its default: the behaviour of that train.py)
         return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config['loss_weights'], **weights}}
-    dataset = args.dataset
-    # every setting from the flags (argparse holds the defaults), in config.json's order
-    cfg = {k: getattr(args, k) for k in {**COMMON, **DATASET_DEFAULTS[dataset], **given, 'dataset': dataset}}
-    if 'expert_dim' not in given and cfg['backbone'] != DATASET_DEFAULTS[dataset].get('backbone', cfg['backbone']):
-        cfg['expert_dim'] = None  # a row's expert width goes with the row's backbone
+    dataset = given.get('dataset', 'synthetic')
+    row = DATASET_DEFAULTS[dataset]
+    if given.get('backbone', row.get('backbone')) != row.get('backbone'):
+        row = {k: v for k, v in row.items() if k != 'expert_dim'}  # a row's expert width goes with its backbone
+    cfg = {**COMMON, **row, **given, 'dataset': dataset}  # (config.json's order)
     cfg['tasks'] = task_list(dataset, cfg['tasks'])
-    defaults = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]},
-                **DATASET_DEFAULTS[dataset].get('loss_weights', {})}
+    defaults = {**{t: TASK_TABLE[t].loss_weight for t in TASKS[TASK_SET[dataset]]}, **row.get('loss_weights', {})}
     cfg['loss_weights'] = {**{t: w for t, w in defaults.items() if t in cfg['tasks']}, **weights}
     # the defaults that depend on the backbone, written out so config.json is complete
-    preset = VIT_PRESETS[cfg['backbone']]
-    cfg['expert_dim'] = cfg['expert_dim'] or preset['expert_dim']
+    cfg['expert_dim'] = cfg['expert_dim'] or VIT_PRESETS[cfg['backbone']]['expert_dim']
     cfg['taps'] = list(cfg['taps'] or default_taps(cfg['backbone'], cfg['ablation']))
     cfg['img_size'] = list(cfg['img_size'])
     if cfg['pretrained'] == 'imagenet':
@@ -335,7 +499,129 @@ def check_config(cfg, training=True):
 
 
 # -------------------------------------------------------------------------------------------------
-# Resuming exactly: every process's RNG states go into the checkpoint (its format: taskexpert.py)
+# Starting a run: checks, data, weights, the Run, the run folder; on resume, the unfinished evaluation
+# -------------------------------------------------------------------------------------------------
+
+def start(cfg, device, world, rank, resume, pool):
+    """Everything before the first step, in the order that loses nothing: the output folder checked,
+    the datasets opened, the ImageNet weights fetched, every data file read, the Run built, its first
+    lines logged, the run folder opened and, on resume, the checkpoint's evaluation finished.
+    -> (the Run, the training dataset, the first step)."""
+    path, ckpt = resume or (None, None)
+    amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
+    if is_main():  # (under the out-dir's lock: no other run can start there now)
+        check_out_dir(cfg['out_dir'], path)
+    train_ds, val_ds = open_datasets(cfg, check=False)  # its files are there: the weights next, then every file read
+    pretrained = None if ckpt else fetch_pretrained(cfg)
+    check_datasets(cfg, (train_ds, val_ds))
+    if len(train_ds) < cfg['batch_size']:
+        fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
+    if pool:
+        pool.start()  # the data is good: the boundary workers start while the model trains
+    run = build(cfg, device=device, world=world, rank=rank, amp_dtype=amp_dtype, use_scaler=use_scaler,
+                pretrained=pretrained, resume=resume)
+    run.val_loader, run.pool, step = shard_loader(val_ds, cfg, world, rank), pool, ckpt['step'] if ckpt else 0
+    log_start(run, (train_ds, val_ds), why, step, pretrained)
+    if is_main():
+        open_run_folder(run, step)
+    if ckpt is not None:
+        finish_checkpoint(run, step, ckpt['rng'])
+    return run, train_ds, step
+
+
+def finish_checkpoint(run, step, rng):
+    """On resume: the evaluation of the checkpoint's step, which a kill may have cut short (at an
+    evaluation step last.pt is saved first, then the model evaluated and reported, then best.*). When
+    metrics.jsonl already holds it, the kill came after its report: its logged scores are used, the
+    model is not evaluated again. best.* and curves.png are brought up to date either way."""
+    logged = [logged_scores(run.cfg['out_dir'], step, run.model.tasks) if is_main() else None]
+    if run.world > 1:  # every process takes part in an evaluation: all follow rank 0's metrics.jsonl
+        dist.broadcast_object_list(logged, 0)
+    finish_evaluation(run, step, rng, scores=logged[0])
+
+
+def startup_warnings(cfg, device, world):
+    """Settings known to train slowly or differently from what was likely meant -> lines to print."""
+    lines = []
+    micro = cfg['batch_size'] // (world * cfg['accum_steps'])  # images per process and forward pass
+    synced = device.type == 'cuda' and world > 1  # SyncBatchNorm: statistics over all processes
+    if micro * (world if synced else 1) == 1:
+        lines.append(f'the heads\' BatchNorm normalises each image with its own statistics (--batch-size '
+                     f'{cfg["batch_size"]} over {world} process(es) x --accum-steps {cfg["accum_steps"]}): '
+                     'noisy, and unlike the running statistics used in evaluation; use a larger batch or fewer '
+                     'micro-batches (--grad-checkpoint saves memory instead)')
+    if world > 1 and device.type == 'cpu':
+        lines.append('DDP on CPUs (gloo): each process normalises BatchNorm over its own images (SyncBatchNorm '
+                     'needs CUDA), and it is slow: meant for testing')
+    cores = os.cpu_count() or 1
+    if world * cfg['workers'] > cores:
+        lines.append(f'{world} process(es) x --workers {cfg["workers"]} data loaders on {cores} CPU cores: '
+                     'data loading competes with itself; lower --workers')
+    return lines
+
+
+def fetch_pretrained(cfg):
+    """A fresh run's ImageNet checkpoint (--pretrained) as a local file, or None: fetched once, by the
+    first process of each machine, before anything is written; a missing one stops with one line."""
+    if cfg['pretrained'] == 'none':
+        return None
+    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()  # the first process fetches it into the shared cache
+    try:
+        path = pretrained_file(cfg['pretrained'])
+    except FileNotFoundError as e:
+        fail(f'--pretrained: {e}')
+    if dist.is_initialized() and first:
+        dist.barrier()
+    return path
+
+
+def load_imagenet(model, path):
+    """taskexpert.load_pretrained(model, path), its errors as one line naming the file."""
+    try:
+        load_pretrained(model, path)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # its one-line messages name the file
+        fail(f'--pretrained: {e.args[0]}')
+    except Exception as e:  # a damaged file: whatever its reader (zip, pickle, safetensors) raises
+        why = str(e).strip().split('\n')[0].split('. ')[0]
+        fail(f'--pretrained {path}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); download it again')
+
+
+def restore(model, optimizer, scaler, resume, rank):
+    """The state of resume = (path, checkpoint): the weights, Adam's state, the GradScaler's and this
+    process's RNG states."""
+    path, ckpt = resume
+    loaded(lambda p: load_weights(model, ckpt['model'], p), path)
+    optimizer.load_state_dict(ckpt['optimizer'])
+    if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
+        scaler.load_state_dict(ckpt['scaler'])
+    set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
+
+
+def log_start(run, datasets, why, step, pretrained):
+    """The run's first lines: data, devices, precision, size, warnings, weights, the settings."""
+    cfg, model = run.cfg, run.model
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(datasets[0])} train / {len(datasets[1])} val images)')
+    log(f'device {run.device} x {run.world} process(es) | precision: {why} | '
+        f'{n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.1f}M trained)')
+    for line in startup_warnings(cfg, run.device, run.world):
+        log(f'warning: {line}')
+    if step:
+        log(f'resuming at step {step} of {cfg["max_iters"]}')
+    elif pretrained:
+        log(f'backbone: ImageNet weights {cfg["pretrained"]} ({pretrained})')
+    elif cfg['dataset'] != 'synthetic':
+        log('note: --pretrained none: training from scratch, far below the paper (ImageNet ViT init)')
+    log('config ' + json.dumps(cfg))
+
+
+# -------------------------------------------------------------------------------------------------
+# Resuming exactly: every process's RNG states go into the checkpoint (its format: taskexpert.py). The
+# data order of a step comes from (seed, epoch) and each sample's augmentation from (seed, epoch, sample
+# index), never from a global stream: a resumed run sees the batches of an uninterrupted one.
 # -------------------------------------------------------------------------------------------------
 
 def rng_state():
@@ -487,13 +773,122 @@ def setup_distributed(device_flag):
 
 
 # -------------------------------------------------------------------------------------------------
-# Training (the paper recipe): Adam, poly decay per iteration, gradient clipping, AMP
+# The training steps: the skip rule's test, the progress lines
 # -------------------------------------------------------------------------------------------------
 
-def lr_at(step, cfg):
-    """Linear warm-up over cfg['warmup'] steps, times the poly decay (1 - step / max_iters)^0.9."""
-    lr = cfg['lr'] * (1 - step / cfg['max_iters']) ** 0.9
-    return lr * min(1.0, (step + 1) / cfg['warmup']) if cfg['warmup'] else lr
+def why_skipped(run, total, grad_norm, per_task):
+    """train_step's skip rule -> why the step is not applied, or None. The step's one host-device sync:
+    every process decides alike (the gradient norm is global, the loss flags all-reduced)."""
+    finite = torch.stack([total, grad_norm.float()]).isfinite().float()
+    if run.world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    loss_ok, grad_ok = finite.tolist()
+    if not loss_ok:
+        bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
+                     ['another process' if run.world > 1 else 'the weighted sum of the tasks'])
+        return f'non-finite loss in {", ".join(bad_tasks)}'
+    if not grad_ok and not run.scaler.is_enabled():  # (under fp16 the GradScaler's step skips it)
+        return 'non-finite gradient norm'
+    return None
+
+
+class LossLog:
+    """The losses of the steps since the last progress line: their sums stay on the device (no wait
+    for it in the loop) and are read once per line, printed, appended to train.jsonl and TensorBoard."""
+
+    def __init__(self):
+        self.t0, self.steps, self.sums = time.time(), 0, {}
+
+    def add(self, total, per_task):
+        self.steps += 1
+        for t, v in [('loss', total)] + list(per_task.items()):
+            self.sums[t] = self.sums.get(t, 0.0) + v
+
+    def report(self, run, step, lr):
+        cfg, dt = run.cfg, time.time() - self.t0
+        rec = {'step': step, **{t: v.item() / self.steps for t, v in self.sums.items()}, 'lr': lr,
+               'img_s': self.steps * cfg['batch_size'] / dt}
+        eta = (cfg['max_iters'] - step) * dt / self.steps
+        log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
+            ' '.join(f'{t} {v:.4f}' for t, v in rec.items() if t not in ('step', 'loss', 'lr', 'img_s')) +
+            f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
+        if is_main():
+            add_scalars(run.board, step, {'train': {k: v for k, v in rec.items() if k != 'step'}})
+            run.board.flush()
+            append_jsonl(os.path.join(cfg['out_dir'], 'train.jsonl'), rec)
+        self.t0, self.steps, self.sums = time.time(), 0, {}
+
+
+# -------------------------------------------------------------------------------------------------
+# The run folder and its logs
+# -------------------------------------------------------------------------------------------------
+
+def check_out_dir(out, resume=None):
+    """Rank 0, holding the folder's lock: a run writes where it overwrites nobody's files. A resumed run
+    into its checkpoint's own folder; any run into a new or empty folder, or one of a run that never
+    saved a checkpoint (its config.json alone); never into a folder of another run, or of other files."""
+    if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
+        return
+    for name in ('last.pt', 'best.pt'):
+        if os.path.isfile(os.path.join(out, name)):
+            fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
+                 f'or pass another --out-dir')
+    others = sorted(set(os.listdir(out)) - {'train.lock'})
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(out, 'config.json')) as f:
+            if {'dataset', 'tasks', 'out_dir'} <= json.load(f).keys():
+                return  # train.py wrote it
+    if others:
+        fail(f'{out} holds files that train.py did not write ({", ".join(others[:3])}): pass a new or empty --out-dir')
+
+
+def open_run_folder(run, step):
+    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones), run.best (read
+    from best.pt, the one file that holds it, so that it names weights that exist) and run.board."""
+    out = run.cfg['out_dir']
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(run.cfg, indent=1).encode()))
+    trained = truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
+    truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
+    best_pt = os.path.join(out, 'best.pt')
+    run.best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
+    evaluated = logged_scores(out, step, run.model.tasks) is not None
+    run.board = open_board(run.cfg, step, evaluated, [r for r in trained if r['step'] == step])
+
+
+def logged_scores(out_dir, step, tasks):
+    """The scores of the run's evaluation at `step` if its metrics.jsonl holds them, else None."""
+    done = [r for r in training_evaluations(read_jsonl(os.path.join(out_dir, 'metrics.jsonl'))) if r['step'] == step]
+    return {t: done[-1][t] for t in tasks} if done else None
+
+
+def open_board(cfg, step, evaluated, records):
+    """Rank 0's TensorBoard writer, into the run folder. Its events from `step` on (from step + 1 when
+    the evaluation at `step` is logged: `evaluated`) replace the earlier ones that the viewer reads
+    (purge_step: what a killed run wrote after its checkpoint is dropped, as from the JSONL logs); the
+    training `records` of `step` that this drops are written again."""
+    from torch.utils.tensorboard import SummaryWriter  # (imported here: it takes seconds)
+    board = SummaryWriter(cfg['out_dir'], purge_step=step + 1 if evaluated else step)
+    for record in [] if evaluated else records:
+        add_scalars(board, step, {'train': {k: v for k, v in record.items() if k != 'step'}})
+    board.add_text('config', f'```\n{json.dumps(cfg, indent=1)}\n```', step)
+    board.flush()
+    return board
+
+
+def add_scalars(board, step, values, prefix=''):
+    """Every number of values (nested dicts) as a TensorBoard scalar named by its path, e.g. semseg/mIoU."""
+    for k, v in values.items():
+        if isinstance(v, dict):
+            add_scalars(board, step, v, f'{prefix}{k}/')
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            board.add_scalar(prefix + k, v, step)
+
+
+def training_evaluations(records):
+    """The records of a run's own evaluations among its metrics.jsonl lines (not those of --eval-only,
+    not the input-blind predictors')."""
+    return [r for r in records if 'eval_only' not in r and any(t in r for t in TASK_TABLE)]
 
 
 def append_jsonl(path, record):
@@ -528,322 +923,10 @@ def truncate_jsonl(path, step):
     return [record for _, record in keep]
 
 
-@dataclasses.dataclass
-class Run:
-    """What the steps and the evaluations of one training run share."""
-    cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
-    model: TaskExpert  # the model itself: evaluations and checkpoints read it
-    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loss_fn: MultiTaskLoss
-    device: torch.device
-    amp_dtype: torch.dtype = None  # the autocast dtype, None for fp32
-    world: int = 1  # torchrun processes
-    val_loader: torch.utils.data.DataLoader = None  # this process's share of the val split (shard_loader)
-    pool: data.EdgePool = None  # the boundary metric's worker processes, or None
-    board: object = None  # rank 0's TensorBoard SummaryWriter
-    best: dict = None  # the best evaluation so far, as best.pt records it
-
-    def save(self, name, step, rng, best=None):
-        """The full training state of `step` as <out-dir>/<name> (taskexpert.save_checkpoint)."""
-        save_checkpoint(os.path.join(self.cfg['out_dir'], name), model=self.model, optimizer=self.optimizer,
-                        scaler=self.scaler, step=step, rng=rng, config=self.cfg, best=best)
-
-
-def train_step(run, batch):
-    """One optimizer step on this process's share of the global batch, run as cfg['accum_steps']
-    micro-batches, then unscale, clip and Adam. -> (loss, per-task losses, why the step was skipped
-    or None). Each micro-batch backpropagates its loss / accum_steps: the gradient of the mean
-    micro-batch loss, which DDP averages over the processes in turn, all-reducing once, on the last
-    micro-batch. That equals one step on the whole batch when the micro-batches hold equally many
-    valid pixels per task (the losses are means over valid pixels), BatchNorm aside (it normalises
-    each micro-batch with its own statistics)."""
-    accum, scaler, optimizer = run.cfg['accum_steps'], run.scaler, run.optimizer
-    m = len(batch['image']) // accum
-    total, per_task = 0.0, {}
-    for i in range(accum):
-        micro = {k: v[i * m:(i + 1) * m] for k, v in batch.items()}
-        with run.trained.no_sync() if run.world > 1 and i < accum - 1 else contextlib.nullcontext():
-            with autocast(run.device, run.amp_dtype):
-                outputs = run.trained(micro['image'])
-            loss, losses = run.loss_fn(outputs, micro)
-            scaler.scale(loss / accum).backward()
-        total = total + loss.detach() / accum
-        per_task = {t: per_task.get(t, 0.0) + v.detach() / accum for t, v in losses.items()}
-    scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg['clip'])  # of the all-reduced gradients
-    # The step's one host-device sync: is the loss, is the gradient finite? Every process decides
-    # alike: the gradient norm is global, the loss flag all-reduced.
-    finite = torch.stack([total, grad_norm.float()]).isfinite().float()
-    if run.world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    loss_ok, grad_ok = finite.tolist()
-    skipped = None
-    if not loss_ok:  # a non-finite loss is never trained on: every process skips the step together
-        bad_tasks = ([t for t, v in per_task.items() if not torch.isfinite(v)] or
-                     ['another process' if run.world > 1 else 'the weighted sum of the tasks'])
-        skipped = f'non-finite loss in {", ".join(bad_tasks)}'
-    elif not grad_ok and not scaler.is_enabled():  # under fp16 the GradScaler skips these and backs off
-        skipped = 'non-finite gradient norm'
-    else:
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total, per_task, skipped
-
-
-def startup_warnings(cfg, device, world):
-    """Settings known to train slowly or differently from what was likely meant -> lines to print."""
-    lines = []
-    micro = cfg['batch_size'] // (world * cfg['accum_steps'])  # images per process and forward pass
-    synced = device.type == 'cuda' and world > 1  # SyncBatchNorm: statistics over all processes
-    if micro * (world if synced else 1) == 1:
-        lines.append(f'the heads\' BatchNorm normalises each image with its own statistics (--batch-size '
-                     f'{cfg["batch_size"]} over {world} process(es) x --accum-steps {cfg["accum_steps"]}): '
-                     'noisy, and unlike the running statistics used in evaluation; use a larger batch or fewer '
-                     'micro-batches (--grad-checkpoint saves memory instead)')
-    if world > 1 and device.type == 'cpu':
-        lines.append('DDP on CPUs (gloo): each process normalises BatchNorm over its own images (SyncBatchNorm '
-                     'needs CUDA), and it is slow: meant for testing')
-    cores = os.cpu_count() or 1
-    if world * cfg['workers'] > cores:
-        lines.append(f'{world} process(es) x --workers {cfg["workers"]} data loaders on {cores} CPU cores: '
-                     'data loading competes with itself; lower --workers')
-    return lines
-
-
-def fetch_pretrained(cfg):
-    """A fresh run's ImageNet checkpoint (--pretrained) as a local file, or None: fetched once, by the
-    first process of each machine, before anything is written; a missing one stops with one line."""
-    if cfg['pretrained'] == 'none':
-        return None
-    first = int(os.environ.get('LOCAL_RANK', 0)) == 0
-    if dist.is_initialized() and not first:
-        dist.barrier()  # the first process fetches it into the shared cache
-    try:
-        path = pretrained_file(cfg['pretrained'])
-    except FileNotFoundError as e:
-        fail(f'--pretrained: {e}')
-    if dist.is_initialized() and first:
-        dist.barrier()
-    return path
-
-
-def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
-    """The Run of cfg: its model (ImageNet weights from the file `pretrained`, or the state of resume =
-    (path, checkpoint), to continue), the module that trains it (DDP and / or torch.compile around it),
-    Adam, the GradScaler and the loss."""
-    path, ckpt = resume or (None, None)
-    torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
-    model = TaskExpert.from_config(cfg).to(device)
-    if pretrained:
-        try:
-            load_pretrained(model, pretrained)
-        except (KeyError, ValueError, FileNotFoundError) as e:  # its one-line messages name the file
-            fail(f'--pretrained: {e.args[0]}')
-        except Exception as e:  # a damaged file: whatever its reader (zip, pickle, safetensors) raises
-            why = str(e).strip().split('\n')[0].split('. ')[0]
-            fail(f'--pretrained {pretrained}: cannot read it ({type(e).__name__}{": " * bool(why)}{why}); '
-                 'download it again')
-    if world > 1 and device.type == 'cuda':
-        # BatchNorm statistics over the global batch, not each GPU's share (the paper's batch 4 on 4
-        # GPUs: one image each); same state dict keys. (gloo has no SyncBatchNorm: on CPUs each process
-        # keeps its own statistics.)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all parameters (and under fp16 the GradScaler's skip test stays on the device)
-    optimizer = torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    if ckpt is not None:
-        loaded(lambda p: load_weights(model, ckpt['model'], p), path)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
-            scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
-    trained = model  # evaluations and checkpoints use `model` itself
-    if world > 1:  # gradients as views of DDP's all-reduce buckets: one gradient-sized copy less
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
-    if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
-        trained = torch.compile(trained)
-    loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], pos_weights={'edge': cfg['edge_pos_weight']})
-    return Run(cfg, model, trained, optimizer, scaler, loss_fn, device, amp_dtype, world)
-
-
-def log_start(run, datasets, why, step, pretrained):
-    """The run's first lines: data, devices, precision, size, warnings, weights, the settings."""
-    cfg, model = run.cfg, run.model
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f'TaskExpert on {cfg["dataset"]} ({cfg["data_root"]}: {len(datasets[0])} train / {len(datasets[1])} val images)')
-    log(f'device {run.device} x {run.world} process(es) | precision: {why} | '
-        f'{n_params / 1e6:.1f}M parameters ({n_trained / 1e6:.1f}M trained)')
-    for line in startup_warnings(cfg, run.device, run.world):
-        log(f'warning: {line}')
-    if step:
-        log(f'resuming at step {step} of {cfg["max_iters"]}')
-    elif pretrained:
-        log(f'backbone: ImageNet weights {cfg["pretrained"]} ({pretrained})')
-    elif cfg['dataset'] != 'synthetic':
-        log('note: --pretrained none: training from scratch, far below the paper (ImageNet ViT init)')
-    log('config ' + json.dumps(cfg))
-
-
-def check_out_dir(out, resume=None):
-    """Rank 0, holding the folder's lock: a run writes where it overwrites nobody's files. A resumed run
-    into its checkpoint's own folder; any run into a new or empty folder, or one of a run that never
-    saved a checkpoint (its config.json alone); never into a folder of another run, or of other files."""
-    if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
-        return
-    for name in ('last.pt', 'best.pt'):
-        if os.path.isfile(os.path.join(out, name)):
-            fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
-                 f'or pass another --out-dir')
-    others = sorted(set(os.listdir(out)) - {'train.lock'})
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(out, 'config.json')) as f:
-            if {'dataset', 'tasks', 'out_dir'} <= json.load(f).keys():
-                return  # train.py wrote it
-    if others:
-        fail(f'{out} holds files that train.py did not write ({", ".join(others[:3])}): pass a new or empty --out-dir')
-
-
-def open_run_folder(run, step):
-    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones), run.best (read
-    from best.pt, the one file that holds it, so that it names weights that exist) and run.board ->
-    the scores of the evaluation at `step` if metrics.jsonl has them (logged before a kill), else None."""
-    out = run.cfg['out_dir']
-    os.makedirs(out, exist_ok=True)
-    atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(run.cfg, indent=1).encode()))
-    trained = truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
-    evals = truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
-    best_pt = os.path.join(out, 'best.pt')
-    run.best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
-    done = [r for r in training_evaluations(evals) if r['step'] == step]
-    known = {t: done[-1][t] for t in run.model.tasks} if done else None
-    run.board = open_board(run.cfg, step, known, [r for r in trained if r['step'] == step])
-    return known
-
-
-def open_board(cfg, step, known, records):
-    """Rank 0's TensorBoard writer, into the run folder. Its events from `step` on (from step + 1 when
-    the evaluation at `step` was logged: `known`) replace the earlier ones that the viewer reads
-    (purge_step: what a killed run wrote after its checkpoint is dropped, as from the JSONL logs); the
-    training `records` of `step` that this drops are written again."""
-    from torch.utils.tensorboard import SummaryWriter  # (imported here: it takes seconds)
-    board = SummaryWriter(cfg['out_dir'], purge_step=step + 1 if known else step)
-    for record in [] if known else records:
-        add_scalars(board, step, {'train': {k: v for k, v in record.items() if k != 'step'}})
-    board.add_text('config', f'```\n{json.dumps(cfg, indent=1)}\n```', step)
-    board.flush()
-    return board
-
-
-def add_scalars(board, step, values, prefix=''):
-    """Every number of values (nested dicts) as a TensorBoard scalar named by its path, e.g. semseg/mIoU."""
-    for k, v in values.items():
-        if isinstance(v, dict):
-            add_scalars(board, step, v, f'{prefix}{k}/')
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            board.add_scalar(prefix + k, v, step)
-
-
-def training_evaluations(records):
-    """The records of a run's own evaluations among its metrics.jsonl lines (not those of --eval-only,
-    not the input-blind predictors')."""
-    return [r for r in records if 'eval_only' not in r and any(t in r for t in TASK_TABLE)]
-
-
-def train(cfg, device, world, rank, resume=None, pool=None):
-    """The training loop: from step 0 (or the step of resume = (path, checkpoint)) to --max-iters, a
-    progress line every --log-every steps, last.pt and an evaluation every --eval-every steps and at
-    the end."""
-    path, ckpt = resume or (None, None)
-    amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
-    if is_main():  # (under the out-dir's lock: no other run can start there now)
-        check_out_dir(cfg['out_dir'], path)
-    train_ds, val_ds = open_datasets(cfg, check=False)  # its files are there: the weights next, then every file read
-    pretrained = None if ckpt else fetch_pretrained(cfg)
-    check_datasets(cfg, (train_ds, val_ds))
-    if len(train_ds) < cfg['batch_size']:
-        fail(f'{cfg["data_root"]}: {len(train_ds)} training images, fewer than --batch-size {cfg["batch_size"]}')
-    if pool:
-        pool.start()  # the data is good: the boundary workers start while the model trains
-    run = build(cfg, device=device, world=world, rank=rank, amp_dtype=amp_dtype, use_scaler=use_scaler,
-                pretrained=pretrained, resume=resume)
-    run.val_loader, run.pool, step = shard_loader(val_ds, cfg, world, rank), pool, ckpt['step'] if ckpt else 0
-    log_start(run, (train_ds, val_ds), why, step, pretrained)
-    known = open_run_folder(run, step) if is_main() else None
-    if ckpt is not None:  # a kill after last.pt was saved, before its evaluation or best.pt: finish them
-        if world > 1:  # every process takes part in an evaluation: all learn rank 0's verdict
-            known = [known]
-            dist.broadcast_object_list(known, 0)
-            known = known[0]
-        finish_evaluation(run, step, ckpt['rng'], known)
-    if step >= cfg['max_iters']:
-        log(f'the checkpoint is already at step {step} of --max-iters {cfg["max_iters"]}: nothing to train')
-        return
-    run.model.train()
-    bad = 0  # consecutive non-finite steps
-    losses = LossLog()
-    for batch in data.train_loader(train_ds, cfg['batch_size'], rank=rank, world=world, seed=cfg['seed'],
-                                   start=step, stop=cfg['max_iters'], workers=cfg['workers']):
-        lr = lr_at(step, cfg)
-        for g in run.optimizer.param_groups:
-            g['lr'] = lr
-        total, per_task, skipped = train_step(run, to_device(batch, device))
-        step += 1
-        if skipped:
-            bad += 1
-            log(f'step {step}: {skipped}: step skipped ({bad} in a row)')
-            if bad >= MAX_BAD_STEPS:
-                fail(f'{bad} non-finite steps in a row at step {step}: lower --lr or try --amp off')
-        else:
-            bad = 0
-            losses.add(total, per_task)
-        if losses.steps and (step % cfg['log_every'] == 0 or step == cfg['max_iters']):
-            losses.report(run, step, lr)
-        if step % cfg['eval_every'] == 0 or step == cfg['max_iters']:
-            evaluation_step(run, step, bad)
-            run.model.train()
-            losses.t0 = time.time()  # the evaluation is not training time
-    if run.board:
-        run.board.close()
-
-
-class LossLog:
-    """The losses of the steps since the last progress line: their sums stay on the device (no wait
-    for it in the loop) and are read once per line, printed, appended to train.jsonl and TensorBoard."""
-
-    def __init__(self):
-        self.t0, self.steps, self.sums = time.time(), 0, {}
-
-    def add(self, total, per_task):
-        self.steps += 1
-        for t, v in [('loss', total)] + list(per_task.items()):
-            self.sums[t] = self.sums.get(t, 0.0) + v
-
-    def report(self, run, step, lr):
-        cfg, dt = run.cfg, time.time() - self.t0
-        rec = {'step': step, **{t: v.item() / self.steps for t, v in self.sums.items()}, 'lr': lr,
-               'img_s': self.steps * cfg['batch_size'] / dt}
-        eta = (cfg['max_iters'] - step) * dt / self.steps
-        log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
-            ' '.join(f'{t} {v:.4f}' for t, v in rec.items() if t not in ('step', 'loss', 'lr', 'img_s')) +
-            f') lr {lr:.2e} {rec["img_s"]:.1f} img/s eta {datetime.timedelta(seconds=round(eta))}')
-        if is_main():
-            add_scalars(run.board, step, {'train': {k: v for k, v in rec.items() if k != 'step'}})
-            run.board.flush()
-            append_jsonl(os.path.join(cfg['out_dir'], 'train.jsonl'), rec)
-        self.t0, self.steps, self.sums = time.time(), 0, {}
-
-
 # -------------------------------------------------------------------------------------------------
 # Evaluation, read in one pass. In training, evaluation_step (last.pt first) -> finish_evaluation:
-#   evaluate (every process: the model on its share of the val split -> data.update_meters -> the
-#   meters' scores, all-reduced) -> report (rank 0: printed, metrics.jsonl, TensorBoard, panels,
+#   evaluate (Part I: every process, the model on its share of the val split -> data.update_meters ->
+#   the meters' scores, all-reduced) -> report (rank 0: printed, metrics.jsonl, TensorBoard, panels,
 #   gates.png) -> keep_best (best.safetensors, best.pt) -> curves.png.
 # --eval-only: evaluate -> report.
 # -------------------------------------------------------------------------------------------------
@@ -893,12 +976,13 @@ def evaluation_step(run, step, bad):
         dist.barrier()
 
 
-def finish_evaluation(run, step, rng, known=None):
-    """The evaluation of the checkpoint of `step` (its RNG states `rng`): by every process on its share
-    (unless its scores are `known`: logged before a kill), reported, kept as best.* when it improves on
-    run.best; then curves.png and, at the end of a synthetic run, the input-blind predictors."""
-    cfg, scores = run.cfg, known
-    if scores is None:
+def finish_evaluation(run, step, rng, scores=None):
+    """The evaluation of the checkpoint of `step` (its RNG states `rng`): by every process on its share,
+    reported, kept as best.* when it improves on run.best; then curves.png and, at the end of a
+    synthetic run, the input-blind predictors. scores: the evaluation's, already logged (see
+    finish_checkpoint): the model is not evaluated, nor reported, again."""
+    cfg, logged = run.cfg, scores is not None
+    if not logged:
         save_to = predictions_folder(cfg, step)
         evaluation = evaluate(run.model, run.val_loader, dataset=cfg['dataset'], device=run.device,
                               amp_dtype=run.amp_dtype, keep=PANELS, pool=run.pool, save_to=save_to)
@@ -908,7 +992,7 @@ def finish_evaluation(run, step, rng, known=None):
     keep_best(run, step, scores, rng)
     logs = [read_jsonl(os.path.join(cfg['out_dir'], name)) for name in ('train.jsonl', 'metrics.jsonl')]
     data.write_png(os.path.join(cfg['out_dir'], 'curves.png'), draw_curves(*logs, run.model.tasks))
-    if known is None and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
+    if not logged and cfg['dataset'] == 'synthetic' and step == cfg['max_iters']:
         compare_with_trivial(run, step, scores)
 
 
@@ -925,49 +1009,6 @@ class Evaluation(NamedTuple):
     gates: list  # [tap] task -> mean gate weight of each candidate (the E experts, then the memory)
     kept: list  # this process's first `keep` samples: (image, targets, predictions, id), cropped, on the CPU
     seconds: float
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
-    """The model on this process's share of the val split (`loader`, see shard_loader) -> Evaluation.
-    Under torchrun the sums of the meters and gates are all-reduced, so every process returns the
-    whole split's scores. save_to: a folder for the predictions' files (data.write_predictions), each
-    process writing those of its share. Rank 0 prints progress at every tenth of its share."""
-    model.eval()
-    if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
-        for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
-            dist.broadcast(b, 0)
-    split = whole_split(loader)
-    meters = data.make_meters(model.tasks, dataset, pool)
-    gates = GateMeans(model, device)
-    kept, done, t0 = [], 0, time.time()
-    # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
-    # descheduled peers (README, 'What an evaluation costs')
-    threads = torch.get_num_threads()
-    meter_threads = 1 if pool and device.type == 'cpu' else threads
-    for batch in loader:
-        images = batch['image'].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            outputs, gate_weights = model.forward_with_gates(images)
-        outputs = {t: o.float() for t, o in outputs.items()}
-        gates.add(gate_weights, batch['meta'], images.shape[-2:])
-        torch.set_num_threads(meter_threads)
-        data.update_meters(meters, outputs, batch)
-        if save_to:
-            data.write_predictions(save_to, outputs, batch)
-        torch.set_num_threads(threads)  # (the model's)
-        for meta, preds, targets in itertools.islice(data.crops(outputs, batch), keep - len(kept)):
-            kept.append((targets['image'][0], {t: targets[t][0] for t in meters},
-                         {t: preds[t][0].cpu() for t in meters}, meta['id']))
-        done += len(images)
-        log_progress(done, len(images), len(loader.dataset), len(split), t0)
-    sums = [x for m in meters.values() for x in m.state()] + gates.state()
-    if dist.is_initialized():  # every sum over all processes (gloo: CPU tensors, nccl: CUDA ones)
-        for x in sums:
-            y = x.to(device)
-            dist.all_reduce(y)
-            x.copy_(y)
-    return Evaluation(split, {t: m.score() for t, m in meters.items()}, gates.means(), kept, time.time() - t0)
 
 
 class GateMeans:
@@ -1009,8 +1050,8 @@ def log_progress(done, batch, share, total, t0):
 def report(cfg, model, step, evaluation, *, board=None, tag=None, save_to=None):
     """Rank 0: an evaluation's scores printed with Delta_m over --baselines and its images, seconds and
     images/s; drawn (draw_evaluation); written to TensorBoard and, last, appended to metrics.jsonl (a
-    run's last evaluation marked 'report': the numbers to report, README 'Evaluation'; --eval-only's
-    tagged with its checkpoint, `tag`). -> the scores, on every process."""
+    run's last evaluation marked 'report': the numbers to report, docs/evaluation.md, 'Which numbers
+    to report'; --eval-only's tagged with its checkpoint, `tag`). -> the scores, on every process."""
     scores, split = evaluation.scores, evaluation.split
     if not is_main():
         return scores
@@ -1220,7 +1261,7 @@ def draw_panel(rgb, preds, targets=None):
         draw.text((2, h + label_h + 13), 'bottom: prediction', fill='black')
     for c, t in enumerate(tasks, 1):
         depth_range = None
-        if t == 'depth':  # one scale for ground truth and prediction
+        if TASK_TABLE[t].kind == 'depth':  # one scale for ground truth and prediction
             ref = torch.as_tensor(targets[t] if targets is not None else preds[t])
             ref = ref[ref > 0]
             depth_range = (ref.min().item(), ref.max().item()) if ref.numel() else (0.0, 10.0)
@@ -1536,14 +1577,16 @@ def check_modes(args):
         fail('--checkpoint is read by --eval-only and --predict; to continue training use --resume PATH')
     if (args.flops_only or args.peak_tflops) and not args.benchmark:
         fail(f'--{"flops-only" if args.flops_only else "peak-tflops"} applies to --benchmark only')
-    if (args.save_predictions or args.baselines) and (args.predict or args.benchmark):
-        fail(f'--{"save-predictions" if args.save_predictions else "baselines"} applies to training and --eval-only')
+    given = given_settings(args)
+    if (given.get('save_predictions') or given.get('baselines')) and (args.predict or args.benchmark):
+        fail(f'--{"save-predictions" if given.get("save_predictions") else "baselines"} applies to training and '
+             '--eval-only')
 
 
 def open_checkpoint(args):
     """The checkpoint the mode reads -> (its path, its full training state to resume from, the trained
     model of --eval-only / --predict, the output folder); None where the mode has none."""
-    default_out = os.path.join('runs', args.dataset or 'synthetic')
+    default_out = os.path.join('runs', given_settings(args).get('dataset', 'synthetic'))
     if args.resume is not None:
         path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
         if not os.path.isfile(path):
@@ -1560,17 +1603,17 @@ def open_checkpoint(args):
 
 def main(argv=None):
     signal.signal(signal.SIGTERM, interrupt)  # `kill` or a job scheduler's stop: as Ctrl-C
-    args, given = parse_args(argv)
+    args = parse_args(argv)
     check_modes(args)
     if args.benchmark:
-        cfg = resolve_config(args, given)
+        cfg = resolve_config(args)
         check_config(cfg)
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
         return
     path, ckpt, model, out_dir = open_checkpoint(args)
-    cfg = resolve_config(args, given, ckpt['config'] if ckpt else model.config if model else None)
+    cfg = resolve_config(args, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
     check_config(cfg, training=not (args.eval_only or args.predict))
     try:
