@@ -1,6 +1,5 @@
-"""The benchmarks: NYUD-v2 and PASCAL-Context as the multi-task literature distributes and scores them,
-and synthetic rooms in the NYUD layout for offline runs. "The reference" is the ATRC / InvPT data and
-evaluation code, and SEISM for boundaries (README, 'References').
+"""The benchmarks: NYUD-v2 and PASCAL-Context as the multi-task literature distributes and scores them, and
+synthetic rooms in the NYUD layout. "The reference": the ATRC / InvPT data and evaluation code, SEISM (README).
 
 A sample (the contract): a dict of tensors at the network size (H, W); each target by its task's kind.
   image    float32 (3, H, W), ImageNet-normalised; padding 0
@@ -10,8 +9,8 @@ A sample (the contract): a dict of tensors at the network size (H, W); each targ
   depth    float32 (1, H, W) metres; 0 = invalid and padding
   meta     {'id', 'size': (h, w) of the unpadded content, 'unscored': the tasks the benchmark does not
            score on this image, 'read_as': the conversions its image file took}
-Before to_tensors, a sample is numpy in HWC layout: image uint8 (h, w, 3), labels uint8 (h, w), depth
-float32 (h, w), normals float32 (h, w, 3).
+Before to_tensors, a sample is numpy in HWC layout: image uint8 (h, w, 3), labels uint8 (h, w), depth and
+normals float32 (h, w[, 3]).
 """
 import base64, collections, colorsys, concurrent.futures, json, math, multiprocessing, os, signal, sys, types, zlib
 
@@ -26,18 +25,16 @@ from scipy.sparse.csgraph import maximum_flow
 from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
                         postprocess, unknown_kind)
 
+
 # ---- The readers: which file each task's target comes from, and how it is decoded -----------------
-
-
 def edge_target(labels, split, train_target):
-    """The edge target of a split, from the label map the boundaries are drawn from. To train on: the
-    reference's, train_target(labels). On the val split, what the benchmarks score: SEISM's gt_boundary."""
+    """The edge target from the label map the boundaries are drawn from: to train on, the reference's
+    train_target(labels); on the val split, what the benchmarks score: SEISM's gt_boundary(labels)."""
     return gt_boundary(labels) if split == 'val' else train_target(labels)
 
 
 class _MultiTaskDataset(torch.utils.data.Dataset):
-    """What the readers share: the ids, and load -> (augment | pad) -> tensors. Its `rng` (a numpy Generator)
-    draws the augmentations; train_loader re-seeds it per sample."""
+    """What the readers share: the ids, load -> (augment | pad) -> tensors; `rng` draws the augmentations."""
     dataset = SIZE = SPLITS = IMAGES = None  # its key of TASKS, network size, split files' folder, images' files
     FILES = {}  # task -> (folder, extension, decode(file, s) -> target); s: what the sample's decoders share
 
@@ -75,21 +72,17 @@ class _MultiTaskDataset(torch.utils.data.Dataset):
             _check_shape(p, sample[t], s.shape)
         return sample, {'id': id_, 'size': s.shape, 'unscored': tuple(s.unscored), 'read_as': read_as}
 
-    def shared(self, id_, shape):
-        """What the decoders of sample `id_` share: the split, the image's (h, w), the tasks left unscored."""
+    def shared(self, id_, shape):  # what the decoders of a sample share
         return types.SimpleNamespace(split=self.split, shape=shape, unscored=[])
 
-    def path(self, name, id_):
-        """The file that `name` ('image' or a task) of sample `id_` is read from."""
+    def path(self, name, id_):  # the file of `name` ('image' or a task) of sample `id_`
         folder, ext = self.IMAGES if name == 'image' else self.FILES[name][:2]
         return os.path.join(self.root, folder, id_ + ext)
 
-    def needs(self):
-        """The files each sample must have (checked at the start)."""
+    def needs(self):  # the files each sample must have
         return ('image',) + self.tasks
 
-    def check(self, workers=0, rank=0, world=1):
-        """Read this process's share of the samples once, before the run (check_samples)."""
+    def check(self, workers=0, rank=0, world=1):  # read this process's share of the samples once (Part II)
         check_samples(self, workers, rank, world)
 
 
@@ -187,9 +180,8 @@ def random_crop(sample, size, rng, max_ratio=0.75, tries=10):
 def hflip(sample):
     """Mirror everything left-right; a mirrored normal points the other way in x."""
     out = {k: a[:, ::-1] for k, a in sample.items()}
-    for k in out:
-        if k != 'image' and TASK_TABLE[k].kind == 'normals':
-            out[k] = out[k] * np.array([-1, 1, 1], np.float32)
+    for k in [k for k in out if k != 'image' and TASK_TABLE[k].kind == 'normals']:
+        out[k] = out[k] * np.array([-1, 1, 1], np.float32)
     return out
 
 
@@ -290,16 +282,15 @@ def eval_loader(dataset, batch_size, workers):
 
 
 class Meter:
-    """A metric over a split. Its state is the tensors named in SUMS, each a sum over images, so the shards
-    of a split add up (all-reduce with SUM). It lives on the predictions' device; score() reads it once."""
+    """A metric over a split. Its state, the tensors named in SUMS, are sums over images: the shards of a split
+    add up (all-reduce with SUM). It lives on the predictions' device; score() reads it once."""
     SUMS = ()
 
-    def state(self):
-        """The sum tensors, in a fixed order (every process all-reduces the same list)."""
+    def state(self):  # the sums, in a fixed order (every process all-reduces the same list)
         return [getattr(self, k) for k in self.SUMS]
 
     def update(self, pred, target):
-        """Add the raw predictions of an image (C, h, w) or a batch (B, C, h, w), and their targets."""
+        """Add the raw predictions of an image (C, h, w) or a batch (B, C, h, w) and their targets."""
         pred, target = _batched(pred, target)  # (B, C, h, w), (B, C', h, w), on the predictions' device
         _move(self, pred.device)
         self.add(pred, target)
@@ -341,8 +332,7 @@ class DepthMeter(Meter):
     SUMS = ('sq', 'log_sq', 'abs_rel', 'n')
 
     def __init__(self):
-        self.sq, self.log_sq, self.abs_rel = (torch.zeros((), dtype=torch.float64) for _ in range(3))
-        self.n = torch.zeros((), dtype=torch.int64)
+        self.sq, self.log_sq, self.abs_rel, self.n = (torch.zeros((), dtype=d) for d in [torch.float64] * 3 + [torch.int64])
 
     def add(self, pred, target):
         valid = depth_valid(target.reshape(pred.shape))
@@ -370,10 +360,9 @@ class NormalsMeter(Meter):
 
     def __init__(self):
         self.hist = torch.zeros(int(round(180 / self.BIN)), dtype=torch.int64)
-        self.sum, self.sum_sq = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         self.below = torch.zeros(len(self.THRESHOLDS), dtype=torch.int64)
-        self.n = torch.zeros((), dtype=torch.int64)
-        self.strict_sum, self.strict_n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        self.sum, self.sum_sq, self.strict_sum = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+        self.n, self.strict_n = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
 
     def add(self, pred, target):
         err, g_sq = _angular_error(pred, target)  # (B, h, w) degrees, |g|^2
@@ -408,8 +397,7 @@ class SaliencyMeter(Meter):
     def __init__(self, beta_sq=0.3):
         self.beta_sq = beta_sq
         self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference
-        self.tp = torch.zeros(len(self.thresholds), dtype=torch.int64)
-        self.pred_pos = torch.zeros_like(self.tp)
+        self.tp, self.pred_pos = (torch.zeros(len(self.thresholds), dtype=torch.int64) for _ in range(2))
         self.gt_pos = torch.zeros((), dtype=torch.int64)
 
     def add(self, pred, target):
@@ -430,16 +418,14 @@ class SaliencyMeter(Meter):
 
 
 class EdgeMeter(Meter):
-    """Boundary ODS / OIS F-measure (%) as SEISM computes it (Part II, _edge_counts: NMS, thinning, matching
-    within max_dist x the image diagonal) on the 8-bit maps the saved PNGs hold (probability_levels). Each
-    image is scored as it arrives; with a pool (EdgePool), in its workers."""
+    """Boundary ODS / OIS F-measure (%) as SEISM computes it (_edge_counts: NMS, thinning, matching within
+    max_dist x the diagonal) on the saved PNGs' 8-bit maps, image by image; with a pool, in its workers."""
     SUMS = ('counts', 'ois')
 
     def __init__(self, max_dist, pool=None):
-        self.max_dist, self.pool = max_dist, pool or _HERE
+        self.max_dist, self.pool, self.pending = max_dist, pool or _HERE, collections.deque()  # futures of counts
         self.counts = torch.zeros(len(EDGE_THRESHOLDS), 4, dtype=torch.int64)  # per threshold, summed over images
         self.ois = torch.zeros(4, dtype=torch.int64)  # each image at its own best threshold, summed
-        self.pending = collections.deque()  # the images' counts to come (futures)
 
     def update(self, pred, target):
         pred = pred.detach()[None] if pred.dim() == 3 else pred.detach()
@@ -479,18 +465,9 @@ def make_meters(tasks, dataset, pool=None):
     return {task: METERS[TASK_TABLE[task].meter](task, dataset, pool) for task in _scored_tasks(tasks, dataset)}
 
 
-def crops(outputs, batch):
-    """Each image of a batch cut to its content (meta['size']), as the benchmarks score and save it ->
-    (meta, outputs task -> (1, C, h, w), the batch's tensors -> (1, ..., h, w)), image by image."""
-    for i, meta in enumerate(batch['meta']):
-        h, w = meta['size']
-        yield (meta, {t: o[i:i + 1, :, :h, :w] for t, o in outputs.items()},
-               {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
-
-
 def update_meters(meters, outputs, batch):
-    """Feed one batch to `meters` (make_meters), image by image: each cropped to its content, each task
-    unless the image's meta lists it 'unscored'. outputs: task -> raw predictions (B, C, H, W)."""
+    """Feed one batch to `meters` (make_meters), image by image: each cropped to its content (crops), each
+    task unless the image's meta lists it 'unscored'. outputs: task -> raw predictions (B, C, H, W)."""
     for meta, preds, targets in crops(outputs, batch):
         # boundaries first: with a pool, its workers score them while the other meters run here
         for t, meter in sorted(meters.items(), key=lambda item: TASK_TABLE[item[0]].meter != 'boundary'):
@@ -499,6 +476,15 @@ def update_meters(meters, outputs, batch):
 
 
 # Part II: the machinery: file checks, class tables, probing, SEISM's internals, prediction files, synthetic rooms
+
+
+def crops(outputs, batch):
+    """Each image of a batch cut to its content (meta['size']), as the benchmarks score and save it ->
+    (meta, outputs task -> (1, C, h, w), the batch's tensors -> (1, ..., h, w)), image by image."""
+    for i, meta in enumerate(batch['meta']):
+        h, w = meta['size']
+        yield (meta, {t: o[i:i + 1, :, :h, :w] for t, o in outputs.items()},
+               {k: v[i:i + 1, ..., :h, :w] for k, v in batch.items() if k != 'meta'})
 
 
 class DataError(FileNotFoundError, ValueError):

@@ -24,9 +24,8 @@ from data import CLASS_NAMES, READERS, DataError, collate, make_meters, render_s
 from taskexpert import (IMAGENET_MEAN, IMAGENET_STD, PATCH, TASK_SET, TASK_TABLE, TASKS, TaskExpert, denormalise,
                         normalise, postprocess, set_grid, unknown_kind)
 
-# The app model: what an app feeds in and gets back (the contract above)
 
-
+# ---- The app model: what an app feeds in and gets back (the contract above) --------------------------------
 class AppModel(nn.Module):
     """RGB 0-255 (B, 3, H, W) -> the post-processed outputs, a tuple in the order of output_names.
     Its first op is the normalisation (taskexpert.normalise, as in training), and its only place."""
@@ -52,9 +51,8 @@ def output_names(tasks, probabilities):
     """One output per task, named after it; with probabilities, '<task>_prob' after each class map."""
     return [n for t in tasks for n in ((t, t + '_prob') if probabilities and is_class_map(t) else (t,))]
 
-# ONNX: the dynamo exporter, one file
 
-
+# ---- ONNX: the dynamo exporter, one file -------------------------------------------------------------------
 def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, calibration=None):
     """The dynamo exporter at opset 20 (pinned: torch 2.13's default, the version tested), batch dynamic,
     all weights in one file. int8: an fp32 file (fp32, else one made here) quantized (write_onnx_int8)."""
@@ -74,9 +72,8 @@ def export_onnx(app, img_size, path, weights, meta, descriptions, fp32=None, cal
             os.remove(fp32)
     onnx.checker.check_model(path, full_check=True)
 
-# Core ML: torch.export, then coremltools' converter to an ML program
 
-
+# ---- Core ML: torch.export, then coremltools' converter to an ML program -----------------------------------
 def export_coreml(app, img_size, path, weights, meta, descriptions):
     """torch.export -> Core ML ML program: fp32, or fp16 arithmetic with fp16, int8 or 4-bit weights
     (WEIGHTS). iOS 17+; iOS 18+ for 4bit (its block-wise int4 weights)."""
@@ -96,9 +93,8 @@ def export_coreml(app, img_size, path, weights, meta, descriptions):
     label_coreml(mlmodel, weights, meta, descriptions)
     mlmodel.save(path)
 
-# The main path: flags -> model -> each file exported, checked and moved into place
 
-
+# ---- The main path: flags -> model -> each file exported, checked and moved into place ---------------------
 def main():
     """Export the files the flags ask for. The checkpoint, the val frames and the out-dir are checked
     first, in this order (a one-line error, nothing written). Then each file; then the benchmark."""
@@ -575,6 +571,7 @@ def quantize_coreml(mlmodel, weights):
 # The Core ML interpreter: the Linux check of a package
 # -------------------------------------------------------------------------------------------------
 
+
 # The Linux check: Core ML cannot run here, but the saved package's ML program can be read back
 # (coremltools' milproto loader, weights from the package's blob file) and executed op by op with
 # torch. Each op computes in fp32 and its result is rounded to the dtype the program declares for
@@ -587,8 +584,6 @@ def quantize_coreml(mlmodel, weights):
 #   quantization parameter may be subnormal (subnormal_parameters), and the check runs a second time
 #   with every stored and computed subnormal flushed to zero (flush=True).
 # This checks the conversion and the saved weights, not Apple's kernels or the Neural Engine.
-
-
 def _ints(v):
     return [int(i) for i in np.asarray(v).reshape(-1)]
 

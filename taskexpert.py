@@ -10,12 +10,7 @@ Notation (the paper's): X_l the tokens after backbone block l, (B, N, C) with N 
 E experts; D expert width; Z_e expert features; g_t the gate of task t; M_t the memory of task t.
 Part I: tasks -> ViT -> MMoE -> heads -> TaskExpert -> loss -> normalise, postprocess, predict.
 """
-import contextlib
-import errno
-import json
-import math
-import os
-import re
+import contextlib, errno, json, math, os, re
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.checkpoint import checkpoint
 
-# The tasks of the paper's two benchmarks, NYUD-v2 and PASCAL-Context
+# ---- The tasks of the paper's two benchmarks, NYUD-v2 and PASCAL-Context -----------------------------------
 
 # Output channels of each task's head, per dataset (the synthetic scenes use the NYUD layout).
 TASKS = {
@@ -38,7 +33,6 @@ TASK_SET = {'nyud': 'nyud', 'pascal': 'pascal', 'synthetic': 'nyud'}  # train.py
 
 class Task(NamedTuple):
     """A row of the task table: everything the code knows of a task. Its kind is what its head predicts:
-
       kind     head output      loss (MultiTaskLoss)   postprocess
       classes  C logits         cross-entropy          argmax: class ids
       binary   1 logit          balanced BCE           sigmoid: probability
@@ -67,12 +61,10 @@ TASK_TABLE = {
 IGNORE_INDEX = 255  # void / padding in the targets of the 'classes' and 'binary' tasks
 
 
-def unknown_kind(task, what):
-    """The error of a switch on a task's kind without a case for it (a task added with a new kind)."""
+def unknown_kind(task, what):  # the error of a switch on the kind without a case for it (a new kind)
     return ValueError(f'task {task!r} of kind {TASK_TABLE[task].kind!r}: no {what} for this kind')
 
-# ViT backbone (Dosovitskiy et al.): parameter names and arithmetic as timm's VisionTransformer, so
-# ImageNet checkpoints of vit_{tiny,small,base,large}_patch16_384 load strictly.
+# ---- ViT backbone: timm's names and arithmetic, so ImageNet checkpoints load strictly ----------------------
 
 # preset -> (embed dim C, depth, heads, MMoE taps (1-based blocks), expert width D, drop-path)
 VIT_PRESETS = {
@@ -84,8 +76,7 @@ VIT_PRESETS = {
 PATCH = 16
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
+def drop_path(x, p, training):  # stochastic depth: drop the residual branch per sample with probability p
     if p == 0.0 or not training:
         return x
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
@@ -163,9 +154,8 @@ class VisionTransformer(nn.Module):
         init_vit(self)  # [ours] from scratch: a 2-D sine-cosine position start; ImageNet weights replace it
 
     def forward_features(self, x, taps, recompute=False):
-        """(B, 3, H, W) -> [X_l for l in taps], each (B, N, C) without the class token. The blocks after
-        the last tap are not run: nothing reads them. recompute: activation checkpointing (each block
-        keeps only its input for backward, and runs again there)."""
+        """(B, 3, H, W) -> [X_l for l in taps], each (B, N, C) without the class token; the blocks after the
+        last tap are not run. recompute: activation checkpointing (a block runs again in backward)."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         x = self.patch_embed(x)  # (B, N, C)
         pos = self.pos_embed
@@ -178,15 +168,13 @@ class VisionTransformer(nn.Module):
             x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
             if i + 1 in taps:
                 tapped.append(x[:, 1:])
-        # The last tap goes through the final LayerNorm, as the authors' ViT taps do (InvPT
-        # models/transformers/vit.py `x = self.norm(x)[:, 1:]`; TaskPrompter, MLoRE). The earlier
-        # taps are the raw residual stream there as here.
+        # the last tap goes through the final LayerNorm, the earlier ones are the raw residual stream, as the
+        # authors' ViT taps (InvPT models/transformers/vit.py `x = self.norm(x)[:, 1:]`; TaskPrompter, MLoRE)
         tapped[-1] = self.norm(tapped[-1])
         return tapped
 
-# Memorial Mixture-of-Experts (paper Sec. 3, Fig. 2)
 
-
+# ---- Memorial Mixture-of-Experts (paper Sec. 3, Fig. 2) ----------------------------------------------------
 class MMoE(nn.Module):
     """One MMoE module, at backbone block l.
 
@@ -199,9 +187,8 @@ class MMoE(nn.Module):
         M_t <- F_t ('replace', default) or M_t + F_t ('add')                           [ours]
     At the first MMoE the memory is still empty: its gates weigh the E experts only.  [ours]
 
-    The gate sees each token with the image's mean token (its context) and is softmaxed per token;
-    gate='image' mixes once per image, from the mean of the token logits. gate='static' (ablation,
-    one MMoE): every task reads the experts' mean.
+    The gate sees each token with the image's mean token (its context); gate='image' mixes once per image,
+    from the mean of the token logits; gate='static' (ablation): every task reads the experts' mean.
     """
 
     def __init__(self, tasks, in_dim, *, num_experts, expert_dim, first, gate, memory_write):
@@ -216,20 +203,16 @@ class MMoE(nn.Module):
         self.gates = nn.ModuleDict({} if gate == 'static' else {t: nn.Linear(2 * in_dim, n_candidates) for t in tasks})
 
     def expert_features(self, h):
-        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), in h's dtype. (LayerNorm runs in
-        fp32 under autocast: cast back once, so that the T gated sums share one low-precision copy.)"""
+        """h = W_e X_l (B, N, E, D) -> Z_e = GELU(LN_e(h)) (B, N, E, D), cast back to h's dtype once."""
         z = F.layer_norm(h, (self.D,), eps=1e-6) * self.expert_norm_weight + self.expert_norm_bias
         return F.gelu(z).to(h.dtype)
 
     def forward(self, x, memory):
-        """x: X_l (B, N, C); memory: dict task -> M_t (B, N, D), or None at the first MMoE.
-        -> (the new memory: dict task -> (B, N, D), the gate weights: dict task -> (B, N, E or E+1),
-        empty for gate='static')."""
+        """x: X_l (B, N, C); memory: dict task -> M_t (B, N, D), None at the first MMoE -> (the new memory,
+        the gate weights: dict task -> (B, N, E or E+1), empty for gate='static')."""
         B, N, _ = x.shape
         h = self.experts(x).reshape(B, N, self.E, self.D)  # in the autocast dtype, if any
-        if self.training and torch.is_grad_enabled():
-            # keep only h for backward and recompute LN + GELU there (elementwise, cheap): else autocast
-            # saves their fp32 inputs and outputs, 3 copies of (B, N, E, D) in fp32
+        if self.training and torch.is_grad_enabled():  # recompute LN + GELU in backward: saves 3 fp32 copies
             z = checkpoint(self.expert_features, h, use_reentrant=False)
         else:
             z = self.expert_features(h)  # (B, N, E, D): the E task-generic features Z_e
@@ -253,9 +236,8 @@ class MMoE(nn.Module):
             new_memory[t], weights[t] = f, g.detach()
         return new_memory, weights
 
-# Task heads and the whole model
 
-
+# ---- Task heads and the whole model ------------------------------------------------------------------------
 class TaskHead(nn.Module):
     """A task's decoder on the final memory (input: [paper]; design: [ours], the paper gives none):
     (B, N, D) -> (B, D, H/16, W/16) -> bilinear x4 -> Conv3x3+BN+GELU -> Conv1x1 -> bilinear to (H, W)."""
@@ -270,9 +252,8 @@ class TaskHead(nn.Module):
         x = m.transpose(1, 2).reshape(m.shape[0], -1, *grid)  # (B, D, H/16, W/16)
         x = F.interpolate(x, scale_factor=4, mode='bilinear', align_corners=False)
         x = F.gelu(self.bn(self.conv(x)))  # (B, D, H/4, W/4), in the autocast dtype if any
-        # The prediction itself in fp32, also under autocast: the reference trains and tests in fp32,
-        # and bf16's 8-bit mantissa (depth 3 m +- 0.012 m) would reach the loss, the meters and the
-        # saved files. The 1x1 conv is ~0.1 % of the model's FLOPs.
+        # the prediction itself in fp32, also under autocast, as the reference: bf16's 8-bit mantissa (depth
+        # 3 m +- 0.012 m) would reach the loss, the meters and the files; the 1x1 conv is ~0.1 % of the FLOPs
         autocast = x.device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             x = self.pred(x.float())  # (B, out, H/4, W/4)
@@ -294,12 +275,10 @@ class TaskExpert(nn.Module):
       gate           'token' (a mixture per token) | 'image' (one per image)
       memory_write   'replace' (M_t <- F_t) | 'add' (M_t <- M_t + F_t)
       drop_path      stochastic depth (default 0.15 for base / large, 0 for tiny / small)
-      grad_checkpoint  'off' | 'mmoe' (recompute the MMoEs in backward: +1 % FLOPs) | 'all' (the blocks too:
-                     +17 % for ViT-L): the same numbers for less memory. Never the heads (BatchNorm).
+      grad_checkpoint  'off' | 'mmoe' | 'all': recompute the MMoEs (+1 % FLOPs) or the blocks too (+17 %) in backward
       ablation       'none' | 'no-memory' (one MMoE, at one tap) | 'static' (that MMoE without gates: its
                      experts averaged): what each part buys (docs/results.md, 'Ablation')
-    A bad option raises ValueError('<option> <value>: what is wrong'); the scripts name their flag.
-    """
+    A bad option raises ValueError('<option> <value>: what is wrong'); the scripts name their flag."""
 
     def __init__(self, tasks, backbone='large', img_size=(448, 576), num_experts=8, expert_dim=None,
                  taps=None, gate='token', memory_write='replace', drop_path=None, grad_checkpoint='off',
@@ -307,9 +286,10 @@ class TaskExpert(nn.Module):
         super().__init__()
         p = VIT_PRESETS.get(backbone, {})
         self.tasks, self.ablation, self.grad_checkpoint = dict(tasks), ablation, grad_checkpoint
-        self.taps = tuple(taps or default_taps(backbone, ablation))
+        self.taps = tuple(default_taps(backbone, ablation) if taps is None else taps)
         expert_dim = expert_dim or p.get('expert_dim')
-        check_options(self, backbone, img_size, num_experts, expert_dim, gate, memory_write)
+        check_options(self, backbone=backbone, img_size=img_size, num_experts=num_experts, expert_dim=expert_dim,
+                      gate=gate, memory_write=memory_write)
         self.backbone = VisionTransformer(p['embed_dim'], p['depth'], p['num_heads'], img_size,
                                           p['drop_path'] if drop_path is None else drop_path)
         self.mmoe = nn.ModuleList(
@@ -317,17 +297,15 @@ class TaskExpert(nn.Module):
                  gate='static' if ablation == 'static' else gate, memory_write=memory_write)
             for i in range(len(self.taps)))
         self.heads = nn.ModuleDict({t: TaskHead(expert_dim, c) for t, c in self.tasks.items()})
-        # Blocks after the last tap feed nothing: they are not run, get no gradient and are frozen (DDP
-        # fails on trainable parameters without one), and kept so that ImageNet checkpoints load strictly.
+        # blocks after the last tap are not run: frozen (DDP fails on parameters without a gradient), kept
+        # so that ImageNet checkpoints load strictly
         self.backbone.blocks[self.taps[-1]:].requires_grad_(False)
 
-    def forward(self, x):
-        """x (B, 3, H, W) ImageNet-normalised -> dict task -> raw prediction (B, C_t, H, W)."""
+    def forward(self, x):  # x (B, 3, H, W) ImageNet-normalised -> dict task -> raw prediction (B, C_t, H, W)
         return self.forward_with_gates(x)[0]
 
     def forward_with_gates(self, x):
-        """-> (the predictions, as forward; the gate weights of each MMoE: [tap] dict task -> (B, N, E or
-        E+1), for diagnostics)."""
+        """-> (the predictions, the gate weights of each MMoE: [tap] dict task -> (B, N, E or E+1))."""
         grid = (x.shape[-2] // PATCH, x.shape[-1] // PATCH)
         recompute = self.grad_checkpoint if self.training and torch.is_grad_enabled() else 'off'
         tapped = self.backbone.forward_features(x, self.taps, recompute=recompute == 'all')
@@ -359,17 +337,13 @@ class TaskExpert(nn.Module):
         model.config, model.step = ckpt['config'], ckpt['step']
         return model.eval()
 
-# The loss. The paper states none of its own: these are the definitions of the code the NYUD-v2 /
-# PASCAL-Context literature shares (MTI-Net -> ATRC -> InvPT / TaskPrompter: "the reference").
 
-
-def depth_valid(target):
-    """Valid depth pixels: 0 marks missing depth and padding; 255 is the reference's pad value."""
+# ---- The loss: the paper states none; the reference's (MTI-Net -> ATRC -> InvPT / TaskPrompter) ------------
+def depth_valid(target):  # 0 marks missing depth and padding; 255 is the reference's pad value
     return (target > 0) & (target != IGNORE_INDEX)
 
 
-def normals_valid(target):
-    """Valid normal pixels (B, 1, H, W): the all-zero vector marks missing normals and padding."""
+def normals_valid(target):  # (B, 1, H, W): the zero vector marks missing normals and padding
     return (target != 0).any(dim=1, keepdim=True)
 
 
@@ -390,9 +364,8 @@ def balanced_bce(logit, target, pos_weight=None):
 
 
 class MultiTaskLoss(nn.Module):
-    """Weighted sum of the per-task losses, in fp32 even under autocast. Weights and the binary tasks'
-    positive weights: the task table's, unless given. `total, per_task = loss_fn(outputs, batch)`, both
-    holding task -> (B, C, H, W). A batch with no valid pixel for a task adds a zero loss, never NaN."""
+    """Weighted sum of the per-task losses in fp32; weights and positive weights the task table's unless given.
+    `total, per_task = loss_fn(outputs, batch)` (task -> (B, C, H, W)); no valid pixel adds 0, never NaN."""
 
     def __init__(self, tasks, weights=None, pos_weights=None):
         super().__init__()
@@ -427,16 +400,14 @@ class MultiTaskLoss(nn.Module):
         total = sum(self.weights[t] * per_task[t] for t in self.tasks)
         return total, per_task
 
-# What a model takes and returns: ImageNet-normalised RGB in; raw head outputs out, post-processed as
-# apps want them (predict() and export.py's models share normalise and postprocess)
+# ---- What a model takes and returns (predict and the exported models share these) --------------------------
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics of the ImageNet-pretrained ViTs' inputs
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalise(rgb):
-    """RGB values 0-255, a tensor (..., 3, H, W) of any dtype -> the model's input, float32
-    (x / 255 - mean) / std per channel, on the tensor's device."""
+    """RGB 0-255 (..., 3, H, W), any dtype and device -> the model's input, float32 (x / 255 - mean) / std."""
     mean, std = (torch.tensor(v, device=rgb.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (rgb.float() / 255 - mean) / std
 
@@ -466,15 +437,10 @@ def postprocess(raw, probabilities=False):
 
 @torch.no_grad()
 def predict(model, image, probabilities=False):
-    """One image of any size (a PIL image, or an (H, W, 3) uint8 RGB array) -> the model's predictions
-    at that size, post-processed: dict name -> numpy array. semseg / human_parts int32 (H, W) class ids
-    (with probabilities=True also '<task>_prob' float32 (C, H, W)); depth float32 (1, H, W) metres;
-    normals float32 (3, H, W) unit vectors; edge / sal float32 (1, H, W) probabilities.
-
-    A photo is read as it is shown (its EXIF orientation applied). As in evaluation, it is normalised
-    and padded at the bottom / right to the network size, first shrunk to fit (aspect kept) if larger.
-    The outputs of its content are resized (bilinear) to its size. On the model's device, in eval
-    mode, under the caller's torch.autocast if any."""
+    """One image of any size (a PIL image as it is shown, EXIF orientation applied, or an (H, W, 3) uint8
+    array) -> the predictions at its size, post-processed, as numpy: class ids int32 (H, W) (and with
+    probabilities '<task>_prob' (C, H, W)), depth (1, H, W) metres, normals (3, H, W), probabilities (1, H, W).
+    As in evaluation: shrunk to fit if larger, normalised, padded at the bottom / right to the network size."""
     image = rgb_image(image)
     H, W = model.backbone.grid[0] * PATCH, model.backbone.grid[1] * PATCH
     s = min(1.0, H / image.height, W / image.width)
@@ -492,17 +458,16 @@ def predict(model, image, probabilities=False):
                                    probabilities))
     return {name: v[0].cpu().numpy() for name, v in out.items()}
 
+
 # Part II: the machinery behind the model: option checks, position embeddings, images, ImageNet weights, files
-# Checks and initialisation
-
-
+# ---- Checks and initialisation -----------------------------------------------------------------------------
 def default_taps(backbone, ablation='none'):
     """The MMoE taps of a backbone preset: 4 evenly spaced blocks; an ablated model's one, the last."""
     taps = VIT_PRESETS[backbone]['taps'] if backbone in VIT_PRESETS else ()
     return taps if ablation == 'none' else taps[-1:]
 
 
-def check_options(model, backbone, img_size, num_experts, expert_dim, gate, memory_write):
+def check_options(model, *, backbone, img_size, num_experts, expert_dim, gate, memory_write):
     """TaskExpert's options -> ValueError('<option> <value>: what is wrong') for the first bad one."""
     if backbone not in VIT_PRESETS:
         raise ValueError(f'backbone {backbone}: choose one of {", ".join(VIT_PRESETS)}')
@@ -517,7 +482,7 @@ def check_options(model, backbone, img_size, num_experts, expert_dim, gate, memo
     if model.ablation not in ABLATIONS:
         raise ValueError(f'ablation {model.ablation}: must be one of {", ".join(ABLATIONS)}')
     depth, taps = VIT_PRESETS[backbone]['depth'], ' '.join(map(str, model.taps))
-    if any(not 1 <= l <= depth for l in model.taps) or list(model.taps) != sorted(set(model.taps)):
+    if not model.taps or any(not 1 <= l <= depth for l in model.taps) or list(model.taps) != sorted(set(model.taps)):
         raise ValueError(f'taps {taps}: must be increasing blocks in 1..{depth} for the {backbone} backbone')
     if model.ablation != 'none' and len(model.taps) != 1:
         raise ValueError(f'taps {taps}: an ablated model (ablation {model.ablation}) has one MMoE: give one tap')
@@ -575,9 +540,8 @@ def set_grid(vit, grid):
         vit.pos_embed = nn.Parameter(resample_pos_embed(vit.pos_embed.data, grid, vit.grid))
     vit.grid = tuple(grid)
 
-# Images as predict() takes them
 
-
+# ---- Images as predict() takes them ------------------------------------------------------------------------
 def rgb_image(image):
     """A PIL image or an (H, W, 3) uint8 array -> an 8-bit RGB PIL image as it is shown: its EXIF
     orientation applied; 16-bit or float greyscale scaled to 0..255 by its own range of values
@@ -618,9 +582,8 @@ def denormalise(x):
     mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return ((x * std + mean) * 255).round().clamp(0, 255)
 
-# ImageNet-pretrained ViT checkpoints as people have them (timm / hub .pth .bin .safetensors, .npz)
 
-
+# ---- ImageNet-pretrained ViT checkpoints as people have them (timm / hub .pth .bin .safetensors, .npz) -----
 def _read_npz(path, depth):
     """Google's original ViT .npz (big_vision / vit_jax names) -> timm's names and layouts."""
     w = np.load(path)
@@ -708,7 +671,8 @@ def load_pretrained(model, name):
             raise ValueError(f'{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}')
     vit.load_state_dict(clean, strict=True)
 
-# Trained models' files, as train.py writes them (atomically; tensors and plain data, weights_only=True):
+# ---- Trained models' files, as train.py writes them --------------------------------------------------------
+# (atomically; tensors and plain data, weights_only=True):
 #   .pt               the full training state: 'model', 'optimizer', 'scaler', 'step', 'rng' (one RNG state
 #                     per process), 'config' (train.py's settings), 'best' (in best.pt: its record), 'format'
 #   best.safetensors  the model to share: its weights alone; 'config', 'step', 'metrics' (its evaluation),

@@ -13,22 +13,8 @@ A run writes to --out-dir (default runs/<dataset>): config.json (its settings), 
 metrics.jsonl (its logs; the last evaluation is the one to report), TensorBoard events, pictures,
 last.pt (to resume) and best.pt / best.safetensors. docs/training.md, 'What a run writes', has each file.
 """
-import argparse
-import contextlib
-import dataclasses
-import datetime
-import itertools
-import json
-import math
-import os
-import random
-import re
-import resource
-import signal
-import socket
-import statistics
-import sys
-import time
+import argparse, contextlib, dataclasses, datetime, itertools, json, math, os, random, re, resource, signal, socket
+import statistics, sys, time
 from typing import NamedTuple
 
 import numpy as np
@@ -40,33 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from data import DataError
-from taskexpert import (ABLATIONS, default_taps, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
-                        TaskExpert, atomic_write, denormalise, load_pretrained, load_weights, postprocess, predict,
-                        pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
+from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
+                        TaskExpert, atomic_write, default_taps, denormalise, load_pretrained, load_weights, postprocess,
+                        predict, pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
                         unknown_kind)
-
-
-@dataclasses.dataclass
-class Run:
-    """What the steps and the evaluations of one training run share."""
-    cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
-    model: TaskExpert  # the model itself: evaluations and checkpoints read it
-    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # enabled under fp16 only; disabled, its calls pass through
-    loss_fn: MultiTaskLoss
-    device: torch.device
-    amp_dtype: torch.dtype = None  # the autocast dtype, None for fp32
-    world: int = 1  # torchrun processes
-    val_loader: torch.utils.data.DataLoader = None  # this process's share of the val split (shard_loader)
-    pool: data.EdgePool = None  # the boundary metric's worker processes, or None
-    board: object = None  # rank 0's TensorBoard SummaryWriter
-    best: dict = None  # the best evaluation so far, as best.pt records it
-
-    def save(self, name, step, rng, best=None):
-        """The full training state of `step` as <out-dir>/<name> (taskexpert.save_checkpoint)."""
-        save_checkpoint(os.path.join(self.cfg['out_dir'], name), model=self.model, optimizer=self.optimizer,
-                        scaler=self.scaler, step=step, rng=rng, config=self.cfg, best=best)
 
 
 def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
@@ -501,6 +464,29 @@ def check_config(cfg, training=True):
 # -------------------------------------------------------------------------------------------------
 # Starting a run: checks, data, weights, the Run, the run folder; on resume, the unfinished evaluation
 # -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What the steps and the evaluations of one training run share."""
+    cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
+    model: TaskExpert  # the model itself: evaluations and checkpoints read it
+    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled under fp16 only; disabled, its calls pass through
+    loss_fn: MultiTaskLoss
+    device: torch.device
+    amp_dtype: torch.dtype = None  # the autocast dtype, None for fp32
+    world: int = 1  # torchrun processes
+    val_loader: torch.utils.data.DataLoader = None  # this process's share of the val split (shard_loader)
+    pool: data.EdgePool = None  # the boundary metric's worker processes, or None
+    board: object = None  # rank 0's TensorBoard SummaryWriter
+    best: dict = None  # the best evaluation so far, as best.pt records it
+
+    def save(self, name, step, rng, best=None):
+        """The full training state of `step` as <out-dir>/<name> (taskexpert.save_checkpoint)."""
+        save_checkpoint(os.path.join(self.cfg['out_dir'], name), model=self.model, optimizer=self.optimizer,
+                        scaler=self.scaler, step=step, rng=rng, config=self.cfg, best=best)
+
 
 def start(cfg, device, world, rank, resume, pool):
     """Everything before the first step, in the order that loses nothing: the output folder checked,
