@@ -3623,3 +3623,37 @@ def test_export_killed_during_a_package_swap_gets_the_old_package_back(tmp_path)
     (work / 'm.mlpackage').mkdir()
     assert export.remove_stale_work(str(tmp_path)) == [work.name]
     assert _tree(tmp_path) == {os.path.join('m.mlpackage', 'weight.bin'): b'old'}
+
+
+# ==================================================================================================
+# A task is a row of the task table: one added by the README's recipe trains, is scored and exported
+# ==================================================================================================
+
+@pytest.mark.heavy
+def test_a_task_added_by_the_readmes_recipe_trains_evaluates_and_exports(tmp_path, monkeypatch, capsys):
+    """README, 'Adding a task', steps 1-3 and nothing else: a second binary task, 'contour', read from NYUD's
+    edge maps and judged by the saliency meter (maxF), beside the four NYUD tasks. Two training steps, their
+    evaluation, and its ONNX export with its own output, checked against PyTorch."""
+    monkeypatch.setitem(TASKS['nyud'], 'contour', 1)  # 1. its head's channels
+    monkeypatch.setitem(TASK_TABLE, 'contour', taskexpert.Task('binary', 1.0, 'maxF', True, 'saliency',
+                                                               'contour probability'))  # 2. its row
+    monkeypatch.setitem(data.NYUD.FILES, 'contour', ('edge', '.png',  # 3. its file and decoding
+                                                     lambda p, s: (data._grey(p, 'contour') > 127).astype(np.uint8)))
+    run = tmp_path / 'run'
+    train.main(_train_tiny_args(tmp_path / 'data', run, '--max-iters', '2', '--eval-every', '2'))
+    assert json.load(open(run / 'config.json'))['tasks'] == ['semseg', 'depth', 'normals', 'edge', 'contour']
+    losses = [json.loads(line) for line in open(run / 'train.jsonl')]
+    assert all(math.isfinite(r['contour']) and r['contour'] > 0 for r in losses)
+    scores = json.loads(open(run / 'metrics.jsonl').readline())['contour']
+    assert set(scores) == {'maxF'} and 0 < scores['maxF'] <= 100
+    assert 'contour' in capsys.readouterr().out  # its line in the evaluation's report
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--target', 'onnx', '--checkpoint', str(run / 'best.pt'),
+                                      '--data-root', str(tmp_path / 'data'), '--val-images', '2'])
+    export.main()
+    out = capsys.readouterr().out
+    assert re.search(r'onnx fp32: .*\.onnx\n', out) and 'contour: max |error|' in out, out
+    onnx_file = next(run.glob('*.onnx'))
+    meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert meta['tasks'].split(',')[-1] == 'contour'
+    outputs = {o.name: o.doc_string for o in onnx.load(str(onnx_file)).graph.output}
+    assert outputs['contour'].startswith('contour probability')
