@@ -828,7 +828,10 @@ class Peers:
 
     def wait(self, host, port):
         """The watching thread, on its own connection to the store (a client waiting for a key blocks others)."""
-        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(days=365))
+        try:
+            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(days=365))
+        except dist.DistError:  # (unreachable from here: the run goes on unwatched)
+            return
         try:
             rank, _, error = store.get(self.KEY).decode().partition(' ')  # (get waits for the key)
         except dist.DistError:  # the store closed: without torchrun rank 0 holds it, and it ended
