@@ -3422,8 +3422,8 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
     assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
     samples = list(export.read_frames(val, range(2)).values())
     base = export.main_metrics(lambda im: export.reference(model, im, False)[0], samples, model.tasks, 'synthetic')
-    results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic', device=torch.device('cpu'),
-                             amp_dtype=None).scores
+    results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic',
+                             device=torch.device('cpu')).scores
     assert base == pytest.approx({t: r[TASK_TABLE[t].metric] for t, r in results.items()}, rel=1e-4)
     got = export.main_metrics(export.load_onnx(paths['int8']), samples, model.tasks, 'synthetic')
     line = export.metric_change(got, base)
