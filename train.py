@@ -34,8 +34,8 @@ from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE
 
 def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
     """The Run of cfg: the model, from ImageNet weights (the file `pretrained`) or from the state of
-    resume = (path, checkpoint); what trains it (DDP and / or torch.compile around it); Adam; the
-    GradScaler; the loss."""
+    resume = (path, checkpoint), its blocks and MMoEs compiled with --compile; what trains it (DDP around
+    it, or itself); Adam; the GradScaler; the loss."""
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
     if pretrained:
@@ -250,7 +250,8 @@ def make_parser():
       'compute: mmoe = the MMoE modules (+1 %% FLOPs), all = also the backbone blocks (+17 %% for ViT-L) '
       f'({shown("grad_checkpoint")})')
     a('--compile', action=argparse.BooleanOptionalAction,
-      help=f'torch.compile the model for training (minutes of compilation at the start; {shown("compile")})')
+      help='torch.compile the ViT blocks and the MMoEs, each in place (the heads stay eager): compiled at the first '
+      f'steps, and again for inference at the first evaluation ({shown("compile")})')
     a('--max-iters', type=int, help=f'training iterations ({shown("max_iters")})')
     a('--lr', type=float, help=f'Adam learning rate ({shown("lr")})')
     a('--weight-decay', type=float, help=f'Adam weight decay ({shown("weight_decay")})')
@@ -473,7 +474,7 @@ class Run:
     """What the steps and the evaluations of one training run share."""
     cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
     model: TaskExpert  # the model itself: evaluations and checkpoints read it
-    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
+    trained: torch.nn.Module  # what trains: the model, or DDP around it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled under fp16 only; disabled, its calls pass through
     loss_fn: MultiTaskLoss
