@@ -21,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import types
@@ -2054,10 +2055,12 @@ def test_train_resume_equals_uninterrupted_run(_train_run, tmp_path, monkeypatch
 
 @pytest.mark.heavy
 def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
+    """Two processes (gloo): the logged losses are the mean over both processes (not rank 0's), as one
+    process taking the same micro-batches logs them."""
     # the last MMoE at block 9 of 12 (blocks 10-12 get no gradient), and 2 accumulated micro-batches
     # of 1 image per process (DDP all-reduces on the second only)
-    args = _train_tiny_args(_train_run / 'data', tmp_path / 'ddp', '--max-iters', '2', '--eval-every', '2',
-                            '--batch-size', '4', '--accum-steps', '2', '--taps', '3', '6', '9')
+    steps = ['--max-iters', '2', '--eval-every', '2', '--batch-size', '4', '--taps', '3', '6', '9']
+    args = _train_tiny_args(_train_run / 'data', tmp_path / 'ddp', *steps, '--accum-steps', '2')
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         'train.py', *args], cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -2065,14 +2068,72 @@ def test_train_torchrun_two_cpu_processes(_train_run, tmp_path):
     assert r.stdout.count('warning: DDP on CPUs (gloo)') == 1 and 'BatchNorm normalises each image' in r.stdout
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
     assert ckpt['step'] == 2 and len(ckpt['rng']) == 2  # one RNG state per process
-    assert len(_train_losses(tmp_path / 'ddp')) == 2
+    # one process, the 4 images of each step in 4 micro-batches of 1 (BatchNorm per image, as above)
+    train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'one', *steps, '--accum-steps', '4'))
+    for two, one in zip(_train_losses(tmp_path / 'ddp'), _train_losses(tmp_path / 'one'), strict=True):
+        assert two == pytest.approx({**one, 'img_s': two['img_s']}, rel=1e-4), (two, one)
     # its sharded evaluation (one val image per process) scored the saved model: every process used
     # rank 0's BatchNorm statistics, not its own
-    train.main(['--eval-only', '--checkpoint', str(tmp_path / 'ddp' / 'last.pt'), '--out-dir', str(tmp_path / 'one'),
-                '--batch-size', '1', '--eval-workers', '0'])
-    ddp, one = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('ddp', 'one'))
+    train.main(['--eval-only', '--checkpoint', str(tmp_path / 'ddp' / 'last.pt'), '--out-dir', str(tmp_path / 'eval'),
+                '--eval-workers', '0'])
+    ddp, one = (json.loads(open(tmp_path / d / 'metrics.jsonl').readline()) for d in ('ddp', 'eval'))
     for t in ('semseg', 'depth', 'normals', 'edge'):
         assert ddp[t] == _metrics_approx(one[t], rel=1e-6), t
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize('launcher', ['torchrun', 'by hand'])
+def test_train_a_failing_process_stops_the_other_at_once_with_one_line(launcher, tmp_path):
+    """Process 1 alone fails: under torchrun it meets a damaged file (only its share of the data check
+    reads it); started by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, as Slurm or mp.spawn
+    do) it raises at its second step. Process 0, waiting for it in a collective, stops within seconds
+    (not at the process group's timeout of minutes) with one line naming it and no traceback; both exit
+    non-zero."""
+    root = _data_write_nyud_tree(tmp_path / 'data')  # train 0001 (process 0's to check), 0002 (process 1's)
+    args = _train_nyud_args(root, tmp_path / 'run', '--max-iters', '3', '--eval-every', '3')
+    if launcher == 'torchrun':
+        damaged = os.path.join(root, 'images', '0002.png')
+        _train_damage(damaged, 'truncated png')
+        logs = tmp_path / 'logs'
+        r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                            '--log-dir', str(logs), '--redirects', '3', 'train.py', *args],
+                           cwd=HERE, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+        codes = re.findall(r'exitcode\s+: (-?\d+)', r.stderr)  # (torchrun's report; -15: it sent SIGTERM)
+        assert r.returncode != 0 and len(codes) == 2 and '0' not in codes, r.stderr[-3000:]
+        err = [next(logs.glob(f'*/attempt_0/{rank}/stderr.log')).read_text() for rank in (0, 1)]
+        assert err[1].splitlines() == [f'train.py: error: {damaged}: cannot read it (OSError: image file is '
+                                       "truncated); re-extract it or get the dataset as described in README.md, "
+                                       "section 'Datasets'"], err[1]
+        failed = err[1].splitlines()[0].removeprefix('train.py: error: ')
+    else:
+        script = tmp_path / 'raises.py'  # train.py whose process 1 raises at its second step
+        script.write_text(textwrap.dedent(f'''\
+            import os, sys
+            sys.path.insert(0, {HERE!r})
+            import train
+            steps, step = [], train.train_step
+            def train_step(run, batch):
+                steps.append(batch)
+                if os.environ['RANK'] == '1' and len(steps) == 2:
+                    raise RuntimeError('a bug in process 1')
+                return step(run, batch)
+            train.train_step = train_step
+            train.main(sys.argv[1:])'''))
+        with socket.socket() as s:  # a free port for the launcher's key-value store
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        env = dict(ONE_THREAD, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE='2')
+        procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=HERE, env=dict(env, RANK=str(rank)), text=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in (0, 1)]
+        err = [None, procs[1].communicate(timeout=300)[1]]
+        t1 = time.time()
+        err[0] = procs[0].communicate(timeout=300)[1]
+        assert time.time() - t1 < 10, err[0][-2000:]  # (it would wait 15 minutes in an all-reduce)
+        assert [p.returncode for p in procs] == [1, 1] and 'RuntimeError: a bug in process 1' in err[1], err
+        failed = 'RuntimeError: a bug in process 1'
+    assert 'Traceback' not in err[0], err[0][-3000:]
+    assert err[0].strip().splitlines()[-1] == f'train.py: error: rank 1 failed: {failed}; rank 0 stopped with it'
+    assert err[0].count('train.py: error:') == 1
 
 
 def test_train_resume_across_precisions(_train_run, tmp_path, monkeypatch):
@@ -2093,18 +2154,42 @@ def test_train_resume_across_precisions(_train_run, tmp_path, monkeypatch):
 
 
 def test_train_precision_follows_compute_capability(monkeypatch, capsys):
-    """bf16 needs compute capability 8.0 (Ampere): a V100 / T4 trains in fp16 with a GradScaler, even
-    though torch.cuda.is_bf16_supported() says yes there (bf16 emulation)."""
+    """bf16 (and TF32) need compute capability 8.0 (Ampere): a V100 / T4 trains in fp16 with a GradScaler,
+    even though torch.cuda.is_bf16_supported() says yes there (bf16 emulation). fp32 matmuls and
+    convolutions run in TF32 under --amp tf32 alone (set through the fp32_precision API)."""
     gpu = torch.device('cuda:0')
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (7, 0))  # V100
-    assert train.pick_precision('auto', gpu)[:2] == (torch.float16, True)
-    assert train.pick_precision('off', gpu)[:2] == (None, False)
-    code, msg = _train_error_call(lambda: train.pick_precision('bf16', gpu), capsys)
-    assert code != 0 and 'does not support bf16' in msg
-    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))  # A100
-    assert train.pick_precision('auto', gpu)[:2] == (torch.bfloat16, False)
-    assert train.pick_precision('fp16', gpu)[:2] == (torch.float16, True)
+    with train.fp32_precision('ieee'):  # (the settings of the suite restored after)
+        assert train.pick_precision('auto', gpu)[:2] == (torch.float16, True)
+        assert train.pick_precision('off', gpu)[:2] == (None, False)
+        for amp in ('bf16', 'tf32'):
+            code, msg = _train_error_call(lambda: train.pick_precision(amp, gpu), capsys)
+            assert code != 0 and f'does not support {amp}' in msg
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: (8, 0))  # A100
+        for amp, want, fp32 in (('auto', (torch.bfloat16, False), 'ieee'), ('fp16', (torch.float16, True), 'ieee'),
+                                ('tf32', (None, False), 'tf32'), ('off', (None, False), 'ieee')):
+            assert train.pick_precision(amp, gpu)[:2] == want, amp
+            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (fp32,) * 2
+
+
+def test_train_evaluation_is_fp32_whatever_the_training_precision(_train_run, tmp_path, monkeypatch):
+    """--eval-only --amp bf16 and --amp off write the same scores, recorded as fp32: the evaluation runs
+    without the autocast and the TF32 that a training around it would use (here both are on around the
+    bf16 one), and leaves them as they were."""
+    forward, seen = TaskExpert.forward_with_gates, []
+    monkeypatch.setattr(TaskExpert, 'forward_with_gates', lambda model, x: seen.append(
+        (torch.is_autocast_enabled('cpu'), torch.backends.cuda.matmul.fp32_precision,
+         torch.backends.cudnn.conv.fp32_precision)) or forward(model, x))
+    scores = {}
+    for amp, fp32 in (('bf16', 'tf32'), ('off', 'ieee')):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp == 'bf16'), train.fp32_precision(fp32):
+            train.main(['--eval-only', '--checkpoint', str(_train_run / 'run' / 'best.pt'), '--amp', amp,
+                        '--out-dir', str(tmp_path / amp), '--eval-workers', '0'])
+            assert torch.is_autocast_enabled('cpu') == (amp == 'bf16') and torch.backends.cuda.matmul.fp32_precision == fp32
+        scores[amp] = json.loads(open(tmp_path / amp / 'metrics.jsonl').readline())
+        assert scores[amp].pop('precision') == 'fp32' and scores[amp].pop('eval_only')
+    assert scores['bf16'] == scores['off'] and set(seen) == {(False, 'ieee', 'ieee')}
 
 
 def test_train_accumulated_micro_batches_equal_one_batch():
@@ -2183,16 +2268,17 @@ def test_train_startup_warnings(monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_compiled_step_equals_eager():
-    """--compile: torch.compile (inductor, as --compile runs it) captures the model in one graph
-    (fullgraph: no graph break), with activation checkpointing too, and its loss and gradients equal
-    eager ones. Building the kernels takes minutes on a CPU: run with `pytest -m slow`."""
+def test_train_compiled_regions_equal_eager():
+    """--compile: torch.compile (inductor, as --compile runs it) of each block and MMoE (compile_regions),
+    with activation checkpointing around and inside them, gives the loss and gradients of the eager
+    model. Building the kernels takes minutes on a CPU: run with `pytest -m slow`."""
     batch = train.random_batch(TASKS['nyud'], 2, _MODEL_SIZE, torch.device('cpu'))
     results = []
     for compiled in (False, True):
         model = _tiny(TASKS['nyud'], taps=(1, 2), num_experts=2, grad_checkpoint='all' if compiled else 'off').train()
-        run = torch.compile(model, fullgraph=True) if compiled else model
-        total, _ = MultiTaskLoss(model.tasks)(run(batch['image']), batch)
+        if compiled:
+            train.compile_regions(model)
+        total, _ = MultiTaskLoss(model.tasks)(model(batch['image']), batch)
         total.backward()
         results.append((total, [p.grad for p in model.parameters() if p.requires_grad]))
     (eager, eager_grads), (comp, comp_grads) = results
@@ -2202,21 +2288,26 @@ def test_train_compiled_step_equals_eager():
 
 
 @pytest.mark.heavy
-def test_train_compile_flag_trains_and_saves_plain_keys(_train_run, tmp_path, monkeypatch):
-    """--compile in the training loop, with --accum-steps and --grad-checkpoint: it trains, and its
-    checkpoints hold the model's own keys (no _orig_mod. prefix). The aot_eager backend stands in for
-    inductor, whose kernels take minutes to build on a CPU (test_train_compiled_step_equals_eager);
-    fullgraph: the model is captured without a graph break."""
+def test_train_compile_flag_trains_as_eager_and_saves_plain_keys(_train_run, tmp_path, monkeypatch):
+    """--compile in the training loop, with --accum-steps and --grad-checkpoint: the blocks and MMoEs are
+    compiled, the heads not; its losses are the eager run's, and its checkpoints hold the model's own keys.
+    The aot_eager backend stands in for inductor, whose kernels take minutes to build on a CPU
+    (test_train_compiled_regions_equal_eager); fullgraph: no graph break inside a region."""
     compile, compiled = torch.compile, []
-    monkeypatch.setattr(torch, 'compile', lambda model: compiled.append(model) or compile(
-        model, backend='aot_eager', fullgraph=True))
-    train.main(_train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '2', '--eval-every', '2',
-                                '--batch-size', '4', '--accum-steps', '2', '--grad-checkpoint', 'mmoe',
-                                '--taps', '1', '2', '--compile'))
-    ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
-    assert len(compiled) == 1 and ckpt['step'] == 2 and ckpt['config']['accum_steps'] == 2
-    assert set(ckpt['model']) == set(TaskExpert.from_config(ckpt['config']).state_dict())
-    assert all(math.isfinite(r['loss']) for r in _train_losses(tmp_path / 'run'))
+    monkeypatch.setattr(torch, 'compile', lambda f: compiled.append(f.__self__) or compile(
+        f, backend='aot_eager', fullgraph=True))
+    runs = {}
+    for flag in ('--no-compile', '--compile'):
+        runs[flag] = tmp_path / flag
+        train.main(_train_tiny_args(_train_run / 'data', runs[flag], '--max-iters', '3', '--eval-every', '3',
+                                    '--batch-size', '4', '--accum-steps', '2', '--grad-checkpoint', 'mmoe',
+                                    '--taps', '1', '2', flag))
+    ckpt = torch.load(runs['--compile'] / 'last.pt', weights_only=True)
+    model = TaskExpert.from_config(ckpt['config'])
+    assert [type(m) for m in compiled] == [type(m) for m in [*model.backbone.blocks, *model.mmoe]]
+    assert ckpt['step'] == 3 and set(ckpt['model']) == set(model.state_dict())
+    for eager, comp in zip(*(_train_losses(runs[flag]) for flag in runs), strict=True):
+        assert comp == pytest.approx({**eager, 'img_s': comp['img_s']}, rel=1e-4)
 
 
 @pytest.mark.heavy
@@ -2775,10 +2866,11 @@ def test_train_save_predictions_writes_the_files_seism_scores(tmp_path, capsys):
     assert sorted(os.listdir(folder)) == ['depth', 'edge', 'normals', 'semseg']
     assert sorted(os.listdir(folder / 'edge')) == [f'{i}.png' for i in val.ids]
     counts = 0
+    with torch.no_grad():  # both rooms in one batch, as the evaluation ran them (train.EVAL_BATCH images at least)
+        outs = model(torch.stack([val[i]['image'] for i in range(len(val))]))
     for i, id_ in enumerate(val.ids):
         sample = val[i]
-        with torch.no_grad():
-            out = {t: o[0, :, :425, :560] for t, o in model(sample['image'][None]).items()}  # the image's pixels
+        out = {t: o[i, :, :425, :560] for t, o in outs.items()}  # the image's pixels
         files = {t: np.asarray(Image.open(folder / t / f'{id_}.png')) for t in ('edge', 'semseg', 'normals')}
         assert files['edge'].dtype == np.uint8 and files['edge'].shape == (425, 560)
         np.testing.assert_array_equal(files['edge'], (255 * torch.sigmoid(out['edge'][0])).to(torch.uint8).numpy())
@@ -2898,6 +2990,14 @@ def test_train_benchmark_prints_its_numbers(capsys):
     assert achieved == pytest.approx(flops * 2 / (ms / 1000) / 1e12, rel=0.01)
     backbone, rest = map(int, re.search(r'backbone (\d+)%, MMoE \+ heads (\d+)%', out).groups())
     assert backbone + rest == 100 and 0 < backbone < 100
+
+
+def test_train_benchmark_gemm_rate_is_the_flops_of_a_bf16_matmul_over_its_time(monkeypatch):
+    """The second MFU's ceiling: 2 n^3 FLOPs of an n x n bf16 matmul over its median time."""
+    products = []
+    monkeypatch.setattr(train, 'median_seconds', lambda fn, device, warmup, runs: (products.append(fn()), (1e-3, 0))[1])
+    assert train.gemm_tflops(torch.device('cpu'), n=64) == pytest.approx(2 * 64 ** 3 / 1e-3 / 1e12)
+    assert [(p.shape, p.dtype) for p in products] == [((64, 64), torch.bfloat16)]
 
 
 @pytest.mark.parametrize('name, peak', [
@@ -3322,8 +3422,8 @@ def test_export_metric_change_counts_like_training_evaluation(_export_onnx_files
     assert len(val) == 2 and os.path.isfile(tmp_path / 'synthetic' / 'gt_sets' / 'val.txt')
     samples = list(export.read_frames(val, range(2)).values())
     base = export.main_metrics(lambda im: export.reference(model, im, False)[0], samples, model.tasks, 'synthetic')
-    results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic', device=torch.device('cpu'),
-                             amp_dtype=None).scores
+    results = train.evaluate(model, data.eval_loader(val, 2, workers=0), dataset='synthetic',
+                             device=torch.device('cpu')).scores
     assert base == pytest.approx({t: r[TASK_TABLE[t].metric] for t, r in results.items()}, rel=1e-4)
     got = export.main_metrics(export.load_onnx(paths['int8']), samples, model.tasks, 'synthetic')
     line = export.metric_change(got, base)

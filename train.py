@@ -3,7 +3,7 @@
     python train.py                                   # synthetic scenes, from scratch, minutes on a CPU
     python train.py --dataset nyud                    # the paper recipe: ViT-L from ImageNet weights (fetched once)
     torchrun --nproc_per_node=4 train.py --dataset pascal --backbone base    # DistributedDataParallel
-    python train.py --resume runs/nyud/last.pt                               # continue exactly
+    python train.py --resume runs/nyud/last.pt                               # continue where it stopped
     python train.py --config runs/nyud/config.json --out-dir runs/nyud-2     # a run again, from its settings
     python train.py --eval-only --checkpoint runs/nyud/best.pt
     python train.py --predict my_photos/ --checkpoint runs/nyud/best.safetensors
@@ -13,8 +13,8 @@ A run writes to --out-dir (default runs/<dataset>): config.json (its settings), 
 metrics.jsonl (its logs; the last evaluation is the one to report), TensorBoard events, pictures,
 last.pt (to resume) and best.pt / best.safetensors. docs/training.md, 'What a run writes', has each file.
 """
-import argparse, contextlib, dataclasses, datetime, itertools, json, math, os, random, re, resource, signal, socket
-import statistics, sys, time
+import argparse, contextlib, dataclasses, datetime, itertools, json, math, multiprocessing, os, random, re, resource
+import signal, socket, statistics, sys, threading, time
 from typing import NamedTuple
 
 import numpy as np
@@ -34,8 +34,8 @@ from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE
 
 def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
     """The Run of cfg: the model, from ImageNet weights (the file `pretrained`) or from the state of
-    resume = (path, checkpoint); what trains it (DDP and / or torch.compile around it); Adam; the
-    GradScaler; the loss."""
+    resume = (path, checkpoint), its blocks and MMoEs compiled with --compile; what trains it (DDP around
+    it, or itself); Adam; the GradScaler; the loss."""
     torch.manual_seed(cfg['seed'] + rank)  # initialisation (identical across ranks: DDP broadcasts rank 0's)
     model = TaskExpert.from_config(cfg).to(device)
     if pretrained:
@@ -51,12 +51,12 @@ def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, r
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     if resume:
         restore(model, optimizer, scaler, resume, rank)
+    if cfg['compile']:  # the blocks and MMoEs, each compiled in place (compile_regions); the heads eager
+        compile_regions(model)
     trained = model  # evaluations and checkpoints use `model` itself
     if world > 1:  # gradients as views of DDP's all-reduce buckets: one gradient-sized copy less
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
-    if cfg['compile']:  # around DDP, which then splits the graph at its gradient buckets
-        trained = torch.compile(trained)
     loss_fn = MultiTaskLoss(model.tasks, weights=cfg['loss_weights'], pos_weights={'edge': cfg['edge_pos_weight']})
     return Run(cfg, model, trained, optimizer, scaler, loss_fn, device, amp_dtype, world)
 
@@ -139,39 +139,39 @@ def train(cfg, device, world, rank, resume=None, pool=None):
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, dataset, device, amp_dtype, keep=0, pool=None, save_to=None):
-    """The model on this process's share of the val split (`loader`, see shard_loader) -> Evaluation:
-    the meters' scores (data.update_meters) and the mean gate weights (forward_with_gates). Under
-    torchrun the sums are all-reduced: every process returns the whole split's. keep: the first
-    samples to draw; save_to: a folder for the predictions' files (data.write_predictions)."""
+def evaluate(model, loader, *, dataset, device, keep=0, pool=None, save_to=None):
+    """The model in fp32 (no autocast, no TF32, as the authors evaluate) on this process's share of the val
+    split (`loader`, see shard_loader) -> Evaluation: the meters' scores (data.update_meters) and the mean
+    gate weights (forward_with_gates). Under torchrun the sums are all-reduced: every process returns
+    the whole split's. keep: the first samples to draw; save_to: a folder for the predictions' files."""
     model.eval()
     if dist.is_initialized():  # every process scores rank 0's model, the one its checkpoint holds: without
         for b in model.buffers():  # SyncBatchNorm (gloo) each process's BN statistics follow its own images
             dist.broadcast(b, 0)
     split = whole_split(loader)
     meters = data.make_meters(model.tasks, dataset, pool)
+    on_cpu = [t for t in meters if TASK_TABLE[t].meter == 'boundary']  # (the boundary workers read them there)
     gates = GateMeans(model, device)
     kept, done, t0 = [], 0, time.time()
     # CPU meters beside busy boundary workers: one thread, else the meters' intra-op threads wait on
     # descheduled peers (docs/results.md, 'What an evaluation costs')
     threads = torch.get_num_threads()
     meter_threads = 1 if pool and device.type == 'cpu' else threads
-    for batch in loader:
-        images = batch['image'].to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            outputs, gate_weights = model.forward_with_gates(images)
-        outputs = {t: o.float() for t, o in outputs.items()}
-        gates.add(gate_weights, batch['meta'], images.shape[-2:])
-        torch.set_num_threads(meter_threads)
-        data.update_meters(meters, outputs, batch)
-        if save_to:
-            data.write_predictions(save_to, outputs, batch)
-        torch.set_num_threads(threads)  # (the model's)
-        for meta, preds, targets in itertools.islice(data.crops(outputs, batch), keep - len(kept)):
-            kept.append((targets['image'][0], {t: targets[t][0] for t in meters},
-                         {t: preds[t][0].cpu() for t in meters}, meta['id']))
-        done += len(images)
-        log_progress(done, len(images), len(loader.dataset), len(split), t0)
+    with fp32_precision('ieee'), autocast(device, None):  # TF32 and autocast off, whatever trains with them
+        for batch in loader:
+            batch = to_device(batch, device, keep=on_cpu)  # the meters' targets too: one copy per batch
+            outputs, gate_weights = model.forward_with_gates(batch['image'])
+            gates.add(gate_weights, batch['meta'], batch['image'].shape[-2:])
+            torch.set_num_threads(meter_threads)
+            data.update_meters(meters, outputs, batch)
+            if save_to:
+                data.write_predictions(save_to, outputs, batch)
+            torch.set_num_threads(threads)  # (the model's)
+            for meta, preds, targets in itertools.islice(data.crops(outputs, batch), keep - len(kept)):
+                kept.append((targets['image'][0].cpu(), {t: targets[t][0].cpu() for t in meters},
+                             {t: preds[t][0].cpu() for t in meters}, meta['id']))
+            done += len(batch['meta'])
+            log_progress(done, len(batch['meta']), len(loader.dataset), len(split), t0)
     sums = [x for m in meters.values() for x in m.state()] + gates.state()
     if dist.is_initialized():  # every sum over all processes (gloo: CPU tensors, nccl: CUDA ones)
         for x in sums:
@@ -217,6 +217,7 @@ MODEL_KEYS = ('dataset', 'tasks', 'backbone', 'img_size', 'num_experts', 'expert
               'ablation')
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 PANELS = 4  # val images drawn after each evaluation
+EVAL_BATCH = 8  # images per process and forward pass in evaluation, at least (see shard_loader)
 
 
 def make_parser():
@@ -249,7 +250,8 @@ def make_parser():
       'compute: mmoe = the MMoE modules (+1 %% FLOPs), all = also the backbone blocks (+17 %% for ViT-L) '
       f'({shown("grad_checkpoint")})')
     a('--compile', action=argparse.BooleanOptionalAction,
-      help=f'torch.compile the model for training (minutes of compilation at the start; {shown("compile")})')
+      help='torch.compile the ViT blocks and the MMoEs, each in place (the heads stay eager): compiled at the first '
+      f'steps, and again for inference at the first evaluation ({shown("compile")})')
     a('--max-iters', type=int, help=f'training iterations ({shown("max_iters")})')
     a('--lr', type=float, help=f'Adam learning rate ({shown("lr")})')
     a('--weight-decay', type=float, help=f'Adam weight decay ({shown("weight_decay")})')
@@ -288,12 +290,14 @@ def make_parser():
     a('--peak-tflops', type=float, default=None, help='with --benchmark: the dense bf16 peak of your accelerator in '
       'TFLOP/s, for the MFU (default: known for common NVIDIA GPUs)')
     a('--device', help=f'auto (cuda if available), cpu, cuda or cuda:N ({shown("device")})')
-    a('--amp', choices=['auto', 'bf16', 'fp16', 'off'], help='CUDA autocast: auto = bf16 where supported, else '
-      f'fp16 with a GradScaler; fp32 on the CPU ({shown("amp")})')
+    a('--amp', choices=['auto', 'bf16', 'fp16', 'tf32', 'off'], help='training\'s precision on CUDA: auto = bf16 '
+      'autocast where supported, else fp16 with a GradScaler; tf32 = fp32 with TF32 matmuls and convolutions (the '
+      f'authors\' on Ampere); off = fp32; auto on a CPU: fp32. Evaluation is fp32 whatever --amp ({shown("amp")})')
     a('--seed', type=int, help=f'seed of initialisation, data order and augmentations ({shown("seed")})')
     a('--workers', type=int, help=f'data-loading processes per training process ({shown("workers")})')
     a('--eval-workers', type=int, help='processes scoring boundaries during evaluation, per training process '
-      '(default: the CPUs available divided by the processes on this machine; 0: in the training process)')
+      '(default: this process\'s share of the CPUs available, less its --workers and itself, at least 1; 0: in the '
+      'training process)')
     a('--num-experts', type=int, help=f'experts E per MMoE ({shown("num_experts")})')
     a('--expert-dim', type=int, help='expert width D (default: by backbone, 256 tiny and small, 512 base, 768 '
       'large; synthetic 64, which goes with its tiny backbone: with another --backbone, that backbone\'s)')
@@ -470,7 +474,7 @@ class Run:
     """What the steps and the evaluations of one training run share."""
     cfg: dict  # the settings (resolve_config), cfg['out_dir'] included
     model: TaskExpert  # the model itself: evaluations and checkpoints read it
-    trained: torch.nn.Module  # what trains: the model, or DDP / torch.compile around it
+    trained: torch.nn.Module  # what trains: the model, or DDP around it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled under fp16 only; disabled, its calls pass through
     loss_fn: MultiTaskLoss
@@ -679,8 +683,9 @@ def check_datasets(cfg, sets):
         ds.check(cfg['workers'], *share)
 
 
-def to_device(batch, device):
-    return {k: v if k == 'meta' else v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch, device, keep=()):
+    """A batch's tensors on `device` (asynchronous from the loader's pinned memory), those named in keep left."""
+    return {k: v if k == 'meta' or k in keep else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -712,8 +717,6 @@ def pick_device(name):
                  'run at most that many processes (torchrun --nproc_per_node)')
         # the current device too, so that kernels, NCCL and cached allocations all land on ours
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (--amp off, the fp32 ops) on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # one input size throughout: pick the fastest kernels once
         return device
     if name != 'cpu':
@@ -722,22 +725,26 @@ def pick_device(name):
 
 
 def pick_precision(amp, device):
-    """-> (autocast dtype or None, use a GradScaler, why) for --amp on this device."""
+    """-> (autocast dtype or None, use a GradScaler, why) for --amp on this device. On CUDA it also sets
+    how fp32 matmuls and convolutions run (set_fp32_precision): TF32 under --amp tf32, else IEEE fp32."""
     amp = amp or 'auto'
     if device.type == 'cuda':
-        # bf16 tensor cores from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported()
+        # bf16 (and TF32) tensor cores from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported()
         # also says yes on a V100 or T4, where bf16 is only emulated and cuDNN has no bf16 convolutions.
-        bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        ampere = torch.cuda.get_device_capability(device) >= (8, 0)
+        if amp in ('bf16', 'tf32') and not ampere:
+            fail(f'--amp {amp}: this GPU does not support {amp}; use --amp fp16, off or auto')
+        set_fp32_precision('tf32' if amp == 'tf32' else 'ieee')
+        if amp == 'tf32':
+            return None, False, 'fp32, its matmuls and convolutions in TF32 (--amp tf32)'
         if amp == 'off':
             return None, False, 'fp32 (--amp off)'
-        if amp == 'fp16' or (amp == 'auto' and not bf16):
+        if amp == 'fp16' or (amp == 'auto' and not ampere):
             why = '--amp fp16' if amp == 'fp16' else 'this GPU has no bf16'
             return torch.float16, True, f'fp16 autocast + GradScaler ({why})'
-        if not bf16:
-            fail('--amp bf16: this GPU does not support bf16; use --amp fp16 or auto')
         return torch.bfloat16, False, 'bf16 autocast (' + ('--amp bf16)' if amp == 'bf16' else 'the GPU supports bf16)')
-    if amp == 'fp16':
-        fail('--amp fp16 needs a CUDA device; on the CPU use --amp off or bf16')
+    if amp in ('fp16', 'tf32'):
+        fail(f'--amp {amp} needs a CUDA device; on the CPU use --amp off or bf16')
     if amp == 'bf16':
         return torch.bfloat16, False, 'bf16 autocast on the CPU (--amp bf16)'
     return None, False, 'fp32 (CPU: no autocast)' + (' (--amp off)' if amp == 'off' else '')
@@ -747,15 +754,137 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def set_fp32_precision(precision):
+    """How CUDA runs fp32 matmuls and convolutions: 'ieee' (fp32 itself) or 'tf32' (tensor cores reading
+    10 of the 23 mantissa bits, as cuDNN convolutions do by default, and as the authors' torch 1.10 did
+    for matmuls too on Ampere). Through the fp32_precision API of torch >= 2.9: its legacy allow_tf32
+    flags are deprecated, and reading them once this API is used raises."""
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
+@contextlib.contextmanager
+def fp32_precision(precision):
+    """set_fp32_precision(precision) for the block, the settings before it restored after."""
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    set_fp32_precision(precision)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def compile_regions(model):
+    """--compile: each ViT block and each MMoE compiled in place (torch.compile of its forward). The blocks
+    share one compiled graph (as do the MMoEs after the first), so compiling takes seconds, not minutes;
+    the heads stay eager, and with them SyncBatchNorm, on which a whole-model graph would break."""
+    for module in [*model.backbone.blocks, *model.mmoe]:
+        module.compile()
+
+
+# -------------------------------------------------------------------------------------------------
+# Several processes: one per GPU (nccl) or CPU worker (gloo), started by torchrun or by any launcher
+# that sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; and how they stop together
+# -------------------------------------------------------------------------------------------------
+
+# The longest a process waits in a collective before the run stops: rank 0 saving ViT-L's checkpoints
+# (5.6 GB) or fetching the ImageNet weights (1.2 GB) while the others wait.
+PG_TIMEOUT = datetime.timedelta(minutes=15)
+
+
 def setup_distributed(device_flag):
-    """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK: one process per GPU (nccl) or CPU worker (gloo)."""
+    """-> (device, processes, rank). With several processes, the process group over the launcher's
+    key-value store, and a thread that watches the others (Peers)."""
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = pick_device(device_flag)
-    if world > 1:
-        # rank 0 alone writes checkpoints and pictures while the others wait: allow slow disks
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                timeout=datetime.timedelta(hours=2))
-    return device, world, int(os.environ.get('RANK', 0))
+    if world == 1:
+        return device, 1, 0
+    store, rank, world = next(dist.rendezvous('env://', timeout=PG_TIMEOUT))  # (what init_process_group does)
+    # device_id: nccl sets up its communicator now, on this process's GPU
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', store=dist.PrefixStore('default_pg', store),
+                            rank=rank, world_size=world, timeout=PG_TIMEOUT,
+                            device_id=device if device.type == 'cuda' else None)
+    PEERS.watch(store, rank)
+    return device, world, rank
+
+
+class Peers:
+    """How the processes of a run stop together when one fails, in seconds and with one line each,
+    under any launcher. The first to fail writes its rank and error under KEY in the launcher's
+    key-value store (stop). A thread of every process waits for that key (wait), then aborts the
+    process group, so that a collective waiting for the failed process returns with an error (nccl;
+    under gloo, the failed process's closed sockets do that), which the main thread turns into one line
+    naming the failed process (stop). A process still running GRACE seconds later prints that line and
+    exits. A process that ends its work sets the key to 'done' (finish), which ends the waits."""
+    KEY = f'taskexpert/failed/{os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)}'  # (per torchrun restart)
+    GRACE = 10
+
+    def __init__(self):
+        self.store, self.rank, self.failed, self.stopping = None, 0, None, False  # failed: (rank, error)
+        self.ended = threading.Event()  # the key was set to 'done', or by this process
+
+    def watch(self, store, rank):
+        self.store, self.rank = store, rank
+        threading.Thread(target=self.wait, args=(store.host, store.port), daemon=True, name='peers').start()
+
+    def wait(self, host, port):
+        """The watching thread, on its own connection to the store (a client waiting for a key blocks others)."""
+        try:
+            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(days=365))
+        except dist.DistError:  # (unreachable from here: the run goes on unwatched)
+            return
+        try:
+            rank, _, error = store.get(self.KEY).decode().partition(' ')  # (get waits for the key)
+        except dist.DistError:  # the store closed: without torchrun rank 0 holds it, and it ended
+            rank, error = '0', 'its process ended without a word (killed?)'
+        if rank in ('done', str(self.rank)):
+            return self.ended.set()
+        self.failed = int(rank), error
+        with contextlib.suppress(Exception):  # (already destroyed, when this process is ending anyway)
+            dist.group.WORLD.abort()
+        time.sleep(self.GRACE)
+        if not self.stopping:  # stuck outside any collective
+            print(f'train.py: error: {self.line()}', file=sys.stderr, flush=True)
+        for child in multiprocessing.active_children():  # data loaders, boundary workers
+            child.terminate()
+        os._exit(1)
+
+    def line(self):
+        return f'rank {self.failed[0]} failed: {self.failed[1]}; rank {self.rank} stopped with it'
+
+    def stop(self, error):
+        """The main thread's error path: tell the other processes (the first failure is the one named), abort
+        the process group; if another process failed first, stop with the one line that names it. An
+        interruption (Ctrl-C, SIGTERM) is not told: a launcher sends it to every process."""
+        self.stopping = True
+        if self.failed is None and not isinstance(error, KeyboardInterrupt):
+            with contextlib.suppress(dist.DistError):  # (its store is gone if rank 0 held it and ended)
+                first = self.store.compare_set(self.KEY, '', f'{self.rank} {one_line(error)}').decode()
+                rank, _, first = first.partition(' ')
+                if rank not in ('done', str(self.rank)):
+                    self.failed = int(rank), first
+        if dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()  # (no destroy: its shutdown could wait for the failed)
+        if self.failed and not isinstance(error, SystemExit):  # (this process's own one-line error stays)
+            fail(self.line())
+        if 'Connection closed by peer' in str(error):  # gloo: a process died without telling
+            fail(f'another process of the run ended without a word (killed?): rank {self.rank} stopped with it')
+
+    def finish(self):
+        """This process's work is done: the watching threads of all stop (a failure told first stays). Not
+        when another process said so already: it may have ended since, and with it (rank 0) the store."""
+        if self.store is not None and not self.ended.is_set():
+            self.store.compare_set(self.KEY, '', 'done')
+
+
+PEERS = Peers()  # this process's
+
+
+def one_line(error):
+    """An exception as one line: a fail() message without its 'train.py: error: ', else 'Type: first line'."""
+    if isinstance(error, SystemExit):
+        return str(error.code).removeprefix('train.py: error: ') if isinstance(error.code, str) else 'see its output'
+    return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0]}'
 
 
 # -------------------------------------------------------------------------------------------------
@@ -780,7 +909,8 @@ def why_skipped(run, total, grad_norm, per_task):
 
 class LossLog:
     """The losses of the steps since the last progress line: their sums stay on the device (no wait
-    for it in the loop) and are read once per line, printed, appended to train.jsonl and TensorBoard."""
+    for it in the loop) and are read once per line, as the mean over the processes (all-reduced there,
+    not at every step), printed, appended to train.jsonl and TensorBoard."""
 
     def __init__(self):
         self.t0, self.steps, self.sums = time.time(), 0, {}
@@ -791,8 +921,14 @@ class LossLog:
             self.sums[t] = self.sums.get(t, 0.0) + v
 
     def report(self, run, step, lr):
-        cfg, dt = run.cfg, time.time() - self.t0
-        rec = {'step': step, **{t: v.item() / self.steps for t, v in self.sums.items()}, 'lr': lr,
+        cfg = run.cfg
+        # every process took the same steps (the skip rule decides alike): the sums and the seconds of all,
+        # divided by the processes, are the global batch's mean losses and the mean time of a step
+        sums = torch.stack([*self.sums.values(), torch.tensor(time.time() - self.t0, device=run.device)]).double()
+        if run.world > 1:
+            dist.all_reduce(sums)
+        *sums, dt = (sums / run.world).tolist()
+        rec = {'step': step, **{t: v / self.steps for t, v in zip(self.sums, sums)}, 'lr': lr,
                'img_s': self.steps * cfg['batch_size'] / dt}
         eta = (cfg['max_iters'] - step) * dt / self.steps
         log(f'step {step}/{cfg["max_iters"]} loss {rec["loss"]:.4f} (' +
@@ -919,10 +1055,12 @@ def truncate_jsonl(path, step):
 
 def shard_loader(val_ds, cfg, world=1, rank=0):
     """This process's share of the val split, in order: contiguous, the shares differ by one image
-    at most and none is read twice (a DistributedSampler pads with repeats)."""
+    at most and none is read twice (a DistributedSampler pads with repeats). Its batches: the training's
+    micro-batch, which fits in memory with the activations kept for backward, and at least EVAL_BATCH."""
     n = len(val_ds)
     share = torch.utils.data.Subset(val_ds, range(rank * n // world, (rank + 1) * n // world))
-    return data.eval_loader(share, max(1, cfg['batch_size'] // world), cfg['workers'])
+    micro_batch = cfg['batch_size'] // (world * cfg['accum_steps'])
+    return data.eval_loader(share, max(EVAL_BATCH, micro_batch), cfg['workers'])
 
 
 def whole_split(loader):
@@ -934,9 +1072,9 @@ def whole_split(loader):
 def edge_pool(cfg):
     """The boundary metric's worker processes (--eval-workers), or None to score in this process."""
     n = cfg['eval_workers']
-    if n is None:  # this process's share of the CPUs it may run on
+    if n is None:  # this process's share of the CPUs it may run on, less its loaders and itself
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        n = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        n = max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - cfg['workers'] - 1)
     return data.EdgePool(n) if n else None
 
 
@@ -970,8 +1108,8 @@ def finish_evaluation(run, step, rng, scores=None):
     cfg, logged = run.cfg, scores is not None
     if not logged:
         save_to = predictions_folder(cfg, step)
-        evaluation = evaluate(run.model, run.val_loader, dataset=cfg['dataset'], device=run.device,
-                              amp_dtype=run.amp_dtype, keep=PANELS, pool=run.pool, save_to=save_to)
+        evaluation = evaluate(run.model, run.val_loader, dataset=cfg['dataset'], device=run.device, keep=PANELS,
+                              pool=run.pool, save_to=save_to)
         scores = report(cfg, run.model, step, evaluation, board=run.board, save_to=save_to)
     if not is_main():
         return
@@ -1049,7 +1187,8 @@ def report(cfg, model, step, evaluation, *, board=None, tag=None, save_to=None):
     subsets = {t: what for t, what in split.subsets.items() if t in scores}  # the tasks scored on some images
     final = tag is None and step == cfg['max_iters']
     record = {'step': step, **({'eval_only': tag} if tag else {}), **({'report': True} if final else {}),
-              **scores, **({'scored_on': subsets} if subsets else {}), 'gate_memory': memory, 'gates': by_tap}
+              'precision': 'fp32', **scores, **({'scored_on': subsets} if subsets else {}), 'gate_memory': memory,
+              'gates': by_tap}
     baselines = read_baselines(cfg)
     if baselines:
         record['delta_m'] = data.delta_m({t: scores[t][TASK_TABLE[t].metric] for t in scores}, baselines)
@@ -1429,6 +1568,14 @@ def median_seconds(fn, device, warmup, runs):
     return statistics.median(times[warmup:]), times[0]
 
 
+def gemm_tflops(device, n=8192):
+    """The TFLOP/s of a bf16 matmul (n x n by n x n) on this GPU: what its tensor cores reach in practice,
+    below the datasheet's peak, for a second MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    seconds, _ = median_seconds(lambda: a @ b, device, warmup=3, runs=10)
+    return 2 * n ** 3 / seconds / 1e12
+
+
 def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3, runs=10):
     """Counted FLOPs per image, then the median time of training steps (train_step, as in training)
     and of inference on random inputs at the configured backbone, size, batch and variant (--amp,
@@ -1469,11 +1616,13 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
     achieved = flops * B / t_train / 1e12
     known, name = peak_tflops(device)
     peak = peak or known
+    gemm = gemm_tflops(device) if device.type == 'cuda' else None
     print(f'train:     {B / t_train:8.2f} img/s  ({t_train * 1000:.1f} ms per step, median of {runs} after {warmup} '
           f'warm-up; the first took {t_first:.1f} s)')
     print(f'           {achieved:.3g} TFLOP/s achieved, MFU ' +
           (f'{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s ({name}, dense bf16 peak)' if peak else
-           f'unknown: no peak for {name} (pass --peak-tflops)'))
+           f'unknown: no peak for {name} (pass --peak-tflops)') +
+          (f'; {100 * achieved / gemm:.1f} % of the {gemm:.0f} TFLOP/s of a bf16 matmul measured here' if gemm else ''))
     print(f'inference: {B / t_infer:8.2f} img/s  ({t_infer * 1000:.1f} ms per batch, eager)')
     share = min(1.0, t_backbone / t_infer)
     print(f'inference time: backbone {100 * share:.0f}%, MMoE + heads {100 * (1 - share):.0f}%')
@@ -1648,9 +1797,12 @@ def run_mode(args, cfg, path, ckpt, model):
             else:  # rank 0 alone writes the outputs, so it alone holds the out-dir
                 with hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
                     train(cfg, device, world, rank, (path, ckpt) if ckpt else None, pool)
-    except BaseException:
+        PEERS.finish()
+    except BaseException as e:
         if pool:  # interrupted or failed: the images still being scored are of no use
             pool.stop()
+        if world > 1:  # the other processes stop too (this one with one line if another failed first)
+            PEERS.stop(e)
         raise
     finally:
         if pool:
@@ -1662,15 +1814,14 @@ def run_mode(args, cfg, path, ckpt, model):
 def eval_only(cfg, model, path, *, device, world, rank, pool):
     """--eval-only: the checkpoint's model on the val split, reported as training's evaluations are (its
     line in metrics.jsonl tagged with the checkpoint's path); its summary line says how long it took."""
-    amp_dtype, _, why = pick_precision(cfg['amp'], device)
     model.to(device)
-    log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, {why}')
+    log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, fp32')
     (val_ds,) = open_datasets(cfg, splits=('val',))
     if is_main():
         os.makedirs(cfg['out_dir'], exist_ok=True)
     save_to = predictions_folder(cfg, model.step, tag=path)
     evaluation = evaluate(model, shard_loader(val_ds, cfg, world, rank), dataset=cfg['dataset'], device=device,
-                          amp_dtype=amp_dtype, keep=PANELS, pool=pool, save_to=save_to)
+                          keep=PANELS, pool=pool, save_to=save_to)
     report(cfg, model, model.step, evaluation, tag=path, save_to=save_to)
 
 
