@@ -2709,15 +2709,16 @@ def test_train_a_run_folder_is_its_runs(_train_run, tmp_path, monkeypatch, capsy
     assert code != 0 and f'its step {best} is not the latest of {later} (step 7)' in msg and '--rewind' in msg, msg
     assert _sha256s(later) == before and '\n' not in msg
     capsys.readouterr()
-    train.main(['--resume', str(later / 'best.pt'), '--rewind', '--max-iters', str(best + 1)])
-    assert (f'note: --rewind: the run to step 7 is kept in {later}: train.jsonl as train_step7.jsonl, metrics.jsonl '
-            'as metrics_step7.jsonl, last.pt as last_step7.pt') in capsys.readouterr().out
+    train.main(['--resume', str(later / 'best.pt'), '--rewind', '--max-iters', str(best)])  # (to train no further)
+    assert (f'note: --rewind: the run to step 7 is kept in {later}/run_to_step7 (last.pt moved; config.json, '
+            'curves.png, gates.png, metrics.jsonl, train.jsonl, vis copied)') in capsys.readouterr().out
     after = _sha256s(later)
-    for name, kept_as in (('last.pt', 'last_step7.pt'), ('train.jsonl', 'train_step7.jsonl'),
-                          ('metrics.jsonl', 'metrics_step7.jsonl')):
-        assert after[kept_as] == before[name], name
-    assert [r['step'] for r in _train_losses(later)] == list(range(1, best + 2))
-    assert torch.load(later / 'last.pt', weights_only=True)['step'] == best + 1
+    for name, digest in before.items():  # (best.* is of the resumed run's past: a better evaluation replaces it)
+        assert after.get(f'run_to_step7/{name}', after.get(name)) == digest or name.startswith('best.'), name
+    assert [r['step'] for r in _train_losses(later)] == list(range(1, best + 1)) and not (later / 'last.pt').exists()
+    shutil.copy(later / 'run_to_step7' / 'last.pt', later / 'copy.pt')  # a checkpoint past the folder's run
+    code, msg = _train_error(['--resume', str(later / 'copy.pt')], capsys)
+    assert code != 0 and f'its step 7 is past the run in {later} (step {best})' in msg and '\n' not in msg, msg
 
 
 @pytest.mark.heavy

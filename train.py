@@ -271,8 +271,8 @@ def make_parser():
     a('--resume', nargs='?', const='', default=None, metavar='PATH',
       help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
     a('--rewind', action='store_true', default=False, help='with --resume of a checkpoint before the last step of '
-      'its folder (e.g. best.pt while last.pt is later): continue from it there, keeping what it replaces (last.pt '
-      'renamed last_step<N>.pt, the logs copied to train_step<N>.jsonl and metrics_step<N>.jsonl)')
+      'its folder (e.g. best.pt while last.pt is later): continue from it there, keeping what it replaces in '
+      '<folder>/run_to_step<N>/ (last.pt and later best.* moved, the logs and pictures copied)')
     a('--checkpoint', metavar='PATH', default=None, help='model for --eval-only / --predict, .pt or .safetensors '
       '(default: <out-dir>/best.pt)')
     a('--eval-only', action='store_true', default=False, help='evaluate --checkpoint on the val split and exit')
@@ -350,7 +350,7 @@ def given_settings(args):
     dataset's run (a synthetic run's config.json with --dataset nyud) lends no data_root or scenes."""
     flags = {k: v for k, v in vars(args).items() if k in SETTINGS}
     from_file = args.from_file
-    if from_file.get('dataset', flags.get('dataset')) != flags.get('dataset', from_file.get('dataset')):
+    if 'dataset' in flags and from_file.get('dataset', flags['dataset']) != flags['dataset']:
         from_file = {k: v for k, v in from_file.items() if k not in ('data_root', 'scenes')}
     return {**from_file, **flags}
 
@@ -552,7 +552,7 @@ def start(cfg, device, world, rank, resume, pool):
     run.val_loader, run.pool, step = shard_loader(val_ds, cfg, world, rank), pool, ckpt['step'] if ckpt else 0
     log_start(run, (train_ds, val_ds), why, step, pretrained)
     if is_main():
-        open_run_folder(run, step)
+        open_run_folder(run, step, path)
     if ckpt is not None:
         finish_checkpoint(run, step, ckpt['rng'])
     return run, train_ds, step
@@ -852,9 +852,9 @@ class LossLog:
 # The run folder and its logs
 # -------------------------------------------------------------------------------------------------
 
-# The files a run writes into its folder (or keeps there, --rewind): any of them makes the folder that run's
-RUN_FILES = re.compile(r'(last|best)(_step\d+(_\d+)?)?\.pt|best\.safetensors|(train|metrics)(_step\d+(_\d+)?)?\.jsonl|'
-                       r'events\.out\.tfevents\..*|curves\.png|gates\.png|vis|val_step\d+')
+# The files a run writes into its folder (and keeps there, --rewind): any of them makes the folder that run's
+RUN_FILES = re.compile(r'(last|best)\.pt|best\.safetensors|(train|metrics)\.jsonl|events\.out\.tfevents\..*|'
+                       r'curves\.png|gates\.png|vis|val_step\d+|run_to_step\d+(_\d+)?')
 
 
 def check_out_dir(out, resume=None, step=None, rewind=False):
@@ -864,11 +864,14 @@ def check_out_dir(out, resume=None, step=None, rewind=False):
     of another run (any file of RUN_FILES there: a checkpoint, a log, events, pictures), or of other
     files."""
     if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
-        later = latest_step(out)
-        if later is not None and later > step and not rewind:
-            fail(f'--resume {resume}: its step {step} is not the latest of {out} (step {later}): continuing from it '
+        latest = latest_step(out, resume, step)
+        if latest is not None and step > latest:  # (e.g. a copy of another run's checkpoint)
+            fail(f'--resume {resume}: its step {step} is past the run in {out} (step {latest}), whose files it would '
+                 'mix with its own: continue it in a new folder, --out-dir NEW')
+        if latest is not None and step < latest and not rewind:
+            fail(f'--resume {resume}: its step {step} is not the latest of {out} (step {latest}): continuing from it '
                  f'would replace what the run did after it (last.pt, the logs after step {step}); pass --rewind to '
-                 'continue from it there anyway (they are kept, named with their step), or --out-dir NEW')
+                 f'continue from it there anyway (that is kept, in {out}/run_to_step{latest}), or --out-dir NEW')
         return
     names = sorted(set(os.listdir(out)) - {'train.lock'})
     files = [re.sub(r'^\.(.+)\.tmp\d+$', r'\1', n) for n in names]  # (atomic_write's temporaries: of their file)
@@ -887,11 +890,14 @@ def check_out_dir(out, resume=None, step=None, rewind=False):
         fail(f'{out} holds files that train.py did not write ({", ".join(others[:3])}): pass a new or empty --out-dir')
 
 
-def latest_step(out):
-    """The last step of the run in a folder: its last.pt's, or its last evaluation's if later; None: neither."""
+def latest_step(out, resume=None, step=None):
+    """The last step of the run in a folder: its last.pt's, or its last evaluation's if later; None:
+    neither. (resume, step): the checkpoint resumed and its step, not read again if it is last.pt."""
     steps = [r['step'] for r in training_evaluations(read_jsonl(os.path.join(out, 'metrics.jsonl')))]
     last = os.path.join(out, 'last.pt')
-    if os.path.isfile(last):
+    if resume and os.path.isfile(last) and os.path.samefile(resume, last):
+        steps.append(step)
+    elif os.path.isfile(last):
         steps.append(loaded(lambda p: read_checkpoint(p, mmap=True), last)['step'])
     return max(steps, default=None)
 
@@ -912,21 +918,23 @@ def check_eval_dir(out, checkpoint):
          f'line there; pass a new folder, or no --out-dir to write beside {checkpoint}')
 
 
-def open_run_folder(run, step):
-    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones; --rewind keeps the
-    later run first, keep_later), run.best (read from best.pt, the one file that holds it, so that it
-    names weights that exist) and run.board."""
+def open_run_folder(run, step, resume=None):
+    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones; --rewind first keeps
+    what the run did after it, keep_later; resume: the checkpoint's path), run.best (read from best.pt, the one file that holds it, so
+    that it names weights that exist) and run.board."""
     out = run.cfg['out_dir']
     best_pt = os.path.join(out, 'best.pt')
+    best = lambda: read_checkpoint(best_pt, mmap=True)['best'] if os.path.isfile(best_pt) else None  # noqa: E731
     try:
-        run.best = read_checkpoint(best_pt, mmap=True)['best'] if os.path.isfile(best_pt) else None
+        run.best = best()
     except ValueError as e:
         fail(f'{e}; it records the run\'s best evaluation: restore it, or move it aside (e.g. to {best_pt}.damaged) '
              'and resume again: the next evaluation then writes a new best.pt')
     os.makedirs(out, exist_ok=True)
-    later = latest_step(out)
-    if later is not None and later > step:  # (--rewind: check_out_dir refuses it otherwise)
-        keep_later(out, later)
+    latest = latest_step(out, resume, step)
+    if latest is not None and latest > step:  # (--rewind: check_out_dir refuses it otherwise)
+        keep_later(out, step, latest, run.best)
+        run.best = best()
     atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(run.cfg, indent=1).encode()))
     trained = truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
     truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
@@ -934,24 +942,27 @@ def open_run_folder(run, step):
     run.board = open_board(run.cfg, step, evaluated, [r for r in trained if r['step'] == step])
 
 
-def keep_later(out, later):
-    """--rewind: the run up to step `later`, which the resumed one replaces, kept beside it: last.pt
-    renamed last_step<later>.pt, train.jsonl and metrics.jsonl copied whole (they are trimmed next)."""
-    suffix, k = f'_step{later}', 1
-    while any(os.path.exists(os.path.join(out, f'{stem}{suffix}{ext}'))
-              for stem, ext in (('last', '.pt'), ('train', '.jsonl'), ('metrics', '.jsonl'))):
+def keep_later(out, step, latest, best):
+    """--rewind: what the run in `out` did after `step` (to `latest`), which the resumed run replaces,
+    kept in <out>/run_to_step<latest>/: its settings, logs and pictures copied (the logs are trimmed
+    next), last.pt and best.* (when its `best` record is later) and later val_step<N>/ moved."""
+    keep, k = os.path.join(out, f'run_to_step{latest}'), 1
+    while os.path.exists(keep + f'_{k}' * (k > 1)):
         k += 1
-        suffix = f'_step{later}_{k}'
-    kept = []
-    for stem, ext in (('train', '.jsonl'), ('metrics', '.jsonl'), ('last', '.pt')):  # (last.pt last: a failure
-        path, kept_as = os.path.join(out, stem + ext), os.path.join(out, stem + suffix + ext)  # before leaves it)
-        if os.path.isfile(path):
-            if ext == '.pt':
-                os.replace(path, kept_as)
-            else:
-                shutil.copy2(path, kept_as)
-            kept.append(f'{stem}{ext} as {stem}{suffix}{ext}')
-    log(f'note: --rewind: the run to step {later} is kept in {out}: ' + ', '.join(kept))
+    keep += f'_{k}' * (k > 1)
+    names = sorted(os.listdir(out))
+    copied = [n for n in names if n in ('config.json', 'train.jsonl', 'metrics.jsonl', 'curves.png', 'gates.png',
+                                        'vis')]
+    later = {'last.pt'} | ({'best.pt', 'best.safetensors'} if best and best['step'] > step else set())
+    moved = [n for n in names if n in later or re.fullmatch(r'val_step\d+', n) and int(n[8:]) > step]
+    os.makedirs(keep)
+    for name in copied:  # (first: a failure leaves every file in place)
+        src = os.path.join(out, name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(keep, name))
+    for name in moved:
+        os.replace(os.path.join(out, name), os.path.join(keep, name))
+    log(f'note: --rewind: the run to step {latest} is kept in {keep} ({", ".join(moved)} moved; '
+        f'{", ".join(copied)} copied)')
 
 
 def logged_scores(out_dir, step, tasks):
