@@ -564,8 +564,8 @@ def rgb_image(image):
     if image.mode in GREY_RANGES:
         a, top = np.asarray(image, np.float64), GREY_RANGES[image.mode]
         if a.size and not (0 <= a.min() and a.max() <= top):  # (NaN fails too)
-            raise ValueError(f'a {image.mode} image of values {a.min():g}..{a.max():g}, beyond 0..{top:g}: convert '
-                             'it to 8-bit RGB')
+            raise ValueError(f'an image of PIL mode {image.mode} with values {a.min():g}..{a.max():g}, beyond '
+                             f'0..{top:g}: convert it to 8-bit RGB')
         return Image.fromarray(np.repeat(np.round(a / top * 255).astype(np.uint8)[..., None], 3, -1))
     if image.mode not in RGB_READS:
         raise ValueError(f'an image of PIL mode {image.mode}, which does not convert to RGB exactly: convert it to '

@@ -2578,7 +2578,7 @@ def test_train_never_writes_into_another_runs_or_a_users_folder(_train_run, tmp_
     (mine / 'config.json').write_text('{"my": "settings"}')
     trees = {d: _tree(d) for d in (other, mine)}
     resume = ['--resume', str(_train_run / 'run' / 'last.pt')]
-    for argv, refusal in ((resume + ['--out-dir', str(other)], f'{other} already holds a run (last.pt, best.pt, best.safetensors, '),
+    for argv, refusal in ((resume + ['--out-dir', str(other)], f'{other} already holds a run (last.pt, best.pt, '),
                           (resume + ['--out-dir', str(mine)], f'{mine} holds files that train.py did not write'),
                           (_train_tiny_args(_train_run / 'data', mine), 'did not write (config.json)')):
         code, msg = _train_error(argv, capsys)
@@ -2683,8 +2683,10 @@ def test_train_a_run_folder_is_its_runs(_train_run, tmp_path, monkeypatch, capsy
     before = {d: _sha256s(d) for d in (kept, other)}
     evaluate = ['--eval-only', '--checkpoint', str(run / 'best.pt'), '--out-dir']
     for argv, refusal in ((_train_tiny_args(data_root, kept), f'{kept} already holds a run (best.safetensors, '),
-                          (evaluate + [str(kept)], f'--out-dir {kept} holds another run (best.safetensors, '),
-                          (evaluate + [str(other)], f'--out-dir {other} holds another run (best.pt, ')):
+                          (evaluate + [str(kept)], f'--out-dir {kept} holds the files of another run or evaluation '
+                                                   '(best.safetensors, '),
+                          (evaluate + [str(other)], f'--out-dir {other} holds the files of another run or evaluation '
+                                                    '(best.pt, ')):
         code, msg = _train_error(argv, capsys)
         assert code != 0 and refusal in msg and '\n' not in msg, msg
     assert {d: _sha256s(d) for d in before} == before
@@ -2752,11 +2754,12 @@ def test_train_predict_reads_photos_as_a_person_sees_them(_train_run, tmp_path, 
     assert f'{photos}/print.jpg: cannot read the image (an image of PIL mode CMYK, which does not convert' in lines
     assert f'{photos}/torn.png: cannot read the image (' in lines
     assert f'note: {photos}: 1 of its 6 entries are not images by their extension, skipped (e.g. notes.txt)' in lines
-    assert sorted(os.listdir(out)) == [f'{n}.{e}' for n in ('float.tif', 'grey16.png', 'phone.jpg') for e in ('npz', 'png')]
+    assert sorted(os.listdir(out)) == [f'{n}.{e}' for n in ('float.tif', 'grey16.png', 'phone.jpg')
+                                       for e in ('npz', 'png')]
     assert _sha256s(photos) == before
     model = TaskExpert.from_checkpoint(ckpt)
-    as_shown = {'phone.jpg': np.rot90(np.asarray(Image.open(photos / 'phone.jpg')), -1),
-                'grey16.png': np.round(grey16 / 65535 * 255), 'float.tif': np.round(grey_float.astype(np.float64) * 255)}
+    as_shown = {'phone.jpg': np.rot90(np.asarray(Image.open(photos / 'phone.jpg')), -1),  # turned clockwise
+                'grey16.png': np.round(grey16 / 65535 * 255), 'float.tif': np.round(grey_float.astype(float) * 255)}
     for name, rgb in as_shown.items():
         rgb = np.ascontiguousarray(np.broadcast_to(rgb[..., None], (*rgb.shape[:2], 3)) if rgb.ndim == 2 else rgb)
         want, got = predict(model, rgb.astype(np.uint8)), np.load(out / f'{name}.npz')
@@ -2894,20 +2897,22 @@ def test_train_says_the_right_words(_train_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('HF_ENDPOINT', 'huggingface.co')
     before = _sha256s(tmp_path)
     for argv, expected in (
-            (_train_tiny_args(data_root, tmp_path / 'a_file'), f'--out-dir {tmp_path}/a_file: a file, not a folder: pass a '
-                                                                'folder'),
+            (_train_tiny_args(data_root, tmp_path / 'a_file'),
+             f'--out-dir {tmp_path}/a_file: a file, not a folder: pass a folder'),
             (_train_tiny_args(data_root, public / 'read_only'),
              f'{public}/read_only/train.lock: Permission denied; the folder is not writable: pass another --out-dir'),
-            (['--eval-only', '--checkpoint', str(run)], f'{run}: a folder, not a checkpoint: pass one of its files, e.g. '
-                                                        f'{run}/best.pt (last.pt to resume)'),
+            (['--eval-only', '--checkpoint', str(run)],
+             f'{run}: a folder, not a checkpoint: pass one of its files, e.g. {run}/best.pt (last.pt to resume)'),
             (['--resume', str(run)], f'{run}: a folder, not a checkpoint'),
             (_train_tiny_args(data_root, tmp_path / 'new', '--pretrained', str(run / 'last.pt')),
-             f'{run}/last.pt: a TaskExpert trained by train.py, not ImageNet weights of a ViT: continue it with --resume'),
+             f'{run}/last.pt: a TaskExpert trained by train.py, not ImageNet weights of a ViT: continue it with '
+             '--resume'),
             (_train_tiny_args(data_root, tmp_path / 'new', '--pretrained', 'vit_tiny_patch16_384.augreg_in21k_ft_in1k'),
-             "HF_ENDPOINT='huggingface.co' is not a URL of the hub or a mirror (e.g. https://huggingface.co): correct it, "
-             'or unset it'),
-            (['--resume', str(torn / 'last.pt')], f'; it records the run\'s best evaluation: restore it, or move it aside '
-                                                   f'(e.g. to {torn}/best.pt.damaged) and resume again')):
+             "HF_ENDPOINT='huggingface.co' is not a URL of the hub or a mirror (e.g. https://huggingface.co): correct "
+             'it, or unset it'),
+            (['--resume', str(torn / 'last.pt')],
+             f'; it records the run\'s best evaluation: restore it, or move it aside (e.g. to {torn}/best.pt.damaged) '
+             'and resume again')):
         with _as_another_user() if 'read_only' in str(argv) else contextlib.nullcontext():
             code, msg = _train_error(argv, capsys)
         assert code != 0 and expected in msg and '\n' not in msg, msg
@@ -2940,7 +2945,8 @@ def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, 
     cfg = train.resolve_config(train.parse_args(['--config', str(tmp_path / 'some.json')]))
     assert (cfg['tasks'], cfg['lr'], cfg['loss_weights'], cfg['backbone'], cfg['img_size']) == (
         ['depth'], 3e-5, {'depth': 2.0}, 'large', [448, 576])
-    for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"), ('{"lr": "fast"}', 'lr = "fast" (argument --lr: invalid float value'),
+    for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"),
+                        ('{"lr": "fast"}', 'lr = "fast" (argument --lr: invalid float value'),
                         ('[1, 2]', 'holds a list'), ('{"lr": ', 'not JSON'), (None, 'cannot read it (No such file')):
         if text is not None:
             (tmp_path / 'bad.json').write_text(text)
@@ -3527,7 +3533,8 @@ def test_export_depth_is_never_negative_in_any_output(_export_onnx_files, _expor
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(tmp_path / 'a.png')
     train.main(['--predict', str(tmp_path / 'a.png'), '--checkpoint', str(tmp_path / 'below.safetensors'),
                 '--out-dir', str(tmp_path / 'out')])
-    for depth in (np.load(tmp_path / 'out' / 'a.png.npz')['depth'], predict(below, Image.open(tmp_path / 'a.png'))['depth']):
+    photo = Image.open(tmp_path / 'a.png')
+    for depth in (np.load(tmp_path / 'out' / 'a.png.npz')['depth'], predict(below, photo)['depth']):
         assert depth.shape == (1, 30, 50) and (depth == 0).all()
 
 

@@ -913,7 +913,9 @@ def check_eval_dir(out, checkpoint):
     if all(n in ('metrics.jsonl', 'vis', 'gates.png') or re.fullmatch(r'val_step\d+', n) for n in names) and \
             all(mine(r.get('eval_only')) for r in read_jsonl(os.path.join(out, 'metrics.jsonl'))):
         return
-    what = 'another run' if any(RUN_FILES.fullmatch(n) for n in names) else 'other files'
+    what = 'other files'
+    if any(RUN_FILES.fullmatch(n) for n in names):
+        what = 'the files of another run or evaluation'
     fail(f'--out-dir {out} holds {what} ({", ".join(names[:3])}): --eval-only writes its pictures and a metrics.jsonl '
          f'line there; pass a new folder, or no --out-dir to write beside {checkpoint}')
 
