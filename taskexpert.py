@@ -710,6 +710,8 @@ def atomic_write(path, write):
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
         why = str(e).strip().partition('\n')[0]
         raise OSError(errno.EIO, f'cannot write it, the disk may be full ({why})', path) from None
+    except OSError as e:  # (named by the file it was to be, not its temporary one)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -14,7 +14,7 @@ metrics.jsonl (its logs; the last evaluation is the one to report), TensorBoard 
 last.pt (to resume) and best.pt / best.safetensors. docs/training.md, 'What a run writes', has each file.
 """
 import argparse, contextlib, dataclasses, datetime, errno, itertools, json, math, os, random, re, resource, shutil
-import signal, socket, statistics, sys, time
+import signal, socket, statistics, sys, tempfile, time
 from typing import NamedTuple
 
 import numpy as np
@@ -1482,7 +1482,7 @@ def predict_images(model, source, out_dir, device, amp_dtype):
     if others := [n for n in names if not n.lower().endswith(IMAGE_EXTS)]:
         log(f'note: {source}: {len(others)} of its {len(names)} entries are not images by their extension, skipped '
             f'(e.g. {others[0]}); images are {", ".join(IMAGE_EXTS)}')
-    os.makedirs(out_dir, exist_ok=True)
+    writable(out_dir)
     unread = []
     for path in files:
         try:
@@ -1716,6 +1716,17 @@ def one_line_errors(out_dir):
         fail(f'{where}: {e.strerror or e}' + f'; {remedy}' * ours)
 
 
+def writable(folder):
+    """Make `folder` if missing and ask the file system for a file there (unnamed, gone when closed): a
+    folder that cannot be written fails now, naming it (one_line_errors), before the work."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, folder) from None
+
+
 def find_checkpoint(args, out_dir):
     if args.checkpoint:
         return args.checkpoint
@@ -1853,7 +1864,7 @@ def eval_only(cfg, model, path, *, device, world, rank, pool):
     log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, {why}')
     (val_ds,) = open_datasets(cfg, splits=('val',))
     if is_main():
-        os.makedirs(cfg['out_dir'], exist_ok=True)
+        writable(cfg['out_dir'])  # (now, not after the evaluation)
     save_to = predictions_folder(cfg, model.step, tag=path)
     evaluation = evaluate(model, shard_loader(val_ds, cfg, world, rank), dataset=cfg['dataset'], device=device,
                           amp_dtype=amp_dtype, keep=PANELS, pool=pool, save_to=save_to)
