@@ -922,8 +922,8 @@ def check_eval_dir(out, checkpoint):
 
 def open_run_folder(run, step, resume=None):
     """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones; --rewind first keeps
-    what the run did after it, keep_later; resume: the checkpoint's path), run.best (read from best.pt, the one file that holds it, so
-    that it names weights that exist) and run.board."""
+    what the run did after it, keep_later; resume: the checkpoint's path), run.best (read from best.pt,
+    the one file that holds it, so that it names weights that exist) and run.board."""
     out = run.cfg['out_dir']
     best_pt = os.path.join(out, 'best.pt')
     best = lambda: read_checkpoint(best_pt, mmap=True)['best'] if os.path.isfile(best_pt) else None  # noqa: E731
