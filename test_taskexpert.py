@@ -2774,8 +2774,8 @@ def test_train_sigkill_leaves_no_process_and_sighup_stops_as_sigterm(_train_run,
     """SIGKILL (the OOM killer's) during an evaluation: the boundary workers, multiprocessing's resource
     tracker and the data loaders all end with the run, and a --resume at once takes its lock over.
     SIGHUP (a closed terminal) then stops that run as SIGTERM does, in one line."""
-    p, _, children = _train_until_it_evaluates(_train_run, tmp_path / 'run', '--workers', '1')
-    assert len(children) >= 4, children  # 2 boundary workers, the resource tracker, data loader workers
+    p, _, children = _train_until_it_evaluates(_train_run, tmp_path / 'run', '--workers', '1', '--eval-workers', '1')
+    assert len(children) >= 3, children  # a boundary worker, the resource tracker, data loader workers
     p.kill()
     p.wait()
     save, last = train.save_checkpoint, tmp_path / 'run' / 'last.pt'
@@ -2883,11 +2883,12 @@ def _as_another_user():
     return nobody()
 
 
-def test_train_says_the_right_words(_train_run, tmp_path, monkeypatch, capsys):
+def test_train_says_the_right_words(_train_run, tmp_path, monkeypatch, capsys, request):
     """The second round's wrong messages, each now one line with its remedy; nothing written."""
     run, data_root = _train_run / 'run', _train_run / 'data'
     (tmp_path / 'a_file').write_text('mine')
     public = pathlib.Path(tempfile.mkdtemp())  # (reachable by another user)
+    request.addfinalizer(lambda: shutil.rmtree(public))
     os.chmod(public, 0o755)
     (public / 'read_only').mkdir(mode=0o555)
     torn = tmp_path / 'torn'
@@ -2922,7 +2923,6 @@ def test_train_says_the_right_words(_train_run, tmp_path, monkeypatch, capsys):
     cfg = train.resolve_config(train.parse_args(['--config', str(run / 'config.json'), '--dataset', 'nyud']))
     train.check_config(cfg)
     assert 'scenes' not in cfg and cfg['data_root'] == 'data/NYUDv2' and cfg['backbone'] == 'tiny'
-    shutil.rmtree(public)
 
 
 @pytest.mark.heavy
