@@ -22,8 +22,8 @@ from PIL import Image
 from scipy.sparse import csr_array
 from scipy.sparse.csgraph import maximum_flow
 
-from taskexpert import (IGNORE_INDEX, PATCH, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid, normalise,
-                        postprocess, unknown_kind)
+from taskexpert import (IGNORE_INDEX, PATCH, RGB_READS, TASK_SET, TASK_TABLE, TASKS, atomic_write, depth_valid,
+                        normalise, postprocess, unknown_kind)
 
 
 # ---- The readers: which file each task's target comes from, and how it is decoded -----------------
@@ -598,16 +598,9 @@ def _png(path, mode=None, modes=()):
     return _read(path, load)
 
 
-# Images the readers take and what reading them as RGB does to them (None: nothing); every other mode
-# (16-bit or float greyscale, CMYK, ...) would be misread by a conversion and is refused
-RGB_READS = {'RGB': None, 'RGBA': 'their alpha channel dropped', 'L': 'greyscale, read as RGB (grey in R, G, B)',
-             'LA': 'greyscale, read as RGB (grey in R, G, B)', 'P': 'palette colours, read as RGB',
-             'PA': 'palette colours, read as RGB'}
-
-
 def _image(path):
     """An image -> (uint8 (h, w, 3) RGB, [(path, the conversion it took)], empty if none: a sample's
-    meta 'read_as')."""
+    meta 'read_as'). The modes taken are predict's (taskexpert.RGB_READS); 16-bit or float ones refused."""
     mode, rgb = _png(path, 'RGB', RGB_READS)
     if rgb is None:
         raise DataError(f'{path}: an image of PIL mode {mode} (16-bit, float, CMYK...); the readers take 8-bit RGB, '
@@ -1354,7 +1347,8 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
     forked): safe beside CUDA and threads. Shut it down (or use it in a `with`) when done."""
 
     def __init__(self, workers):
-        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'), initializer=_edge_worker)
+        super().__init__(workers, mp_context=multiprocessing.get_context('spawn'), initializer=_edge_worker,
+                         initargs=(os.getpid(),))
         self.workers = workers
 
     def start(self):
@@ -1368,11 +1362,22 @@ class EdgePool(concurrent.futures.ProcessPoolExecutor):
             process.terminate()
 
 
-def _edge_worker():
-    """A boundary worker's start: one thread (the workers together hold the cores), and Ctrl-C left to
-    the training process, which stops the workers itself (EdgePool.stop), without a traceback each."""
+def _edge_worker(parent):
+    """A boundary worker's start: one thread (the workers together hold the cores); Ctrl-C and a closed
+    terminal left to the training process `parent` (its pid), which stops the workers itself
+    (EdgePool.stop), without a traceback each; and a watchdog that ends the worker once that process
+    is gone, however it ended (SIGKILL, the OOM killer): nothing else would, as the worker holds its
+    own end of the pool's queues. multiprocessing's resource tracker ends with the last of them."""
+    import threading, time  # (a worker's own)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+    def watchdog():
+        while os.getppid() == parent:  # (an orphan is adopted by another process)
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watchdog, daemon=True).start()
 
 
 

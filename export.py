@@ -1234,7 +1234,7 @@ def load_model(args):
     path = args.checkpoint or newest_checkpoint('runs')
     if path is None:
         raise SystemExit(f'export.py: no checkpoint (best.pt / last.pt) under runs/: {NO_CHECKPOINT}')
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise SystemExit(f'export.py: --checkpoint {path} does not exist: {NO_CHECKPOINT}')
     try:
         model = TaskExpert.from_checkpoint(path)

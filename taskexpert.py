@@ -542,25 +542,34 @@ def set_grid(vit, grid):
 
 
 # ---- Images as predict() takes them ------------------------------------------------------------------------
+# The image modes read as 8-bit RGB exactly, and what reading them so does (None: nothing), for the dataset
+# readers (data.py) and predict alike; every other mode (CMYK, ...) would be misread by PIL's conversion
+# and is refused, but predict's greyscale of more than 8 bits, scaled from its full range (GREY_RANGES)
+RGB_READS = {'RGB': None, 'RGBA': 'their alpha channel dropped', 'L': 'greyscale, read as RGB (grey in R, G, B)',
+             'LA': 'greyscale, read as RGB (grey in R, G, B)', 'P': 'palette colours, read as RGB',
+             'PA': 'palette colours, read as RGB', '1': 'black and white, read as RGB (0 and 255)'}
+GREY_RANGES = {'I;16': 65535, 'I;16L': 65535, 'I;16B': 65535, 'I': 65535, 'F': 1.0}  # 16-bit (PIL reads 'I' too), float
+
+
 def rgb_image(image):
     """A PIL image or an (H, W, 3) uint8 array -> an 8-bit RGB PIL image as it is shown: its EXIF
-    orientation applied; 16-bit or float greyscale scaled to 0..255 by its own range of values
-    (I;16: 0..65535, float: 0..1), not clipped; alpha dropped. Raises ValueError in one line for a
-    mode it cannot convert exactly."""
+    orientation applied, converted exactly (RGB_READS; 16-bit or float greyscale scaled from its full
+    range, 0..65535 or 0..1, to 0..255). ValueError in one line for a mode, or values, it cannot
+    convert so."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f'predict: an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
+            raise ValueError(f'an image array must be (H, W, 3) uint8 RGB, not {image.dtype} {image.shape}')
         return Image.fromarray(image)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # one channel of more than 8 bits
-        a = np.asarray(image, np.float64)
-        top = 1.0 if image.mode == 'F' else 65535.0
-        if image.mode == 'I' and a.max() > 65535:
-            raise ValueError(f'predict: a 32-bit integer image (values up to {a.max():.0f}): save it as 8- or 16-bit')
-        grey = np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[..., None], 3, -1))
-    if image.mode not in ('RGB', 'RGBA', 'L', 'LA', 'P', 'PA', '1', 'CMYK', 'YCbCr', 'HSV', 'LAB', 'RGBX'):
-        raise ValueError(f'predict: an image of PIL mode {image.mode}; pass an 8-bit RGB or greyscale image')
+    if image.mode in GREY_RANGES:
+        a, top = np.asarray(image, np.float64), GREY_RANGES[image.mode]
+        if a.size and not (0 <= a.min() and a.max() <= top):  # (NaN fails too)
+            raise ValueError(f'an image of PIL mode {image.mode} with values {a.min():g}..{a.max():g}, beyond '
+                             f'0..{top:g}: convert it to 8-bit RGB')
+        return Image.fromarray(np.repeat(np.round(a / top * 255).astype(np.uint8)[..., None], 3, -1))
+    if image.mode not in RGB_READS:
+        raise ValueError(f'an image of PIL mode {image.mode}, which does not convert to RGB exactly: convert it to '
+                         '8-bit RGB')
     return image.convert('RGB')
 
 
@@ -626,10 +635,13 @@ def pretrained_file(name):
         return name
     if name.endswith(WEIGHT_FILES) or not HUB_ID.fullmatch(name):
         raise FileNotFoundError(f'{name}: file not found')
-    repo = name if '/' in name else f'timm/{name}'
-    url = f'{os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")}/{repo}/resolve/main/model.safetensors'
+    repo, endpoint = name if '/' in name else f'timm/{name}', os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+    url = f'{endpoint.rstrip("/")}/{repo}/resolve/main/model.safetensors'
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', repo.replace('/', '--') + '.safetensors')
     if not os.path.isfile(path):
+        if not re.fullmatch(r'https?://[^/\s]+(/\S*)?', endpoint):
+            raise FileNotFoundError(f'{name}: HF_ENDPOINT={endpoint!r} is not a URL of the hub or a mirror (e.g. '
+                                    'https://huggingface.co): correct it, or unset it')
         try:  # into a temporary file beside it, renamed once complete: a broken download leaves nothing
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path)
@@ -659,6 +671,9 @@ def load_pretrained(model, name):
             if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                 sd = sd[wrapper]
     plain = {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in sd.items()}  # DDP, compile: any order
+    if any(k.startswith(('mmoe.', 'heads.')) for k in plain):
+        raise ValueError(f'{path}: a TaskExpert trained by train.py, not ImageNet weights of a ViT: continue it with '
+                         '--resume, or evaluate it or predict with --checkpoint')
     clean = {k: v for k, v in plain.items() if not k.startswith(('head.', 'fc_norm.'))}  # not the classifier
     own = vit.state_dict()
     missing, unexpected = sorted(own.keys() - clean.keys()), sorted(clean.keys() - own.keys())
@@ -695,6 +710,8 @@ def atomic_write(path, write):
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as RuntimeError, not OSError
         why = str(e).strip().partition('\n')[0]
         raise OSError(errno.EIO, f'cannot write it, the disk may be full ({why})', path) from None
+    except OSError as e:  # (named by the file it was to be, not its temporary one)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -733,6 +750,9 @@ def read_checkpoint(path, mmap=False):
     """A trained model's file (.pt or .safetensors, see above) -> dict with at least 'model' (state
     dict), 'config' and 'step'. mmap (.pt): tensors stay in the file until used, to read the plain
     data of a large checkpoint. Raises FileNotFoundError / ValueError with a one-line message."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f'{path}: a folder, not a checkpoint: pass one of its files, e.g. '
+                                f'{os.path.join(path, "best.pt")} (last.pt to resume)')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} not found')
     try:
@@ -744,7 +764,7 @@ def read_checkpoint(path, mmap=False):
         else:
             ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # torn, truncated or foreign file
-        why = str(e).strip().partition('\n')[0]
+        why = str(e).strip().partition('\n')[0].split('. ')[0]
         raise ValueError(f'checkpoint {path} cannot be read ({type(e).__name__}: {why})') from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'step'} <= ckpt.keys():
         raise ValueError(f'{path} is not a model trained by train.py (no model/config/step); '
@@ -757,7 +777,12 @@ def read_checkpoint(path, mmap=False):
 
 def load_weights(model, state_dict, path):
     """A checkpoint's weights into the model built from its config, strictly; ValueError in one line
-    naming `path` when they disagree (a config edited by hand, or the weights of another model)."""
+    naming `path` when they disagree (a config edited by hand, or the weights of another model), or
+    when they are not finite (a diverged run's)."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f'{path}: the run that saved it diverged: {len(bad)} of its tensors hold NaN or inf (e.g. '
+                         f'{bad[0]}); use an earlier checkpoint of the run')
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:  # its message lists every missing, unexpected or misshapen key, a line each

@@ -21,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -2668,7 +2669,7 @@ def test_train_never_writes_into_another_runs_or_a_users_folder(_train_run, tmp_
     (mine / 'config.json').write_text('{"my": "settings"}')
     trees = {d: _tree(d) for d in (other, mine)}
     resume = ['--resume', str(_train_run / 'run' / 'last.pt')]
-    for argv, refusal in ((resume + ['--out-dir', str(other)], f'{other} already holds a run (last.pt)'),
+    for argv, refusal in ((resume + ['--out-dir', str(other)], f'{other} already holds a run (last.pt, best.pt, '),
                           (resume + ['--out-dir', str(mine)], f'{mine} holds files that train.py did not write'),
                           (_train_tiny_args(_train_run / 'data', mine), 'did not write (config.json)')):
         code, msg = _train_error(argv, capsys)
@@ -2711,21 +2712,35 @@ def _running(pid):
         return False
 
 
+def _still_running(pids, seconds=20):
+    """The pids still running after up to `seconds` (a data loader worker checks its parent every 5 s)."""
+    deadline = time.time() + seconds
+    while any(map(_running, pids)) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _running(p)]
+
+
+def _train_until_it_evaluates(_train_run, run, *extra):
+    """A tiny train.py run with two boundary workers, started and read until its first checkpoint is
+    saved (its evaluation starts) -> (the process, its output so far, the pids of its descendants)."""
+    args = _train_tiny_args(_train_run / 'data', run, '--max-iters', '600', '--eval-every', '2', '--eval-workers', '2',
+                            *extra)
+    p = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, env=ONE_THREAD, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = ''
+    while 'saved' not in out:
+        line = p.stdout.readline()
+        assert line, out[-3000:]  # (it ended before)
+        out += line
+    return p, out, _descendants(p.pid)
+
+
 @pytest.mark.heavy
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='reads the process tree from Linux /proc')
 def test_train_sigterm_says_what_was_saved_and_leaves_no_process(_train_run, tmp_path):
     """SIGTERM (or Ctrl-C) during an evaluation: one line saying what was saved and how to resume, no
     traceback, and no boundary worker or resource tracker left behind."""
-    args = _train_tiny_args(_train_run / 'data', tmp_path / 'run', '--max-iters', '600', '--eval-every', '2',
-                            '--eval-workers', '2')
-    p = subprocess.Popen([sys.executable, 'train.py', *args], cwd=HERE, env=ONE_THREAD, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = ''
-    while 'saved' not in out:  # the first checkpoint is saved, the evaluation starts
-        line = p.stdout.readline()
-        assert line, out[-3000:]  # (it ended before)
-        out += line
-    children = _descendants(p.pid)
+    p, out, children = _train_until_it_evaluates(_train_run, tmp_path / 'run')
     assert len(children) >= 3, children  # two boundary workers and multiprocessing's resource tracker
     p.send_signal(signal.SIGTERM)
     out += p.stdout.read()
@@ -2733,11 +2748,272 @@ def test_train_sigterm_says_what_was_saved_and_leaves_no_process(_train_run, tmp
     last = str(tmp_path / 'run' / 'last.pt')
     assert out.strip().splitlines()[-1] == (f'train.py: error: interrupted; {last} holds step 2: continue with '
                                             f'--resume {last}'), out[-2000:]
-    deadline = time.time() + 20
-    while any(map(_running, children)) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [c for c in children if _running(c)]
+    assert not _still_running(children)
     assert not (tmp_path / 'run' / 'train.lock').exists()
+
+
+# ---- nothing lost, second round: a run folder is its run's, photos as shown, no process left behind ---
+
+def _sha256s(folder):
+    """Every file under folder -> its SHA-256: what a command must leave as it was."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(pathlib.Path(folder).rglob('*')) if p.is_file()}
+
+
+@pytest.mark.heavy
+def test_train_a_run_folder_is_its_runs(_train_run, tmp_path, monkeypatch, capsys):
+    """Any file a run wrote marks its folder: a new run into a folder that kept only its
+    best.safetensors and logs, --eval-only of another run's checkpoint into it, and --resume of its
+    best.pt while a later last.pt exists are each refused in one line naming what is there, every file
+    byte-identical; --rewind resumes it anyway and keeps what it replaces. --eval-only writes again
+    into a folder of its own earlier outputs."""
+    run, data_root = _train_run / 'run', _train_run / 'data'
+    kept, other, later = tmp_path / 'kept', tmp_path / 'other', tmp_path / 'later'
+    shutil.copytree(run, kept, ignore=shutil.ignore_patterns('*.pt'))  # the .pt files deleted to save space
+    shutil.copytree(run, other)
+    before = {d: _sha256s(d) for d in (kept, other)}
+    evaluate = ['--eval-only', '--checkpoint', str(run / 'best.pt'), '--out-dir']
+    for argv, refusal in ((_train_tiny_args(data_root, kept), f'{kept} already holds a run (best.safetensors, '),
+                          (evaluate + [str(kept)], f'--out-dir {kept} holds the files of another run or evaluation '
+                                                   '(best.safetensors, '),
+                          (evaluate + [str(other)], f'--out-dir {other} holds the files of another run or evaluation '
+                                                    '(best.pt, ')):
+        code, msg = _train_error(argv, capsys)
+        assert code != 0 and refusal in msg and '\n' not in msg, msg
+    assert {d: _sha256s(d) for d in before} == before
+    for _ in range(2):  # (its own outputs: taken)
+        train.main(evaluate + [str(tmp_path / 'evaluations')])
+    assert len(train.read_jsonl(tmp_path / 'evaluations' / 'metrics.jsonl')) == 2
+    # a run continued past its best.pt: its evaluations worse from there on
+    shutil.copytree(run, later)
+    report = train.report
+
+    def worse(*a, **k):
+        scores = report(*a, **k)
+        return {t: {**s, TASK_TABLE[t].metric: -1e9 if TASK_TABLE[t].higher else 1e9} for t, s in scores.items()}
+
+    monkeypatch.setattr(train, 'report', worse)
+    train.main(['--resume', str(later / 'last.pt'), '--max-iters', '7'])
+    monkeypatch.setattr(train, 'report', report)
+    best = torch.load(later / 'best.pt', weights_only=True)['step']
+    assert best < 7 == torch.load(later / 'last.pt', weights_only=True)['step']
+    before = _sha256s(later)
+    code, msg = _train_error(['--resume', str(later / 'best.pt')], capsys)
+    assert code != 0 and f'its step {best} is not the latest of {later} (step 7)' in msg and '--rewind' in msg, msg
+    assert _sha256s(later) == before and '\n' not in msg
+    capsys.readouterr()
+    train.main(['--resume', str(later / 'best.pt'), '--rewind', '--max-iters', str(best)])  # (to train no further)
+    assert (f'note: --rewind: the run to step 7 is kept in {later}/run_to_step7 (last.pt moved; config.json, '
+            'curves.png, gates.png, metrics.jsonl, train.jsonl, vis copied)') in capsys.readouterr().out
+    after = _sha256s(later)
+    for name, digest in before.items():  # (best.* is of the resumed run's past: a better evaluation replaces it)
+        assert after.get(f'run_to_step7/{name}', after.get(name)) == digest or name.startswith('best.'), name
+    assert [r['step'] for r in _train_losses(later)] == list(range(1, best + 1)) and not (later / 'last.pt').exists()
+    shutil.copy(later / 'run_to_step7' / 'last.pt', later / 'copy.pt')  # a checkpoint past the folder's run
+    code, msg = _train_error(['--resume', str(later / 'copy.pt')], capsys)
+    assert code != 0 and f'its step 7 is past the run in {later} (step {best})' in msg and '\n' not in msg, msg
+
+
+@pytest.mark.heavy
+def test_train_predict_reads_photos_as_a_person_sees_them(_train_run, tmp_path, capsys):
+    """--predict on a folder: a phone photo stored sideways (EXIF orientation 6) is predicted upright; a
+    16-bit PNG and a float TIFF are scaled from their full range, not clipped; a CMYK JPEG and a torn
+    PNG are each said in one line while the others are predicted, and the command then fails; a text
+    file is counted. The photos stay byte-identical."""
+    photos, ckpt, out = tmp_path / 'photos', str(_train_run / 'run' / 'best.safetensors'), tmp_path / 'out'
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)  # as the sensor wrote it: 56 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 40 wide, 56 high
+    Image.fromarray(stored).save(photos / 'phone.jpg', exif=exif, quality=95)
+    grey16 = rng.integers(0, 65536, (30, 20)).astype(np.uint16)
+    Image.fromarray(grey16).save(photos / 'grey16.png')
+    grey_float = rng.random((30, 20)).astype(np.float32)
+    Image.fromarray(grey_float).save(photos / 'float.tif')
+    Image.fromarray(stored).convert('CMYK').save(photos / 'print.jpg')
+    Image.fromarray(stored).save(photos / 'whole.png')
+    (photos / 'torn.png').write_bytes((photos / 'whole.png').read_bytes()[:200])  # a copy cut short
+    os.remove(photos / 'whole.png')
+    (photos / 'notes.txt').write_text('not a photo')
+    assert [Image.open(photos / n).mode for n in ('grey16.png', 'float.tif', 'print.jpg')] == ['I;16', 'F', 'CMYK']
+    before = _sha256s(photos)
+    code, msg = _train_error(['--predict', str(photos), '--checkpoint', ckpt, '--out-dir', str(out)], capsys)
+    lines = capsys.readouterr().out
+    assert code != 0 and msg == (f'train.py: error: 2 of the 5 images of {photos} could not be read (each said '
+                                 f'above); the others\' predictions are in {out}'), msg
+    assert f'{photos}/print.jpg: cannot read the image (an image of PIL mode CMYK, which does not convert' in lines
+    assert f'{photos}/torn.png: cannot read the image (' in lines
+    assert f'note: {photos}: 1 of its 6 entries are not images by their extension, skipped (e.g. notes.txt)' in lines
+    assert sorted(os.listdir(out)) == [f'{n}.{e}' for n in ('float.tif', 'grey16.png', 'phone.jpg')
+                                       for e in ('npz', 'png')]
+    assert _sha256s(photos) == before
+    model = TaskExpert.from_checkpoint(ckpt)
+    as_shown = {'phone.jpg': np.rot90(np.asarray(Image.open(photos / 'phone.jpg')), -1),  # turned clockwise
+                'grey16.png': np.round(grey16 / 65535 * 255), 'float.tif': np.round(grey_float.astype(float) * 255)}
+    for name, rgb in as_shown.items():
+        rgb = np.ascontiguousarray(np.broadcast_to(rgb[..., None], (*rgb.shape[:2], 3)) if rgb.ndim == 2 else rgb)
+        want, got = predict(model, rgb.astype(np.uint8)), np.load(out / f'{name}.npz')
+        assert got['semseg'].shape == rgb.shape[:2] and np.array_equal(got['semseg'], want['semseg']), name
+        np.testing.assert_allclose(got['depth'], want['depth'], atol=1e-5, err_msg=name)
+    assert predict(model, Image.open(photos / 'phone.jpg'))['depth'].shape == (1, 56, 40)  # the Python API too
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='reads the process tree from Linux /proc')
+def test_train_sigkill_leaves_no_process_and_sighup_stops_as_sigterm(_train_run, tmp_path, monkeypatch, capsys):
+    """SIGKILL (the OOM killer's) during an evaluation: the boundary workers, multiprocessing's resource
+    tracker and the data loaders all end with the run, and a --resume at once takes its lock over.
+    SIGHUP (a closed terminal) then stops that run as SIGTERM does, in one line."""
+    p, _, children = _train_until_it_evaluates(_train_run, tmp_path / 'run', '--workers', '1', '--eval-workers', '1')
+    assert len(children) >= 3, children  # a boundary worker, the resource tracker, data loader workers
+    p.kill()
+    p.wait()
+    save, last = train.save_checkpoint, tmp_path / 'run' / 'last.pt'
+
+    def hang_up(path, *a, **k):  # the terminal closes once last.pt holds step 3
+        save(path, *a, **k)
+        if path.endswith('last.pt'):
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    def unhandled(*_):
+        raise AssertionError('train.py left SIGHUP to its default: the process would die without a word')
+
+    monkeypatch.setattr(train, 'save_checkpoint', hang_up)
+    previous = signal.signal(signal.SIGHUP, unhandled)
+    try:  # at once: the killed run's lock is free
+        code, msg = _train_error(['--resume', str(last), '--max-iters', '3', '--workers', '0', '--eval-workers', '0'],
+                                 capsys)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code != 0 and msg == f'train.py: error: interrupted; {last} holds step 3: continue with --resume {last}', msg
+    assert 'stale, taken over' in capsys.readouterr().out
+    assert not _still_running(children)
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('{"backbone": "huge"}', 'backbone = "huge" (argument --backbone: invalid choice: \'huge\''),
+    ('{"tasks": []}', 'tasks = [] (argument --tasks: expected at least one argument)'),
+    ('{"tasks": "depth"}', 'tasks = "depth": not a list of values (e.g. ["depth"])'),
+    ('{"taps": 5}', 'taps = 5: not a list of values (e.g. [5])'),
+    ('{"img_size": [48]}', 'img_size = [48] (argument --img-size: expected 2 arguments)'),
+    ('{"seed": 1.5}', 'seed = 1.5 (argument --seed: invalid int value: \'1.5\')'),
+    ('{"workers": 1.5}', 'workers = 1.5 (argument --workers: invalid int value: \'1.5\')'),
+    ('{"loss_weights": {"depth": "x"}}', 'loss_weights = {"depth": "x"} (argument --loss-weights: \'depth=x\' is not'),
+    ('{"loss_weights": [2]}', 'loss_weights = [2]: not an object of task weights'),
+    ('{"amp": "maybe"}', 'amp = "maybe" (argument --amp: invalid choice: \'maybe\''),
+    ('{"augment": "maybe"}', 'augment = "maybe": not true or false'),
+    ('{"lr": null}', 'lr = null: a value is needed (leave the setting out for its default)'),
+    ('{"batch_size": 0}', 'batch_size 0: must be at least 1'),
+    ('{"scenes": [10, 0]}', 'scenes 10 0: both must be at least 1'),
+])
+def test_train_config_file_values_are_checked_as_the_flags_are(text, expected, tmp_path, capsys):
+    """--config: each setting of the file is checked by its flag's own rules (type, shape, choices,
+    count, range): one line naming the file and the setting, and nothing written."""
+    (tmp_path / 'c.json').write_text(text)
+    (tmp_path / 'out').write_text('a file: an --out-dir a run would stop at, had the file been taken')
+    before = _sha256s(tmp_path)
+    code, msg = _train_error(['--config', str(tmp_path / 'c.json'), '--out-dir', str(tmp_path / 'out')], capsys)
+    assert code != 0 and f'train.py: error: --config {tmp_path / "c.json"}: {expected}' in msg and '\n' not in msg, msg
+    assert _sha256s(tmp_path) == before
+
+
+def test_train_checkpoint_of_a_diverged_run_is_refused_everywhere(_train_run, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose weights are not finite: --eval-only, --predict, --resume and export.py each
+    refuse it in one line saying the run diverged."""
+    ckpt = torch.load(_train_run / 'run' / 'last.pt', weights_only=True)
+    ckpt['model']['heads.depth.pred.weight'][0] = float('nan')
+    diverged = str(tmp_path / 'last.pt')
+    torch.save(ckpt, diverged)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'photo.png')
+    for argv in (['--eval-only', '--checkpoint', diverged], ['--resume', diverged, '--out-dir', str(tmp_path / 'r')],
+                 ['--predict', str(tmp_path / 'photo.png'), '--checkpoint', diverged]):
+        code, msg = _train_error(argv, capsys)
+        assert code != 0 and f'{diverged}: the run that saved it diverged: 1 of its tensors hold NaN' in msg, msg
+        assert '\n' not in msg
+    monkeypatch.setattr(sys, 'argv', ['export.py', '--checkpoint', diverged, '--target', 'onnx'])
+    with pytest.raises(SystemExit) as e:
+        export.main()
+    assert str(e.value.code).startswith(f'export.py: {diverged}: the run that saved it diverged'), e.value.code
+    assert sorted(os.listdir(tmp_path)) == ['last.pt', 'photo.png']
+
+
+def test_train_logs_cut_short_are_read_wherever_they_are(_train_run, tmp_path, capsys):
+    """metrics.jsonl and train.jsonl ending in a line cut short by a kill or a full disk: --baselines
+    reads its runs' (a warning, once), and --eval-only appends its line on a line of its own."""
+    run, base = tmp_path / 'run', tmp_path / 'base'
+    for folder in (run, base):
+        shutil.copytree(_train_run / 'run', folder)
+        for name in ('train.jsonl', 'metrics.jsonl'):
+            with open(folder / name, 'a') as f:
+                f.write('{"step": 7, "loss": 0.12')
+    lines = len(open(base / 'metrics.jsonl').readlines())
+    train.main(['--eval-only', '--checkpoint', str(run / 'best.pt'), '--baselines', str(base)])
+    out = capsys.readouterr().out
+    assert out.count(f'warning: {base}/metrics.jsonl line {lines} is cut short or damaged') == 1, out
+    assert 'Delta_m' in out
+    records = train.read_jsonl(run / 'metrics.jsonl')
+    assert records[-1]['eval_only'] == str(run / 'best.pt') and 'delta_m' in records[-1]
+    assert len(records) == lines  # each whole line, and the new one after the cut one
+
+
+def _as_another_user():
+    """Root ignores file permissions: as root, run what follows with the effective ids of 'nobody'."""
+    if os.geteuid() != 0:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def nobody():
+        os.setegid(65534)
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+    return nobody()
+
+
+def test_train_says_the_right_words(_train_run, tmp_path, monkeypatch, capsys, request):
+    """The second round's wrong messages, each now one line with its remedy; nothing written."""
+    run, data_root = _train_run / 'run', _train_run / 'data'
+    (tmp_path / 'a_file').write_text('mine')
+    public = pathlib.Path(tempfile.mkdtemp())  # (reachable by another user)
+    request.addfinalizer(lambda: shutil.rmtree(public))
+    os.chmod(public, 0o755)
+    (public / 'read_only').mkdir(mode=0o555)
+    torn = tmp_path / 'torn'
+    shutil.copytree(run, torn)
+    (torn / 'best.pt').write_bytes((torn / 'best.pt').read_bytes()[:1000])
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    monkeypatch.setenv('HF_ENDPOINT', 'huggingface.co')
+    before = _sha256s(tmp_path)
+    for argv, expected in (
+            (_train_tiny_args(data_root, tmp_path / 'a_file'),
+             f'--out-dir {tmp_path}/a_file: a file, not a folder: pass a folder'),
+            (_train_tiny_args(data_root, public / 'read_only'),
+             f'{public}/read_only/train.lock: Permission denied; the folder is not writable: pass another --out-dir'),
+            (['--eval-only', '--checkpoint', str(run)],
+             f'{run}: a folder, not a checkpoint: pass one of its files, e.g. {run}/best.pt (last.pt to resume)'),
+            (['--resume', str(run)], f'{run}: a folder, not a checkpoint'),
+            (_train_tiny_args(data_root, tmp_path / 'new', '--pretrained', str(run / 'last.pt')),
+             f'{run}/last.pt: a TaskExpert trained by train.py, not ImageNet weights of a ViT: continue it with '
+             '--resume'),
+            (_train_tiny_args(data_root, tmp_path / 'new', '--pretrained', 'vit_tiny_patch16_384.augreg_in21k_ft_in1k'),
+             "HF_ENDPOINT='huggingface.co' is not a URL of the hub or a mirror (e.g. https://huggingface.co): correct "
+             'it, or unset it'),
+            (['--resume', str(torn / 'last.pt')],
+             f'; it records the run\'s best evaluation: restore it, or move it aside (e.g. to {torn}/best.pt.damaged) '
+             'and resume again')):
+        with _as_another_user() if 'read_only' in str(argv) else contextlib.nullcontext():
+            code, msg = _train_error(argv, capsys)
+        assert code != 0 and expected in msg and '\n' not in msg, msg
+    assert _sha256s(tmp_path) == before
+    assert os.listdir(public / 'read_only') == [] and not (tmp_path / 'new').exists()
+    # a synthetic run's config.json on NYUD: its scenes and data folder stay with the synthetic data
+    cfg = train.resolve_config(train.parse_args(['--config', str(run / 'config.json'), '--dataset', 'nyud']))
+    train.check_config(cfg)
+    assert 'scenes' not in cfg and cfg['data_root'] == 'data/NYUDv2' and cfg['backbone'] == 'tiny'
 
 
 @pytest.mark.heavy
@@ -2760,7 +3036,8 @@ def test_train_config_repeats_a_run_and_flags_override_it(_train_run, tmp_path, 
     cfg = train.resolve_config(train.parse_args(['--config', str(tmp_path / 'some.json')]))
     assert (cfg['tasks'], cfg['lr'], cfg['loss_weights'], cfg['backbone'], cfg['img_size']) == (
         ['depth'], 3e-5, {'depth': 2.0}, 'large', [448, 576])
-    for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"), ('{"lr": "fast"}', 'lr = "fast" is not a float'),
+    for text, error in (('{"max_iter": 5}', "unknown setting 'max_iter'"),
+                        ('{"lr": "fast"}', 'lr = "fast" (argument --lr: invalid float value'),
                         ('[1, 2]', 'holds a list'), ('{"lr": ', 'not JSON'), (None, 'cannot read it (No such file')):
         if text is not None:
             (tmp_path / 'bad.json').write_text(text)
@@ -3331,6 +3608,34 @@ def test_export_readme_python_snippet_letterboxes_like_predict(tmp_path, capsys)
         x = F.pad(normalise(torch.from_numpy(np.array(upright)).permute(2, 0, 1)), (0, 12, 0, 9))[None]
         raw = {t: o[..., :375, :500].numpy() for t, o in model(x).items()}
     export.compare(got, ref, raw, export.TOLERANCE['fp32'])  # raises if out of tolerance
+
+
+@pytest.mark.heavy
+def test_export_depth_is_never_negative_in_any_output(_export_onnx_files, _export_coreml_packages, _train_run,
+                                                      tmp_path, capsys):
+    """Depth leaves the model clamped at 0, as in the saved .mat files: the ONNX and Core ML files of a
+    model whose raw depth is negative on half the pixels, and predict() and --predict's .npz for a
+    trained model whose depth head is pushed below 0."""
+    model, onnx_paths = _export_onnx_files
+    frames = export.check_images(3, _EXPORT_SIZE)
+    with torch.no_grad():
+        raw = model(normalise(torch.from_numpy(frames)))['depth'].numpy()
+    assert (raw < 0).mean() > 0.2  # what there is to clamp
+    runs = [export.load_onnx(p) for p in onnx_paths.values()] + [export.load_coreml(_export_coreml_packages[1]['fp16'])]
+    for run in runs:
+        depth = run(frames)['depth']
+        assert depth.min() >= 0 and (depth[raw < -0.5] == 0).all()
+    weights = read_checkpoint(str(_train_run / 'run' / 'best.safetensors'))
+    weights['model']['heads.depth.pred.bias'] -= 100
+    below = TaskExpert.from_config(weights['config'])
+    below.load_state_dict(weights['model'])
+    save_weights(str(tmp_path / 'below.safetensors'), below, weights['step'], weights['config'], {}, 'a test')
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(tmp_path / 'a.png')
+    train.main(['--predict', str(tmp_path / 'a.png'), '--checkpoint', str(tmp_path / 'below.safetensors'),
+                '--out-dir', str(tmp_path / 'out')])
+    photo = Image.open(tmp_path / 'a.png')
+    for depth in (np.load(tmp_path / 'out' / 'a.png.npz')['depth'], predict(below, photo)['depth']):
+        assert depth.shape == (1, 30, 50) and (depth == 0).all()
 
 
 def test_export_compare_allows_ties_only():

@@ -13,8 +13,8 @@ A run writes to --out-dir (default runs/<dataset>): config.json (its settings), 
 metrics.jsonl (its logs; the last evaluation is the one to report), TensorBoard events, pictures,
 last.pt (to resume) and best.pt / best.safetensors. docs/training.md, 'What a run writes', has each file.
 """
-import argparse, contextlib, dataclasses, datetime, itertools, json, math, multiprocessing, os, random, re, resource
-import signal, socket, statistics, sys, threading, time
+import argparse, contextlib, dataclasses, datetime, errno, itertools, json, math, multiprocessing, os, random, re
+import resource, shutil, signal, socket, statistics, sys, tempfile, threading, time
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +28,8 @@ import data
 from data import DataError
 from taskexpert import (ABLATIONS, IMAGENET_WEIGHTS, PATCH, TASK_SET, TASK_TABLE, TASKS, VIT_PRESETS, MultiTaskLoss,
                         TaskExpert, atomic_write, default_taps, denormalise, load_pretrained, load_weights, postprocess,
-                        predict, pretrained_file, read_checkpoint, remove_temporaries, save_checkpoint, save_weights,
-                        unknown_kind)
+                        predict, pretrained_file, read_checkpoint, remove_temporaries, rgb_image, save_checkpoint,
+                        save_weights, unknown_kind)
 
 
 def build(cfg, *, device, world, rank, amp_dtype, use_scaler, pretrained=None, resume=None):
@@ -272,6 +272,9 @@ def make_parser():
     a('--out-dir', default=None, help='output folder (default: runs/<dataset>; with --resume PATH: its folder)')
     a('--resume', nargs='?', const='', default=None, metavar='PATH',
       help='continue training from a checkpoint (alone: <out-dir>/last.pt); settings come from it')
+    a('--rewind', action='store_true', default=False, help='with --resume of a checkpoint before the last step of '
+      'its folder (e.g. best.pt while last.pt is later): continue from it there, keeping what it replaces in '
+      '<folder>/run_to_step<N>/ (last.pt and later best.* moved, the logs and pictures copied)')
     a('--checkpoint', metavar='PATH', default=None, help='model for --eval-only / --predict, .pt or .safetensors '
       '(default: <out-dir>/best.pt)')
     a('--eval-only', action='store_true', default=False, help='evaluate --checkpoint on the val split and exit')
@@ -347,14 +350,30 @@ def parse_args(argv=None):
 
 
 def given_settings(args):
-    """The settings given: the --config file's, then the flags' (name -> value)."""
-    return {**args.from_file, **{k: v for k, v in vars(args).items() if k in SETTINGS}}
+    """The settings given: the --config file's, then the flags' (name -> value). A file of another
+    dataset's run (a synthetic run's config.json with --dataset nyud) lends no data_root or scenes."""
+    flags = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    from_file = args.from_file
+    if 'dataset' in flags and from_file.get('dataset', flags['dataset']) != flags['dataset']:
+        from_file = {k: v for k, v in from_file.items() if k not in ('data_root', 'scenes')}
+    return {**from_file, **flags}
+
+
+def setting_name(args):
+    """-> name(setting): how an error names it: its flag, or the --config file that gave it."""
+    from_file = set(args.from_file) - set(vars(args))
+    return lambda k: f'--config {args.config}: {k}' if k in from_file else flag(k)
+
+
+def flag(k):
+    return '--' + k.replace('_', '-')
 
 
 def read_config_file(path):
     """--config PATH: a run's config.json, or a JSON object of some of its settings -> those settings
-    (not its out_dir: a run writes to its own --out-dir). A setting unknown or of the wrong type stops
-    with one line."""
+    (not its out_dir: a run writes to its own --out-dir). Each is checked as its flag is: its value as
+    the flag's strings, parsed by the flags' own parser (type, choices, count); a setting unknown, of
+    another shape or a bad value stops with one line naming the file and the setting."""
     try:
         with open(path) as f:
             settings = json.load(f)
@@ -366,18 +385,43 @@ def read_config_file(path):
     if not isinstance(settings, dict):
         fail(f'--config {path}: holds a {type(settings).__name__}, not an object of settings')
     settings.pop('out_dir', None)
-    defaults = {**COMMON, **DATASET_DEFAULTS['synthetic'], **DATASET_DEFAULTS['nyud'], 'dataset': 'nyud'}
+    parser = make_parser()
+    actions = {a.dest: a for a in parser._actions}
     for k, v in settings.items():
         if k not in SETTINGS:
             fail(f'--config {path}: unknown setting {k!r}; settings are spelt as in config.json (e.g. max_iters)')
-        kind = type(defaults.get(k))
-        number = kind in (int, float) and isinstance(v, (int, float)) and not isinstance(v, bool)
-        if defaults.get(k) is not None and not (number or isinstance(v, kind)):
-            fail(f'--config {path}: {k} = {json.dumps(v)} is not a {kind.__name__}')
-    if settings.get('dataset', 'nyud') not in DATASET_DEFAULTS:
-        fail(f'--config {path}: dataset {settings["dataset"]!r}; choose one of {", ".join(DATASET_DEFAULTS)}')
+        where = f'--config {path}: {k} = {json.dumps(v)}'
+        if v is None and k in COMMON and COMMON[k] is None:  # (null: the default, as without the setting)
+            continue
+        if v is None:
+            fail(f'{where}: a value is needed (leave the setting out for its default)')
+        parser.error = lambda msg: fail(f'{where} ({msg})')  # (used at once, in this iteration)
+        settings[k] = vars(parser.parse_args(as_flags(actions[k], v, where))).get(k, v)
+    if 'loss_weights' in settings:
+        settings['loss_weights'] = dict(settings['loss_weights'])  # (as the flag parses it: (task, weight) pairs)
     return settings
 
+
+def as_flags(action, v, where):
+    """A --config setting's JSON value -> the strings of its flag (argparse's `action`), or one line
+    when its shape is another: true / false, a list (nargs), an object of task weights, one value."""
+    name = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(v, bool):
+            fail(f'{where}: not true or false')
+        return [name if v else '--no-' + name[2:]]
+    if action.type is task_weight:
+        if not isinstance(v, dict):
+            fail(f'{where}: not an object of task weights (e.g. {{"depth": 2}})')
+        return [name, *[f'{t}={w}' for t, w in v.items()]] if v else []
+    scalar = lambda x: x is not None and not isinstance(x, (bool, list, dict))  # noqa: E731
+    if action.nargs is None:
+        if not scalar(v):
+            fail(f'{where}: not a single value')
+        return [f'{name}={v}']
+    if not isinstance(v, list) or not all(map(scalar, v)):
+        fail(f'{where}: not a list of values (e.g. {json.dumps([v])})')
+    return [name, *map(str, v)]
 
 
 def resolve_config(args, ckpt_config=None):
@@ -396,7 +440,7 @@ def resolve_config(args, ckpt_config=None):
             given['tasks'] = task_list(ckpt_config['dataset'], given['tasks'])
         changed = [k for k in MODEL_KEYS if k in given and given[k] != ckpt_config[k]]
         if changed:
-            fail(f'--{changed[0].replace("_", "-")} {given[changed[0]]} differs from the checkpoint\'s '
+            fail(f'{setting_name(args)(changed[0])} {given[changed[0]]} differs from the checkpoint\'s '
                  f'{ckpt_config[changed[0]]}: model settings cannot change when loading a checkpoint')
         # (a training setting newer than the checkpoint takes its default: the behaviour of that train.py)
         return {**COMMON, **ckpt_config, **given, 'loss_weights': {**ckpt_config['loss_weights'], **weights}}
@@ -426,43 +470,44 @@ def task_list(dataset, names):
     return [t for t in known if names is None or t in names]
 
 
-def check_config(cfg, training=True):
-    """Reject bad settings with one line, before anything is written. The model's own settings are
-    checked by the model (built on the meta device: no memory, no time). training=False (evaluation,
-    prediction): the batch need not split into micro-batches."""
+def check_config(cfg, training=True, name=flag):
+    """Reject bad settings with one line, before anything is written; name(setting): its flag, or the
+    --config file that gave it (setting_name). The model's own settings are checked by the model
+    (built on the meta device: no memory, no time). training=False (evaluation, prediction): the
+    batch need not split into micro-batches."""
     try:
         with torch.device('meta'):
             TaskExpert.from_config(cfg)
     except ValueError as e:  # '<option> <value>: ...' -> '--<option> <value>: ...'
         option, _, rest = str(e).partition(' ')
-        fail(f'--{option.replace("_", "-")} {rest}')
+        fail(f'{name(option)} {rest}')
     for k in ('batch_size', 'max_iters', 'eval_every', 'log_every', 'accum_steps'):
         if cfg[k] < 1:
-            fail(f'--{k.replace("_", "-")} {cfg[k]}: must be at least 1')
+            fail(f'{name(k)} {cfg[k]}: must be at least 1')
     world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun processes
     if training and cfg['batch_size'] % (world * cfg['accum_steps']):
-        fail(f'--batch-size {cfg["batch_size"]} must split evenly into {world} process(es) x --accum-steps '
+        fail(f'{name("batch_size")} {cfg["batch_size"]} must split evenly into {world} process(es) x --accum-steps '
              f'{cfg["accum_steps"]} micro-batches')
     for k in ('lr', 'clip'):  # (comparisons written so that NaN fails them)
         if not 0 < cfg[k] < math.inf:
-            fail(f'--{k} {cfg[k]}: must be a positive, finite number')
+            fail(f'{name(k)} {cfg[k]}: must be a positive, finite number')
     for k in ('weight_decay', 'warmup', 'workers'):
         if not 0 <= cfg[k] < math.inf:
-            fail(f'--{k.replace("_", "-")} {cfg[k]}: must be a finite number >= 0')
+            fail(f'{name(k)} {cfg[k]}: must be a finite number >= 0')
     if not 0 <= cfg['seed'] < 2 ** 63:  # torch.manual_seed(seed + rank) takes 64 bits
-        fail(f'--seed {cfg["seed"]}: must be in 0 .. 2^63 - 1')
+        fail(f'{name("seed")} {cfg["seed"]}: must be in 0 .. 2^63 - 1')
     if not 0 < cfg['edge_pos_weight'] < 1:
-        fail(f'--edge-pos-weight {cfg["edge_pos_weight"]}: must be between 0 and 1')
+        fail(f'{name("edge_pos_weight")} {cfg["edge_pos_weight"]}: must be between 0 and 1')
     if (cfg['eval_workers'] or 0) < 0:
-        fail(f'--eval-workers {cfg["eval_workers"]}: must not be negative')
+        fail(f'{name("eval_workers")} {cfg["eval_workers"]}: must not be negative')
     for t, w in cfg['loss_weights'].items():
         if t not in cfg['tasks'] or not 0 <= w < math.inf:
-            fail(f'--loss-weights {t}={w}: needs a task of this {cfg["dataset"]} run ({", ".join(cfg["tasks"])}) '
-                 'and a weight >= 0')
+            fail(f'{name("loss_weights")} {t}={w}: needs a task of this {cfg["dataset"]} run '
+                 f'({", ".join(cfg["tasks"])}) and a weight >= 0')
     if 'scenes' in cfg and cfg['dataset'] != 'synthetic':
-        fail('--scenes applies to --dataset synthetic only')
+        fail(f'{name("scenes")} applies to --dataset synthetic only')
     if cfg['dataset'] == 'synthetic' and min(cfg['scenes']) < 1:
-        fail(f'--scenes {cfg["scenes"][0]} {cfg["scenes"][1]}: both must be at least 1')
+        fail(f'{name("scenes")} {cfg["scenes"][0]} {cfg["scenes"][1]}: both must be at least 1')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,14 +538,12 @@ class Run:
 
 
 def start(cfg, device, world, rank, resume, pool):
-    """Everything before the first step, in the order that loses nothing: the output folder checked,
-    the datasets opened, the ImageNet weights fetched, every data file read, the Run built, its first
-    lines logged, the run folder opened and, on resume, the checkpoint's evaluation finished.
+    """Everything before the first step, in the order that loses nothing (run_mode checked the output
+    folder): the datasets opened, the ImageNet weights fetched, every data file read, the Run built, its
+    first lines logged, the run folder opened and, on resume, the checkpoint's evaluation finished.
     -> (the Run, the training dataset, the first step)."""
     path, ckpt = resume or (None, None)
     amp_dtype, use_scaler, why = pick_precision(cfg['amp'], device)
-    if is_main():  # (under the out-dir's lock: no other run can start there now)
-        check_out_dir(cfg['out_dir'], path)
     train_ds, val_ds = open_datasets(cfg, check=False)  # its files are there: the weights next, then every file read
     pretrained = None if ckpt else fetch_pretrained(cfg)
     check_datasets(cfg, (train_ds, val_ds))
@@ -513,7 +556,7 @@ def start(cfg, device, world, rank, resume, pool):
     run.val_loader, run.pool, step = shard_loader(val_ds, cfg, world, rank), pool, ckpt['step'] if ckpt else 0
     log_start(run, (train_ds, val_ds), why, step, pretrained)
     if is_main():
-        open_run_folder(run, step)
+        open_run_folder(run, step, path)
     if ckpt is not None:
         finish_checkpoint(run, step, ckpt['rng'])
     return run, train_ds, step
@@ -945,37 +988,119 @@ class LossLog:
 # The run folder and its logs
 # -------------------------------------------------------------------------------------------------
 
-def check_out_dir(out, resume=None):
+# The files a run writes into its folder (and keeps there, --rewind): any of them makes the folder that run's
+RUN_FILES = re.compile(r'(last|best)\.pt|best\.safetensors|(train|metrics)\.jsonl|events\.out\.tfevents\..*|'
+                       r'curves\.png|gates\.png|vis|val_step\d+|run_to_step\d+(_\d+)?')
+
+
+def check_out_dir(out, resume=None, step=None, rewind=False):
     """Rank 0, holding the folder's lock: a run writes where it overwrites nobody's files. A resumed run
-    into its checkpoint's own folder; any run into a new or empty folder, or one of a run that never
-    saved a checkpoint (its config.json alone); never into a folder of another run, or of other files."""
+    into its checkpoint's own folder, from its latest step (or, --rewind, an earlier one); any run into
+    a new or empty folder, or one of a run that wrote nothing but its config.json; never into a folder
+    of another run (any file of RUN_FILES there: a checkpoint, a log, events, pictures), or of other
+    files."""
     if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), out):
+        latest = latest_step(out, resume, step)
+        if latest is not None and step > latest:  # (e.g. a copy of another run's checkpoint)
+            fail(f'--resume {resume}: its step {step} is past the run in {out} (step {latest}), whose files it would '
+                 'mix with its own: continue it in a new folder, --out-dir NEW')
+        if latest is not None and step < latest and not rewind:
+            fail(f'--resume {resume}: its step {step} is not the latest of {out} (step {latest}): continuing from it '
+                 f'would replace what the run did after it (last.pt, the logs after step {step}); pass --rewind to '
+                 f'continue from it there anyway (that is kept, in {out}/run_to_step{latest}), or --out-dir NEW')
         return
-    for name in ('last.pt', 'best.pt'):
-        if os.path.isfile(os.path.join(out, name)):
-            fail(f'{out} already holds a run ({name}): continue it with --resume {os.path.join(out, name)}, '
-                 f'or pass another --out-dir')
-    others = sorted(set(os.listdir(out)) - {'train.lock'})
+    names = sorted(set(os.listdir(out)) - {'train.lock'})
+    files = [re.sub(r'^\.(.+)\.tmp\d+$', r'\1', n) for n in names]  # (atomic_write's temporaries: of their file)
+    marks = sorted((n for n, f in zip(names, files) if RUN_FILES.fullmatch(f)),  # last.pt, then the models first
+                   key=lambda n: (n != 'last.pt', not n.endswith(('.pt', '.safetensors'))))
+    if marks:
+        last = os.path.join(out, 'last.pt')
+        fail(f'{out} already holds a run ({", ".join(marks[:4])}{", ..." * (len(marks) > 4)}): ' +
+             (f'continue it with --resume {last}, or ' if 'last.pt' in marks else '') + 'pass another --out-dir')
+    ours = False  # a config.json that train.py wrote
     with contextlib.suppress(OSError, ValueError):
         with open(os.path.join(out, 'config.json')) as f:
-            if {'dataset', 'tasks', 'out_dir'} <= json.load(f).keys():
-                return  # train.py wrote it
+            ours = {'dataset', 'tasks', 'out_dir'} <= json.load(f).keys()
+    others = [n for n, f in zip(names, files) if not (ours and f == 'config.json')]
     if others:
         fail(f'{out} holds files that train.py did not write ({", ".join(others[:3])}): pass a new or empty --out-dir')
 
 
-def open_run_folder(run, step):
-    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones), run.best (read
-    from best.pt, the one file that holds it, so that it names weights that exist) and run.board."""
+def latest_step(out, resume=None, step=None):
+    """The last step of the run in a folder: its last.pt's, or its last evaluation's if later; None:
+    neither. (resume, step): the checkpoint resumed and its step, not read again if it is last.pt."""
+    steps = [r['step'] for r in training_evaluations(read_jsonl(os.path.join(out, 'metrics.jsonl')))]
+    last = os.path.join(out, 'last.pt')
+    if resume and os.path.isfile(last) and os.path.samefile(resume, last):
+        steps.append(step)
+    elif os.path.isfile(last):
+        steps.append(loaded(lambda p: read_checkpoint(p, mmap=True), last)['step'])
+    return max(steps, default=None)
+
+
+def check_eval_dir(out, checkpoint):
+    """--eval-only writes pictures and a metrics.jsonl line: beside its checkpoint, into a new or empty
+    folder, or one of earlier --eval-only outputs of the same checkpoint; never into another run's
+    folder or a folder of other files."""
+    if not os.path.isdir(out) or os.path.samefile(out, os.path.dirname(os.path.abspath(checkpoint))):
+        return
+    names = sorted(os.listdir(out))
+    mine = lambda t: t is not None and os.path.realpath(t) == os.path.realpath(checkpoint)  # noqa: E731
+    if all(n in ('metrics.jsonl', 'vis', 'gates.png') or re.fullmatch(r'val_step\d+', n) for n in names) and \
+            all(mine(r.get('eval_only')) for r in read_jsonl(os.path.join(out, 'metrics.jsonl'))):
+        return
+    what = 'other files'
+    if any(RUN_FILES.fullmatch(n) for n in names):
+        what = 'the files of another run or evaluation'
+    fail(f'--out-dir {out} holds {what} ({", ".join(names[:3])}): --eval-only writes its pictures and a metrics.jsonl '
+         f'line there; pass a new folder, or no --out-dir to write beside {checkpoint}')
+
+
+def open_run_folder(run, step, resume=None):
+    """Rank 0: config.json, the logs trimmed to `step` (a fresh run starts new ones; --rewind first keeps
+    what the run did after it, keep_later; resume: the checkpoint's path), run.best (read from best.pt,
+    the one file that holds it, so that it names weights that exist) and run.board."""
     out = run.cfg['out_dir']
+    best_pt = os.path.join(out, 'best.pt')
+    best = lambda: read_checkpoint(best_pt, mmap=True)['best'] if os.path.isfile(best_pt) else None  # noqa: E731
+    try:
+        run.best = best()
+    except ValueError as e:
+        fail(f'{e}; it records the run\'s best evaluation: restore it, or move it aside (e.g. to {best_pt}.damaged) '
+             'and resume again: the next evaluation then writes a new best.pt')
     os.makedirs(out, exist_ok=True)
+    latest = latest_step(out, resume, step)
+    if latest is not None and latest > step:  # (--rewind: check_out_dir refuses it otherwise)
+        keep_later(out, step, latest, run.best)
+        run.best = best()
     atomic_write(os.path.join(out, 'config.json'), lambda f: f.write(json.dumps(run.cfg, indent=1).encode()))
     trained = truncate_jsonl(os.path.join(out, 'train.jsonl'), step)
     truncate_jsonl(os.path.join(out, 'metrics.jsonl'), step)
-    best_pt = os.path.join(out, 'best.pt')
-    run.best = loaded(lambda p: read_checkpoint(p, mmap=True), best_pt)['best'] if os.path.isfile(best_pt) else None
     evaluated = logged_scores(out, step, run.model.tasks) is not None
     run.board = open_board(run.cfg, step, evaluated, [r for r in trained if r['step'] == step])
+
+
+def keep_later(out, step, latest, best):
+    """--rewind: what the run in `out` did after `step` (to `latest`), which the resumed run replaces,
+    kept in <out>/run_to_step<latest>/: its settings, logs and pictures copied (the logs are trimmed
+    next), last.pt and best.* (when its `best` record is later) and later val_step<N>/ moved."""
+    keep, k = os.path.join(out, f'run_to_step{latest}'), 1
+    while os.path.exists(keep + f'_{k}' * (k > 1)):
+        k += 1
+    keep += f'_{k}' * (k > 1)
+    names = sorted(os.listdir(out))
+    copied = [n for n in names if n in ('config.json', 'train.jsonl', 'metrics.jsonl', 'curves.png', 'gates.png',
+                                        'vis')]
+    later = {'last.pt'} | ({'best.pt', 'best.safetensors'} if best and best['step'] > step else set())
+    moved = [n for n in names if n in later or re.fullmatch(r'val_step\d+', n) and int(n[8:]) > step]
+    os.makedirs(keep)
+    for name in copied:  # (first: a failure leaves every file in place)
+        src = os.path.join(out, name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(keep, name))
+    for name in moved:
+        os.replace(os.path.join(out, name), os.path.join(keep, name))
+    log(f'note: --rewind: the run to step {latest} is kept in {keep} ({", ".join(moved)} moved; '
+        f'{", ".join(copied)} copied)')
 
 
 def logged_scores(out_dir, step, tasks):
@@ -1014,33 +1139,45 @@ def training_evaluations(records):
 
 
 def append_jsonl(path, record):
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    """One record as a line at the end of a JSONL log, on a line of its own after a torn last one."""
+    with open(path, 'a+b') as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 1))
+        torn = f.read(1) not in (b'', b'\n')
+        f.write(b'\n' * torn + json.dumps(record).encode() + b'\n')
 
 
 def read_jsonl(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    """The records of a JSONL log ([] if there is none)."""
+    return [record for _, record in jsonl_lines(path)]
 
 
-def truncate_jsonl(path, step):
-    """Drop log lines past `step` (written after the checkpoint a run resumes from); -> the records
-    kept. A line that does not parse, as a last one cut short by a kill or a full disk, is dropped
-    with a warning rather than blocking the resume."""
+WARNED = set()  # (path, line number) of each damaged log line already said
+
+
+def jsonl_lines(path):
+    """(line, record) for each line of a run's JSONL log. A line that is not a record, as a last one cut
+    short by a kill or a full disk, is skipped with a warning (once per line and process)."""
     if not os.path.isfile(path):
-        return []
-    keep = []
+        return
     with open(path) as f:
         for n, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
             except ValueError:
-                log(f'warning: {path} line {n} is cut short or damaged (a kill or a full disk): dropped')
-                continue
-            if record.get('step', 0) <= step:
-                keep.append((line.rstrip('\n') + '\n', record))
+                record = None
+            if isinstance(record, dict):
+                yield line, record
+            elif line.strip() and (path, n) not in WARNED:
+                WARNED.add((path, n))
+                log(f'warning: {path} line {n} is cut short or damaged (a kill or a full disk): skipped')
+
+
+def truncate_jsonl(path, step):
+    """Drop log lines past `step` (written after the checkpoint a run resumes from), and damaged ones
+    (jsonl_lines); -> the records kept."""
+    if not os.path.isfile(path):
+        return []
+    keep = [(line.rstrip('\n') + '\n', record) for line, record in jsonl_lines(path) if record.get('step', 0) <= step]
     atomic_write(path, lambda f: f.write(''.join(line for line, _ in keep).encode()))
     return [record for _, record in keep]
 
@@ -1469,22 +1606,33 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 def predict_images(model, source, out_dir, device, amp_dtype):
     """--predict: per image, named by its file name with its extension (a.jpg and a.png apart), <name>.npz,
-    its predictions at its own size (taskexpert.predict; class ids as uint8), and <name>.png, a panel of
-    the input and every task, shrunk to the network size if larger; each written atomically. The inputs
-    are never touched: an output folder that holds them is refused."""
-    files = ([source] if os.path.isfile(source) else
-             sorted(os.path.join(source, f) for f in os.listdir(source) if f.lower().endswith(IMAGE_EXTS)))
+    its predictions at its size as shown (taskexpert.predict: EXIF orientation applied; class ids as
+    uint8), and <name>.png, a panel of the input and every task, shrunk to the network size if larger;
+    each written atomically. The inputs are never touched: an output folder that holds them is refused.
+    Of a folder, the files that are not images (by extension) are counted, and one that cannot be read
+    is said in a line and skipped: the others are predicted, then the command fails naming how many."""
+    names = [] if os.path.isfile(source) else sorted(os.listdir(source))
+    files = [source] if os.path.isfile(source) else [os.path.join(source, n) for n in names
+                                                    if n.lower().endswith(IMAGE_EXTS)]
     if not files:
         fail(f'--predict {source}: no images ({", ".join(IMAGE_EXTS)}) there')
     if os.path.isdir(out_dir) and any(os.path.samefile(out_dir, os.path.dirname(os.path.abspath(f))) for f in files):
         fail(f'--out-dir {out_dir} holds the images of --predict {source}: pass another folder for the predictions')
-    os.makedirs(out_dir, exist_ok=True)
+    if others := [n for n in names if not n.lower().endswith(IMAGE_EXTS)]:
+        log(f'note: {source}: {len(others)} of its {len(names)} entries are not images by their extension, skipped '
+            f'(e.g. {others[0]}); images are {", ".join(IMAGE_EXTS)}')
+    writable(out_dir)
+    unread = []
     for path in files:
         try:
             with Image.open(path) as im:
-                im = im.convert('RGB')
-        except (OSError, Image.DecompressionBombError) as e:  # (PIL refuses images over 179 megapixels)
-            fail(f'{path}: cannot read the image ({e})')
+                im = rgb_image(im)  # upright, 8-bit RGB, or refused
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # (PIL refuses images over 179 megapixels)
+            if len(files) == 1:
+                fail(f'{path}: cannot read the image ({e})')
+            log(f'{path}: cannot read the image ({e}): skipped')
+            unread.append(path)
+            continue
         with autocast(device, amp_dtype):
             maps = predict(model, im)
         maps = {k: v.astype(np.uint8) if k in model.tasks and TASK_TABLE[k].kind == 'classes' else v
@@ -1494,8 +1642,12 @@ def predict_images(model, source, out_dir, device, amp_dtype):
         size = im.size
         im.thumbnail((model.backbone.grid[1] * PATCH, model.backbone.grid[0] * PATCH))  # a photo's panel would be huge
         rows, cols = (np.arange(n) * full // n for n, full in zip(im.size[::-1], size[::-1]))  # nearest, to draw
-        data.write_png(stem + '.png', draw_panel(np.asarray(im), {k: v[..., rows[:, None], cols] for k, v in maps.items()}))
+        panel = draw_panel(np.asarray(im), {k: v[..., rows[:, None], cols] for k, v in maps.items()})
+        data.write_png(stem + '.png', panel)
         log(f'{path} -> {stem}.png, .npz')
+    if unread:
+        fail(f'{len(unread)} of the {len(files)} images of {source} could not be read (each said above); the others\' '
+             f'predictions are in {out_dir}')
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1633,12 +1785,17 @@ def benchmark(cfg, device, amp_dtype, why, peak=None, flops_only=False, warmup=3
 # Command line
 # -------------------------------------------------------------------------------------------------
 
+HELD_LOCKS = {}  # (device, inode) of each train.lock this process holds -> its owner line
+
+
 @contextlib.contextmanager
 def hold_out_dir(out_dir):
-    """Hold <out_dir>/train.lock, a file naming the owner's pid and host, with an exclusive flock for
-    the run's lifetime: a second run or a --resume on the folder is refused meanwhile. The kernel drops
-    a flock when its process dies, however it dies, so a lock file left by a killed run is stale and
-    taken over. No other run writes here then: leftover temporary files are removed."""
+    """Hold <out_dir>/train.lock, a file naming the owner's pid and host, with an exclusive POSIX record
+    lock (lockf) for the run's lifetime: a second run or a --resume on the folder is refused meanwhile.
+    The system drops the lock when its process ends, however it ends, and a forked child (a data loader
+    worker) does not inherit it: the lock of a killed run is free at once, its file taken over. Such a
+    lock is the process's: a second one here would be granted, and closing any file of the lock's
+    releases it, so the locks held here are known (HELD_LOCKS) and their files never opened twice."""
     import fcntl  # POSIX (Linux, macOS)
     created = []  # the folders this run makes, deepest first (runs/nyud: runs/nyud, then runs)
     folder = os.path.abspath(out_dir)
@@ -1647,15 +1804,20 @@ def hold_out_dir(out_dir):
         folder = os.path.dirname(folder)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'train.lock')
+    busy = lambda owner: fail(f'{out_dir} is in use by another run ({owner}; {path}): '  # noqa: E731
+                              'wait for it to end, or pass another --out-dir')
     while True:
+        with contextlib.suppress(FileNotFoundError):
+            if (held := HELD_LOCKS.get(inode(os.stat(path)))) is not None:
+                busy(held)
         f = open(path, 'a+')
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: held)
             f.seek(0)
             owner = f.read().strip() or 'just starting'
             f.close()
-            fail(f'{out_dir} is in use by another run ({owner}; {path}): wait for it to end, or pass another --out-dir')
+            busy(owner)
         with contextlib.suppress(FileNotFoundError):  # (else its last holder removed it as we opened it)
             if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
                 break
@@ -1664,12 +1826,15 @@ def hold_out_dir(out_dir):
     if stale := f.read().strip():
         log(f'note: {path} was left by a run that did not end cleanly ({stale}): stale, taken over')
     f.truncate(0)
-    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    owner = f'pid {os.getpid()} on {socket.gethostname()}'
+    f.write(owner + '\n')
     f.flush()
-    remove_temporaries(out_dir)
+    key = inode(os.fstat(f.fileno()))
+    HELD_LOCKS[key] = owner
     try:
         yield
     finally:
+        del HELD_LOCKS[key]
         os.remove(path)  # before unlocking: a process that opened it meanwhile finds it gone and retries
         f.close()
         with contextlib.suppress(OSError):  # only if empty: a run refused for bad input leaves nothing
@@ -1677,10 +1842,15 @@ def hold_out_dir(out_dir):
                 os.rmdir(folder)
 
 
+def inode(stat):
+    return stat.st_dev, stat.st_ino
+
+
 @contextlib.contextmanager
 def one_line_errors(out_dir):
     """A full disk, an unwritable --out-dir, or a data file damaged after the start-up check: one line,
-    not a traceback. What was saved stays intact (atomic checkpoints; logs trimmed on --resume)."""
+    not a traceback, with the remedy that fits. What was saved stays intact (atomic checkpoints; logs
+    trimmed on --resume)."""
     try:
         yield
     except DataError as e:  # raised in a loader worker, it is a traceback whose last line is ours
@@ -1688,7 +1858,22 @@ def one_line_errors(out_dir):
     except OSError as e:
         where = str(e.filename or out_dir)
         ours = os.path.abspath(where).startswith(os.path.abspath(out_dir))
-        fail(f'{where}: {e.strerror or e}' + ('; free some space or pass another --out-dir' if ours else ''))
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # (EIO: atomic_write's torch.save)
+        locked = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        remedy = ('free some space or ' if full else 'the folder is not writable: ' if locked else '') + \
+            'pass another --out-dir'
+        fail(f'{where}: {e.strerror or e}' + f'; {remedy}' * ours)
+
+
+def writable(folder):
+    """Make `folder` if missing and ask the file system for a file there (unnamed, gone when closed): a
+    folder that cannot be written fails now, naming it (one_line_errors), before the work."""
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, folder) from None
 
 
 def find_checkpoint(args, out_dir):
@@ -1708,6 +1893,8 @@ def check_modes(args):
         fail(f'--{modes[0].replace("_", "-")} and --{modes[1].replace("_", "-")} cannot be combined')
     if modes and args.resume is not None:
         fail(f'--resume continues training; --{modes[0].replace("_", "-")} reads --checkpoint PATH')
+    if args.rewind and args.resume is None:
+        fail('--rewind applies to --resume only')
     if args.checkpoint and not (args.eval_only or args.predict):
         fail('--checkpoint is read by --eval-only and --predict; to continue training use --resume PATH')
     if (args.flops_only or args.peak_tflops) and not args.benchmark:
@@ -1724,7 +1911,7 @@ def open_checkpoint(args):
     default_out = os.path.join('runs', given_settings(args).get('dataset', 'synthetic'))
     if args.resume is not None:
         path = args.resume or os.path.join(args.out_dir or default_out, 'last.pt')
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             fail(f'--resume: no checkpoint at {path}: pass --resume RUN/last.pt, the last.pt of the run to continue')
         ckpt = loaded(read_checkpoint, path)
         if 'optimizer' not in ckpt:
@@ -1737,12 +1924,13 @@ def open_checkpoint(args):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` or a job scheduler's stop: as Ctrl-C
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # `kill`, a job scheduler's stop, a closed terminal: as Ctrl-C
+        signal.signal(signum, interrupt)
     args = parse_args(argv)
     check_modes(args)
     if args.benchmark:
         cfg = resolve_config(args)
-        check_config(cfg)
+        check_config(cfg, name=setting_name(args))
         device = pick_device(cfg['device'])
         amp_dtype, _, why = pick_precision(cfg['amp'], device)
         benchmark(cfg, device, amp_dtype, why, args.peak_tflops, args.flops_only)
@@ -1750,7 +1938,7 @@ def main(argv=None):
     path, ckpt, model, out_dir = open_checkpoint(args)
     cfg = resolve_config(args, ckpt['config'] if ckpt else model.config if model else None)
     cfg['out_dir'] = out_dir
-    check_config(cfg, training=not (args.eval_only or args.predict))
+    check_config(cfg, training=not (args.eval_only or args.predict), name=setting_name(args))
     try:
         run_mode(args, cfg, path, ckpt, model)
     except KeyboardInterrupt:
@@ -1762,7 +1950,7 @@ def interrupt(signum, frame):
 
 
 def what_was_saved(args, cfg):
-    """After Ctrl-C or SIGTERM: what the interrupted command leaves, in a few words."""
+    """After Ctrl-C, SIGTERM or SIGHUP: what the interrupted command leaves, in a few words."""
     out = cfg['out_dir']
     if args.predict:
         return f'the predictions written so far are in {args.out_dir or os.path.join(out, "predictions")}'
@@ -1775,8 +1963,12 @@ def what_was_saved(args, cfg):
 
 
 def run_mode(args, cfg, path, ckpt, model):
-    """--predict, --eval-only or training, with their processes: torchrun's, the boundary workers."""
+    """--predict, --eval-only or training, with their processes: torchrun's, the boundary workers. Each
+    writes into a folder, never one that is another run's or a user's (check_out_dir, check_eval_dir)."""
     out_dir = cfg['out_dir']
+    writes_to = (args.out_dir or os.path.join(out_dir, 'predictions')) if args.predict else out_dir
+    if os.path.exists(writes_to) and not os.path.isdir(writes_to):
+        fail(f'--out-dir {writes_to}: a file, not a folder: pass a folder')
     if args.predict:
         if not os.path.exists(args.predict):
             fail(f'--predict {args.predict}: no such file or folder')
@@ -1788,6 +1980,8 @@ def run_mode(args, cfg, path, ckpt, model):
                            device, amp_dtype)
         return
     read_baselines(cfg)  # a bad --baselines stops here, before the first step or image
+    if args.eval_only:
+        check_eval_dir(out_dir, path)
     device, world, rank = setup_distributed(cfg['device'])  # under torchrun, evaluation is sharded too
     pool = edge_pool(cfg)
     try:
@@ -1796,6 +1990,9 @@ def run_mode(args, cfg, path, ckpt, model):
                 eval_only(cfg, model, path, device=device, world=world, rank=rank, pool=pool)
             else:  # rank 0 alone writes the outputs, so it alone holds the out-dir
                 with hold_out_dir(out_dir) if rank == 0 else contextlib.nullcontext():
+                    if rank == 0:  # (no other run can start there now)
+                        check_out_dir(out_dir, path, ckpt and ckpt['step'], args.rewind)
+                        remove_temporaries(out_dir)  # (of atomic_write calls that a kill interrupted)
                     train(cfg, device, world, rank, (path, ckpt) if ckpt else None, pool)
         PEERS.finish()
     except BaseException as e:
@@ -1818,7 +2015,7 @@ def eval_only(cfg, model, path, *, device, world, rank, pool):
     log(f'{path}: step {model.step}, {cfg["dataset"]}, {cfg["backbone"]} backbone; {device} x {world}, fp32')
     (val_ds,) = open_datasets(cfg, splits=('val',))
     if is_main():
-        os.makedirs(cfg['out_dir'], exist_ok=True)
+        writable(cfg['out_dir'])  # (now, not after the evaluation)
     save_to = predictions_folder(cfg, model.step, tag=path)
     evaluation = evaluate(model, shard_loader(val_ds, cfg, world, rank), dataset=cfg['dataset'], device=device,
                           keep=PANELS, pool=pool, save_to=save_to)
