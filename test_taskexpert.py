@@ -1057,6 +1057,23 @@ def test_metrics_two_batches_equal_one_batch(task):
     assert whole.score() == _metrics_approx(halves.score())
 
 
+def test_metrics_update_meters_scores_each_image_on_its_content_and_skips_what_it_leaves_unscored():
+    """update_meters feeds each image of a padded batch cut to its content (meta 'size'), and leaves out
+    the tasks its meta lists as unscored (PASCAL: human parts without a person, edges outside test_new):
+    the meters hold what feeding the kept crops alone gives."""
+    tasks = {'human_parts': 7, 'edge': 1}
+    out, batch = _metrics_batch(tasks, B=2, H=24, W=28, seed=5)
+    out = {t: o.detach() for t, o in out.items()}
+    batch['meta'] = [{'size': (20, 28), 'unscored': ('edge',)}, {'size': (24, 16), 'unscored': ('human_parts',)}]
+    meters, alone = make_meters(tasks, 'pascal'), make_meters(tasks, 'pascal')
+    data.update_meters(meters, out, batch)
+    alone['human_parts'].update(out['human_parts'][:1, :, :20], batch['human_parts'][:1, :20])
+    alone['edge'].update(out['edge'][1:, :, :, :16], batch['edge'][1:, :, :, :16])
+    for t in tasks:
+        for a, b in zip(meters[t].state(), alone[t].state()):
+            assert torch.equal(a, b), t
+
+
 def _metrics_approx(scores, **tolerance):
     """A meter's scores for ==, its floats and the floats of its per-class IoU approximately."""
     return {k: pytest.approx(v, **tolerance) for k, v in scores.items()}
@@ -1185,6 +1202,32 @@ def test_metrics_edge_radius_and_strict_thresholds():
     assert meter.counts[k, 1] == 0 and meter.counts[k - 1, 1] > 0  # predicted pixels at t = 0.2, at t = 0.19
 
 
+@pytest.mark.parametrize('normal', [0, 45, 135])
+def test_metrics_edge_nms_keeps_a_soft_ridge_only_at_its_maximum_along_its_normal(normal):
+    """A blurred straight line whose normal points at a known angle (x right, y down; on the pixel
+    lattice, where Dollar's orientation atan(Oyy sign(-Oxy) / Oxx) is exact): inside the faded border
+    the NMS keeps exactly the pixels on the line, at their value, and drops every other one. With the
+    x and y gradients swapped, or the normal's y step negated, the 135-degree line comes out 3 px wide.
+    (A horizontal line is left out: there Oxy is exactly 0, and SEISM's formula itself reads its normal
+    as horizontal.)"""
+    ys, xs = np.mgrid[0:40, 0:40]
+    a = np.deg2rad(normal)
+    d = (xs - 20) * np.cos(a) + (ys - 20) * np.sin(a)  # signed distance to the line along its normal
+    E = np.exp(-d ** 2 / (2 * 1.5 ** 2))
+    out, inner = _edge_nms(E), (slice(5, -5), slice(5, -5))
+    on_line = np.abs(d[inner]) < 1e-9
+    assert on_line.sum() >= 28 and np.array_equal(out[inner] > 0, on_line), normal
+    assert np.array_equal(out[inner][on_line], E[inner][on_line])
+
+
+def test_metrics_edge_nms_fades_a_5px_border():
+    """edgesNmsMex's border: column (row) k and its mirror k from the far side scaled by k / 5 for k < 5,
+    corners by both: a constant map (every pixel its own maximum) comes out as that ramp."""
+    E = np.full((14, 17), 0.6)
+    ramp = lambda n: np.minimum(np.minimum(np.arange(n), np.arange(n)[::-1]), 5) / 5  # noqa: E731
+    np.testing.assert_allclose(_edge_nms(E), 0.6 * np.outer(ramp(14), ramp(17)), rtol=1e-12)
+
+
 def _metrics_flat_prediction(H=40, W=56, seed=0):
     """Edge probabilities of an untrained model (nearly flat: 6 levels in its 8-bit map), whose NMS
     keeps its plateaus, more than half of the image."""
@@ -1256,7 +1299,9 @@ def test_metrics_maximum_matching_is_exact():
 def test_metrics_make_meters_and_main_metric_keys():
     meters = make_meters(TASKS['pascal'], 'pascal')
     assert meters['edge'].max_dist == 0.0075 and meters['human_parts'].num_classes == 7
-    assert make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011 and make_meters(TASKS['nyud'], 'nyud')['semseg'].num_classes == 40
+    nyud = make_meters(TASKS['nyud'], 'nyud')
+    assert nyud['edge'].max_dist == make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011
+    assert nyud['semseg'].num_classes == 40
     out, batch = _metrics_batch(TASKS['pascal'], B=1, H=16, W=16)
     for t, m in meters.items():
         m.update(out[t].detach(), batch[t])
@@ -1640,6 +1685,58 @@ def test_data_pascal_parts_are_read_as_the_reference_indexes_the_struct(tmp_path
                 want[mask.astype(bool)] = data.HUMAN_PART_GROUPS[str(name[0])]
     got, has_human = data.human_parts_from_anno(path, (_DATA_PH, _DATA_PW))
     assert has_human and np.array_equal(got, want) and {1, 3, 6} <= set(np.unique(got).tolist())
+
+
+# PASCAL-Part's 24 person parts in their part-id order (1..24), and the 6 groups the multi-task
+# readers train and score (InvPT / ATRC data/pascal_context.py, HUMAN_PART[6]), group id = position + 1
+_DATA_PERSON_PARTS = ('head', 'leye', 'reye', 'lear', 'rear', 'lebrow', 'rebrow', 'nose', 'mouth', 'hair', 'torso',
+                      'neck', 'llarm', 'luarm', 'lhand', 'rlarm', 'ruarm', 'rhand', 'llleg', 'luleg', 'lfoot', 'rlleg',
+                      'ruleg', 'rfoot')
+_DATA_PART_GROUPS = (('head', 'hair head lear lebrow leye mouth nose rear rebrow reye'), ('torso', 'neck torso'),
+                     ('upper arms', 'luarm ruarm'), ('lower arms and hands', 'lhand llarm rhand rlarm'),
+                     ('upper legs', 'luleg ruleg'), ('lower legs and feet', 'lfoot llleg rfoot rlleg'))
+
+
+def test_data_pascal_every_person_part_reads_as_its_group(tmp_path):
+    """A person carrying all 24 PASCAL-Part person parts, one pixel each: each pixel reads as its
+    part's group of the official mapping (7 classes with the background, named as the meter names
+    them); a second person's parts drawn over the first's win, as the reference draws them in order;
+    another object's parts and the pixels of no part are background; a part name that is not a
+    person's is refused."""
+    group_of = {p: g for g, (_, parts) in enumerate(_DATA_PART_GROUPS, 1) for p in parts.split()}
+    assert sorted(group_of) == sorted(_DATA_PERSON_PARTS) and len(_DATA_PERSON_PARTS) == 24
+    assert data.HUMAN_PARTS == ('background',) + tuple(name for name, _ in _DATA_PART_GROUPS)
+    assert data.CLASS_NAMES['pascal']['human_parts'] == data.HUMAN_PARTS and TASKS['pascal']['human_parts'] == 7
+    shape = (5, 6)
+    pixel = {p: np.arange(30).reshape(shape) == k for k, p in enumerate(_DATA_PERSON_PARTS)}
+    over = np.zeros(shape, bool)
+    over[0, 0] = True  # the first person's head, then the second person's right foot
+    cat = np.zeros(shape, bool)
+    cat[4, 5] = True
+    objects = [('person', 15, [(p, pixel[p]) for p in _DATA_PERSON_PARTS]), ('person', 15, [('rfoot', over)]),
+               ('cat', 8, [('head', cat)])]
+    path = str(tmp_path / 'parts.mat')
+    scipy.io.savemat(path, {'anno': _data_anno(objects, shape)})
+    got, has_human = data.human_parts_from_anno(path, shape)
+    assert has_human and got.dtype == np.uint8
+    want = np.zeros(shape, np.uint8)
+    for p in _DATA_PERSON_PARTS[1:]:
+        want[pixel[p]] = group_of[p]
+    want[0, 0] = group_of['rfoot']
+    assert np.array_equal(got, want), (got, want)
+    assert {data.HUMAN_PARTS[got[pixel[p]][0]] for p in ('lhand', 'rlarm')} == {'lower arms and hands'}
+    scipy.io.savemat(path, {'anno': _data_anno([('person', 15, [('lwing', pixel['head'])])], shape)})
+    with pytest.raises(data.DataError, match="unknown person part 'lwing'"):
+        data.human_parts_from_anno(path, shape)
+
+
+def test_data_pascal_semseg_classes_are_vocs_in_id_order():
+    """PASCAL-Context's semseg ids are VOC's (InvPT / ATRC data/pascal_context.py, VOC_CATEGORY_NAMES):
+    the names the meter and the exports give each id, and the person's id that the parts decoder reads."""
+    voc = ('background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike '
+           'person pottedplant sheep sofa train tvmonitor').split()
+    assert list(data.CLASS_NAMES['pascal']['semseg']) == voc and TASKS['pascal']['semseg'] == len(voc)
+    assert voc[data.PERSON_CLASS] == 'person'
 
 
 def test_data_pascal_reader_decodes(tmp_path):
