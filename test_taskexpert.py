@@ -4,6 +4,7 @@ training (train.py), export (export.py).
 
 Each part builds its own small fixtures in the real formats; nothing is downloaded."""
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -2204,37 +2205,51 @@ def test_train_precision_follows_compute_capability(monkeypatch, capsys):
     assert train.pick_precision('fp16', gpu)[:2] == (torch.float16, True)
 
 
+def _train_step_gradients(batch, accum=1, clip=1e9):
+    """One train_step of the tiny nyud model on `batch` -> (loss, per-task losses, the gradients the step
+    applied, read as it starts: read back from the updated weights, they would be rounded to the weights'
+    precision, 1.2e-7 for a LayerNorm weight of 1). The heads' BatchNorm is in eval mode: in train mode
+    each micro-batch is normalised with its own statistics (as each process under DDP without
+    SyncBatchNorm), which no accumulation can undo."""
+    cpu = torch.device('cpu')
+    model = _tiny(TASKS['nyud'], drop_path=0.0).train()
+    for head in model.heads.values():
+        head.bn.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    applied = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
+        torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
+    run = train.Run({'accum_steps': accum, 'clip': clip}, model, model, optimizer,
+                    torch.amp.GradScaler('cpu', enabled=False), MultiTaskLoss(model.tasks), cpu)
+    total, per_task, skipped = train.train_step(run, batch)
+    assert skipped is None
+    return total, per_task, applied
+
+
 def test_train_accumulated_micro_batches_equal_one_batch():
     """--accum-steps 2 on a batch of 4 gives the step of one batch of 4: same loss, same gradients.
-    The heads' BatchNorm is put in eval mode: in train mode each micro-batch is normalised with its
-    own statistics (as each process under DDP without SyncBatchNorm), which no accumulation can undo.
     The targets have no void pixel, so that every micro-batch weighs its pixels alike."""
-    cpu = torch.device('cpu')
-    batch = train.random_batch(TASKS['nyud'], 4, _MODEL_SIZE, cpu)
-    steps = []
-    for accum in (1, 2):
-        model = _tiny(TASKS['nyud'], drop_path=0.0).train()
-        for head in model.heads.values():
-            head.bn.eval()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        # the gradients the step applies, read as it starts (read back from the updated weights, they
-        # would be rounded to the weights' precision: 1.2e-7 for a LayerNorm weight of 1)
-        applied = []
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
-            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
-        scaler = torch.amp.GradScaler('cpu', enabled=False)
-        run = train.Run({'accum_steps': accum, 'clip': 1e9}, model, model, optimizer, scaler, MultiTaskLoss(model.tasks),
-                        cpu)
-        total, per_task, skipped = train.train_step(run, batch)
-        assert skipped is None
-        steps.append((total, per_task, applied))
-    (total1, tasks1, grads1), (total2, tasks2, grads2) = steps
+    batch = train.random_batch(TASKS['nyud'], 4, _MODEL_SIZE, torch.device('cpu'))
+    (total1, tasks1, grads1), (total2, tasks2, grads2) = (_train_step_gradients(batch, accum) for accum in (1, 2))
     torch.testing.assert_close(total2, total1, rtol=1e-5, atol=0)
     for t in tasks1:
         torch.testing.assert_close(tasks2[t], tasks1[t], rtol=1e-5, atol=0)
     assert sum(g.abs().sum() for g in grads1) > 0
     for g1, g2 in zip(grads1, grads2):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_train_step_clips_the_gradient_norm_to_clip():
+    """--clip c: a step whose gradients have a global norm above c applies them scaled to norm c, in
+    the same direction; below c they are applied as they are."""
+    batch = train.random_batch(TASKS['nyud'], 2, _MODEL_SIZE, torch.device('cpu'))
+    free = _train_step_gradients(batch)[2]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free])).item()
+    clipped = _train_step_gradients(batch, clip=norm / 4)[2]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped])).item() == \
+        pytest.approx(norm / 4, rel=1e-5)
+    for g, f in zip(clipped, free):
+        torch.testing.assert_close(g, f / 4, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize('task, values, best_step', [('depth', (0.5, 0.3, 0.4), 2), ('semseg', (10.0, 30.0, 20.0), 2),
@@ -2256,6 +2271,19 @@ def test_train_best_checkpoint_holds_the_best_main_metric_of_the_first_task(task
     assert read_checkpoint(str(tmp_path / 'best.safetensors'))['step'] == best_step
 
 
+def test_train_best_checkpoint_of_a_multi_task_run_follows_its_first_task(tmp_path):
+    """A semseg + depth run keeps as best the evaluation of the highest semseg mIoU, whatever depth does
+    (here its RMSE is lowest at another step)."""
+    model = _tiny({'semseg': 40, 'depth': 1})
+    run = train.Run({'out_dir': str(tmp_path), 'dataset': 'nyud', 'tasks': ['semseg', 'depth']}, model, model,
+                    torch.optim.Adam(model.parameters()), torch.amp.GradScaler('cpu', enabled=False),
+                    MultiTaskLoss(model.tasks), torch.device('cpu'))
+    for step, (miou, rmse) in enumerate(((30.0, 0.5), (10.0, 0.4), (20.0, 0.2)), 1):
+        train.keep_best(run, step, {'semseg': {'mIoU': miou}, 'depth': {'rmse': rmse}}, [train.rng_state()])
+    assert run.best == {'metric': 'semseg mIoU', 'value': 30.0, 'step': 1}
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['best'] == run.best
+
+
 def test_train_learning_rate_schedule_at_known_steps():
     """Poly decay (1 - step / max_iters)^0.9 per iteration, times a linear warm-up when there is one."""
     cfg = {'lr': 1e-3, 'max_iters': 100, 'warmup': 0}
@@ -2263,6 +2291,83 @@ def test_train_learning_rate_schedule_at_known_steps():
     cfg['warmup'] = 10
     assert [train.lr_at(s, cfg) for s in (0, 4, 9, 50)] == pytest.approx(
         [1e-4, 5e-4 * 0.96 ** 0.9, 1e-3 * 0.91 ** 0.9, 1e-3 * 0.5 ** 0.9])  # x (step + 1) / 10 for 10 steps
+
+
+def test_train_warmup_weight_decay_and_loss_settings_reach_what_they_set(tmp_path):
+    """The flags of a fresh run, resolved as train.py resolves them, reach what uses them: the warm-up
+    the schedule (hand values), the weight decay and lr Adam's groups, the loss weights and the edge
+    positive weight the loss."""
+    args = _train_tiny_args(tmp_path / 'data', tmp_path / 'run', '--weight-decay', '0.01', '--warmup', '4',
+                            '--max-iters', '10', '--edge-pos-weight', '0.8', '--loss-weights', 'depth=3')
+    cfg = train.resolve_config(train.parse_args(args))
+    assert [train.lr_at(s, cfg) for s in (0, 3, 4)] == pytest.approx([1e-3 / 4, 1e-3 * 0.7 ** 0.9, 1e-3 * 0.6 ** 0.9])
+    run = train.build(cfg, device=torch.device('cpu'), world=1, rank=0, amp_dtype=None, use_scaler=False)
+    assert [(g['weight_decay'], g['lr']) for g in run.optimizer.param_groups] == [(0.01, 1e-3)]
+    assert run.loss_fn.weights == {'semseg': 1.0, 'depth': 3.0, 'normals': 10.0, 'edge': 50.0}
+    assert run.loss_fn.pos_weights == {'semseg': None, 'depth': None, 'normals': None, 'edge': 0.8}
+
+
+def _train_other_value(action, old, tmp_path):
+    """A value of a setting's flag (its argparse action) other than `old`, by the flag's kind -> (the
+    words to pass, the value config.json must then hold). A flag of a new kind stops the test here."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if not old else '--no-' + flag[2:]], not old
+    if action.choices:
+        new = next(c for c in action.choices if c != old)
+        return [flag, new], new
+    if action.type is train.task_weight:  # one task's weight changed, the others kept
+        task = next(iter(old))
+        return [flag, f'{task}={old[task] + 1}'], {**old, task: old[task] + 1}
+    if action.nargs in ('+', '*', 2):
+        new = ([v + 1 for v in old] if action.type is int else old[:1] if len(old) > 1 else [str(tmp_path / 'x')])
+        return [flag, *map(str, new)], new
+    kinds = {int: lambda: (old or 0) + 1, float: lambda: old / 2 if old else 0.5, None: lambda: str(tmp_path / 'x')}
+    new = kinds[action.type]()
+    return [flag, str(new)], new
+
+
+def test_train_flags_win_over_the_checkpoint_on_resume_and_model_settings_are_refused(_train_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """--resume with each setting's flag, found in the parser (a new flag is covered too), set to another
+    value than the checkpoint's: a training setting takes the flag's value and nothing else changes; a
+    model setting (MODEL_KEYS: those the model is built from) is refused in one line naming the flag.
+    The resumed Adam keeps its moments but takes the run's weight decay, not the checkpoint's."""
+    last = str(_train_run / 'run' / 'last.pt')
+    ckpt = read_checkpoint(last)
+    saved = ckpt['config']
+    actions = [a for a in train.make_parser()._actions if a.dest in train.SETTINGS]
+    assert sorted(a.dest for a in actions) == sorted(train.SETTINGS)  # every setting has a flag
+    # the model settings: every one the model is built from, but activation checkpointing, which only
+    # recomputes (test_model_grad_checkpoint_gives_the_same_step)
+    read = set()
+
+    class Recorded(dict):
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+    with torch.device('meta'):
+        TaskExpert.from_config(Recorded(saved))
+    assert set(train.MODEL_KEYS) == read - {'grad_checkpoint'} and 'grad_checkpoint' in read
+    for action in actions:
+        words, value = _train_other_value(action, saved[action.dest], tmp_path)
+        resolve = functools.partial(train.resolve_config, train.parse_args(['--resume', last, *words]), saved)
+        if action.dest in train.MODEL_KEYS:
+            code, msg = _train_error_call(resolve, capsys)
+            assert msg.startswith(f'train.py: error: {words[0]} ') and msg.endswith(
+                'model settings cannot change when loading a checkpoint'), msg
+            continue
+        cfg = resolve()
+        assert cfg[action.dest] == value, (words, cfg[action.dest])
+        assert {k: v for k, v in cfg.items() if k != action.dest} == {k: v for k, v in saved.items() if
+                                                                        k != action.dest}, words
+    resolved = []  # the whole command: its run gets the flag's weight decay
+    monkeypatch.setattr(train, 'run_mode', lambda args, cfg, *rest: resolved.append(cfg))
+    train.main(['--resume', last, '--weight-decay', '0.25'])
+    run = train.build(resolved[0], device=torch.device('cpu'), world=1, rank=0, amp_dtype=None, use_scaler=False,
+                      resume=(last, ckpt))
+    assert [g['weight_decay'] for g in run.optimizer.param_groups] == [0.25]
+    assert torch.equal(run.optimizer.state_dict()['state'][0]['exp_avg'], ckpt['optimizer']['state'][0]['exp_avg'])
 
 
 def test_train_startup_warnings(monkeypatch):
