@@ -3161,22 +3161,61 @@ def _export_describe(model, dataset, probabilities=False):
                            os.devnull, 0)
 
 
-def _export_rooms(n, size=_EXPORT_SIZE):
-    """n synthetic rooms as camera frames float32 (n, 3, H, W) in 0-255: calibration frames."""
-    return export.check_images(2 * n, size, seed=2)[::2]  # the even ones are rooms
+def _export_assert_metadata_describes(file, model, dataset, size):
+    """An exported file's metadata against the model it holds and the class tables: its tasks in the
+    model's order; each class map's class names, one per output channel of the model, as the meters name
+    them (data.CLASS_NAMES), listed by id in the output's description; the input size, that of the
+    file's input; the normalisation its text states, taskexpert.normalise; the padding colour, the
+    model's zero input (what training pads with)."""
+    if file.endswith('.onnx'):
+        proto = onnx.load(file)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        described = {o.name: o.doc_string for o in proto.graph.output}
+        input_hw = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[2:]]
+    else:
+        spec = export.import_coremltools().models.MLModel(file, skip_model_load=True).get_spec()
+        meta = dict(spec.description.metadata.userDefined)
+        described = {o.name: o.shortDescription for o in spec.description.output}
+        image = spec.description.input[0].type.imageType
+        input_hw = [image.height, image.width]
+    assert meta['tasks'].split(',') == list(model.tasks) and meta['dataset'] == dataset
+    classes = json.loads(meta['classes'])
+    assert list(classes) == [t for t in model.tasks if TASK_TABLE[t].kind == 'classes'] and classes
+    for task, names in classes.items():
+        assert names == list(data.CLASS_NAMES[taskexpert.TASK_SET[dataset]][task]) and len(names) == model.tasks[task]
+        assert described[task].endswith(f'{len(names)} classes, ' + ', '.join(f'{i} {n}' for i, n in enumerate(names)))
+    assert meta['input_size'] == f'{size[0]}x{size[1]}' and input_hw == list(size)
+    stated = re.search(r'\(x / 255 - mean\) / std per channel, ImageNet mean \(([^)]*)\), std \(([^)]*)\)',
+                       meta['normalisation'])
+    mean, std = (torch.tensor([float(v) for v in stated[k].split(',')]).view(3, 1, 1) for k in (1, 2))
+    frame = torch.arange(256.0).repeat(3, 1, 1)  # every 8-bit value, in each channel
+    torch.testing.assert_close(normalise(frame), (frame / 255 - mean) / std, rtol=0, atol=1e-6)
+    assert normalise(torch.tensor(json.loads(meta['padding'])).view(3, 1, 1)).abs().max() < 1e-6
+
+
+def _export_calibration(rooms, tasks):
+    """export.py's ONNX int8 calibration frames of a val split (export.val_frames: 32 spread over it)."""
+    args = types.SimpleNamespace(val_images=0, calib_images=32, data_root=rooms)
+    return export.val_frames(args, {'dataset': 'nyud'}, _EXPORT_SIZE, tasks, True)[2]
 
 
 @pytest.fixture(scope='module')
-def _export_onnx_files(tmp_path_factory):
-    """The nyud tiny model exported to ONNX with fp32 weights, then int8 quantized from that file, as
-    export.py does when asked for both -> (model, {weights: path})."""
+def _export_rooms(tmp_path_factory):
+    """A val split of 40 synthetic rooms at the export size (the NYUD layout), to calibrate ONNX int8 on."""
+    return data.make_synthetic(str(tmp_path_factory.mktemp('rooms')), 1, 40, size=_EXPORT_SIZE)
+
+
+@pytest.fixture(scope='module')
+def _export_onnx_files(tmp_path_factory, _export_rooms):
+    """The nyud tiny model exported to ONNX with fp32 weights, then int8 quantized from that file and
+    calibrated on val rooms, as export.py does when asked for both -> (model, {weights: path})."""
     model = _export_tiny(TASKS['nyud'])
     app = export.AppModel(model)
     folder = tmp_path_factory.mktemp('onnx')
     paths = {w: str(folder / f'model_{w}.onnx') for w in ('fp32', 'int8')}
     export.export_onnx(app, _EXPORT_SIZE, paths['fp32'], 'fp32', *_export_describe(model, 'nyud'))
     export.export_onnx(app, _EXPORT_SIZE, paths['int8'], 'int8', *_export_describe(model, 'nyud'), fp32=paths['fp32'],
-                       calibration=_export_rooms(32))
+                       calibration=_export_calibration(_export_rooms, model.tasks))
     return model, paths
 
 
@@ -3190,29 +3229,72 @@ def test_export_onnx_matches_pytorch_at_another_batch(_export_onnx_files, weight
     assert [o.name for o in proto.graph.output] == list(TASKS['nyud']) and len(lines) == 5
     assert all(o.doc_string for o in proto.graph.output)
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props['tasks'] == ','.join(TASKS['nyud']) and props['input_size'] == '64x96'
+    _export_assert_metadata_describes(paths[weights], model, 'nyud', _EXPORT_SIZE)
     assert props['weights'] == export.WEIGHTS['onnx'][weights]
     assert proto.graph.input[0].name == 'image'
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
     assert {o.domain: o.version for o in proto.opset_import}[''] == 20  # the pinned opset
-    # int8: each Linear and conv weight stored once, in int8 (no fp32 copy left), the other parameters
-    # in fp32; the Linears as MatMulInteger (dynamic), the convs between QDQ pairs (static); standard
-    # ONNX ops only; no stored value subnormal, and the check ran again with subnormals flushed
+    # int8: each Linear and 3x3 conv weight stored once, in int8 (no fp32 copy left), the other
+    # parameters in fp32; the Linears as MatMulInteger (dynamic), the heads' 3x3 convs between QDQ pairs
+    # (static); standard ONNX ops only; no stored value subnormal, and the check ran again with
+    # subnormals flushed
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    convs = [m for m in model.heads.modules() if isinstance(m, nn.Conv2d)]  # the patch embedding stays fp32
+    convs = [head.conv for head in model.heads.values()]  # the 3x3 convs (the 1x1 ones stay fp32)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count('MatMulInteger') == (len(linears) if weights == 'int8' else 0)
     made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
-    conv_inputs = [made_by.get(i) for n in proto.graph.node if n.op_type == 'Conv' and 'heads' in n.input[1]
-                   for i in n.input[:2]]  # (a quantized weight's name ends in _DequantizeLinear_Output)
-    assert len(conv_inputs) == 2 * len(convs)
-    assert set(conv_inputs) == ({'DequantizeLinear'} if weights == 'int8' else {None, 'Gelu', 'Resize'})
+    read_by = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            read_by.setdefault(i, set()).add(n.op_type)
+    heads = [n for n in proto.graph.node if n.op_type == 'Conv' and '.heads.' in n.input[1]]
+    # (a quantized weight's name ends in _DequantizeLinear_Output)
+    three = [n for n in heads if '.conv.weight' in n.input[1]]
+    one = [n for n in heads if n.input[1].endswith('.pred.weight')]
+    assert len(three) == len(one) == len(convs) and len(heads) == 2 * len(convs)
+    assert {made_by.get(i) for n in three for i in n.input[:2]} == ({'DequantizeLinear'} if weights == 'int8' else
+                                                                    {None, 'Resize'})
+    # the 1x1 prediction convs read the GELU with fp32 weights, and their outputs, the predictions, are
+    # upsampled as they are, not rounded to 8 bits in a calibrated range; the patch embedding is fp32 too
+    assert {made_by.get(i) for n in one for i in n.input[:2]} == {None, 'Gelu'}
+    assert set().union(*(read_by[n.output[0]] for n in one)) <= {'Resize', 'Shape'}
+    patch = [n for n in proto.graph.node if n.op_type == 'Conv' and n.input[1].endswith('patch_embed.proj.weight')]
+    assert len(patch) == 1 and made_by.get(patch[0].input[1]) is None
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     expected = fp32_bytes - (3 * sum(m.weight.numel() for m in linears + convs) if weights == 'int8' else 0)
     assert 0.99 * expected < stored < 1.02 * expected  # (the unused final LayerNorm is not stored)
     assert export.onnx_subnormals(paths[weights]) == {} and 'with subnormals flushed to zero' in lines[-1]
+
+
+@pytest.mark.heavy
+def test_export_onnx_int8_is_calibrated_on_the_frames_an_app_feeds(_export_onnx_files, _export_rooms, tmp_path):
+    """ONNX int8 is calibrated on val images as a camera gives them (0-255, as stored), 32 spread over the
+    split; on a model whose activations are O(1), as a trained one's, the ranges calibrated on them cover
+    every value that the int8 check's rooms give each quantized activation, to within one 8-bit step.
+    (Frames left normalised,
+    about -2..2, are a black image to the model: their ranges leave up to a tenth of an activation's
+    values out.)"""
+    model, paths = _export_onnx_files
+    val = data.NYUD(_export_rooms, 'val')
+    spread = np.linspace(0, len(val) - 1, 32).round().astype(int)
+    stored = [np.asarray(Image.open(val.path('image', val.ids[i]))).transpose(2, 0, 1) for i in spread]
+    assert np.array_equal(_export_calibration(_export_rooms, model.tasks), np.stack(stored).astype(np.float32))
+    proto = onnx.load(paths['int8'])
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    ranges = {}  # activation -> the range its uint8 holds, widened by one step either side
+    for n in proto.graph.node:
+        if n.op_type == 'QuantizeLinear' and n.input[0] not in stored:
+            scale, zero = stored[n.input[1]], int(stored[n.input[2]])
+            ranges[n.input[0]] = (-1 - zero) * scale, (256 - zero) * scale
+    assert len(ranges) == 2 * len(model.heads)  # each 3x3 conv's input and output (uint8, one scale each)
+    probe = onnx.load(paths['fp32'])  # the fp32 file, those activations as outputs
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ranges)
+    onnx.save(probe, tmp_path / 'probe.onnx')
+    values = export.load_onnx(str(tmp_path / 'probe.onnx'))(export.check_images(3, _EXPORT_SIZE, seed=1, noise=False))
+    for name, (lo, hi) in ranges.items():
+        assert lo <= values[name].min() and values[name].max() <= hi, (name, lo, hi, values[name])
 
 
 @pytest.mark.heavy
@@ -3226,6 +3308,7 @@ def test_export_onnx_probabilities_and_options(tmp_path):
     names = [o.name for o in onnx.load(path).graph.output]
     assert names == app.output_names and len(lines) == len(names) + 1  # + the flushed run's
     assert 'semseg_prob' in names and 'human_parts_prob' in names and 'sal' in names
+    _export_assert_metadata_describes(path, model, 'pascal', _EXPORT_SIZE)  # VOC's classes and the part groups
 
 
 @pytest.mark.heavy
@@ -3297,7 +3380,7 @@ def test_export_coreml_program_matches_pytorch(_export_coreml_packages, weights)
     types = {n: o.type.multiArrayType.dataType for n, o in outputs.items()}
     array = spec.description.output[0].type.multiArrayType
     assert types['semseg'] == array.INT32 and types['depth'] == types['normals'] == types['edge'] == array.FLOAT32
-    assert spec.description.metadata.userDefined['input_size'] == '64x96'
+    _export_assert_metadata_describes(paths[weights], model, 'nyud', _EXPORT_SIZE)
     assert spec.description.metadata.userDefined['weights'] == export.WEIGHTS['coreml'][weights]
     # the compressed weights are in the program, expanded by the constexpr op of their iOS version
     ops = {op.op_type for op in export.load_mil_program(paths[weights]).operations}
@@ -3433,6 +3516,74 @@ def test_export_readme_python_snippet_letterboxes_like_predict(tmp_path, capsys)
         x = F.pad(normalise(torch.from_numpy(np.array(upright)).permute(2, 0, 1)), (0, 12, 0, 9))[None]
         raw = {t: o[..., :375, :500].numpy() for t, o in model(x).items()}
     export.compare(got, ref, raw, export.TOLERANCE['fp32'])  # raises if out of tolerance
+
+
+def _export_moves(got, ref, raw, name, tol):
+    """Ways to move output `name` of an exported model's outputs `got` at one pixel, each -> (a label, the
+    moved outputs, whether the move is within the tolerance row `tol`): just over the limit and just
+    under it (x 1.05, x 0.95), at pixels that exercise each part of the output's rule (compare)."""
+    kind, r, moves = export.output_kind(name), ref[name], []
+
+    def moved(where, value, label, within):
+        out = {k: v.copy() for k, v in got.items()}
+        out[name][where] = value
+        moves.append((label, out, within))
+    if kind == 'classes':  # flips to another class, by the PyTorch logit gap over its near-tie limit
+        logits = raw[name]
+        top = np.take_along_axis(logits, r[:, None].astype(np.int64), 1)
+        gap = top - logits  # (B, C, H, W); 0 at the class itself
+        ratio = gap / (tol['logit'] * np.maximum(1, np.abs(top)))
+        # over: the gap least above its limit; under: the largest gap below its limit (where |logit| > 1
+        # widens the limit, if anywhere)
+        for within, pick in ((False, np.where(ratio > 1, ratio, np.inf).argmin()),
+                             (True, np.where((ratio > 0) & (ratio < 1), gap, -np.inf).argmax())):
+            b, c, y, x = np.unravel_index(pick, ratio.shape)
+            if 0 < ratio[b, c, y, x] < np.inf and (ratio[b, c, y, x] < 1) == within:  # (a row may have no near-tie)
+                moved((b, y, x), c, f'flip at logit gap {ratio[b, c, y, x]:.3g} x the limit', within)
+        return moves
+    for factor in (1.05, 0.95):
+        if kind == 'normals':  # the error of a raw vector shorter than the median is scaled down by its length
+            length = np.linalg.norm(raw[name], axis=1)
+            for b, y, x in (np.unravel_index(i, length.shape) for i in (length.argmax(), length.argmin())):
+                limit = tol['normals'] * max(1, np.median(length) / length[b, y, x])
+                moved((b, 0, y, x), r[b, 0, y, x] + factor * limit, f'x {factor}, raw length {length[b, y, x]:.2f}',
+                      factor < 1)
+        else:  # binary or depth, at the pixel of its largest value (depths below 1 m: an absolute limit)
+            b, c, y, x = np.unravel_index(np.abs(r).argmax(), r.shape)
+            limit = tol['depth' if kind == 'depth' else 'prob'] * max(1, abs(r[b, c, y, x]))
+            moved((b, c, y, x), r[b, c, y, x] - factor * limit, f'x {factor}', factor < 1)
+    return moves
+
+
+@pytest.mark.heavy
+def test_export_each_output_tolerance_catches_an_error_in_that_output_alone(_export_onnx_files, monkeypatch):
+    """The fp32 file's outputs on the check's frames, one output moved at one pixel at a time: just over
+    its limit (for every row of TOLERANCE, the limit of that output's kind) the comparison fails naming
+    that output and no other; just under it, it passes. Depths are checked below 1 m (absolute) and, all
+    moved 3 m further, above it (relative). The whole check, check_onnx, names the output too."""
+    model, paths = _export_onnx_files
+    images = export.check_images(3, _EXPORT_SIZE, seed=1)  # the fp32 check's frames
+    got, (ref, raw) = export.load_onnx(paths['fp32'])(images), export.reference(model, images, False)
+    far = {**got, 'depth': got['depth'] + 3}, {**ref, 'depth': ref['depth'] + 3}
+    exercised = set()
+    for row, tol in export.TOLERANCE.items():
+        for outputs, refs in ((got, ref), far):
+            for name in ref if outputs is got else ['depth']:
+                for label, moved, within in _export_moves(outputs, refs, raw, name, tol):
+                    exercised.add((name, within))
+                    if within:
+                        export.compare(moved, refs, raw, tol)
+                        continue
+                    with pytest.raises(export.CheckFailed) as e:
+                        export.compare(moved, refs, raw, tol)
+                    flagged = [line for line in str(e.value).splitlines() if line.endswith('<- OUT OF TOLERANCE')]
+                    assert len(flagged) == 1 and flagged[0].strip().startswith(f'{name}: '), (row, name, label, flagged)
+    assert exercised == {(name, within) for name in ref for within in (True, False)}
+    load = export.load_onnx
+    monkeypatch.setattr(export, 'load_onnx', lambda *a, **k: lambda im: _export_moves(
+        load(*a, **k)(im), ref, raw, 'normals', export.TOLERANCE['fp32'])[0][1])
+    with pytest.raises(export.CheckFailed, match=r'normals: max \|error\| .* OUT OF TOLERANCE'):
+        export.check_onnx(paths['fp32'], model, False, _EXPORT_SIZE, 'fp32')
 
 
 def test_export_compare_allows_ties_only():
