@@ -474,16 +474,16 @@ def check_coreml(path, model, probabilities, img_size, weights):
 
 # --weights: how each format stores its weights, in the words written to the file's metadata 'weights'.
 # Weights smaller than coremltools' threshold (2048 values: gates, norms, biases) stay fp16 in every
-# compressed Core ML package. ONNX int8 compresses the heads' convs and the MatMul weights (the Linear
+# compressed Core ML package. ONNX int8 compresses the heads' 3x3 convs and the MatMul weights (the Linear
 # layers: 88% of the parameters of TaskExpert ViT-B on PASCAL, 93% of ViT-L on NYUD); the patch
-# embedding, norms, biases and the position embedding stay fp32.
+# embedding, the heads' 1x1 prediction convs, norms, biases and the position embedding stay fp32.
 WEIGHTS = {
     'onnx': {
         'fp32': 'fp32',
-        'int8': "int8 weights, one scale per output channel (onnxruntime): the heads' convs static QDQ, their "
+        'int8': "int8 weights, one scale per output channel (onnxruntime): the heads' 3x3 convs static QDQ, their "
                 'uint8 inputs scaled by calibration on val frames (quantize_static); MatMuls dynamic, their inputs '
                 'quantized to uint8 at run time (quantize_dynamic, MatMulInteger); other weights (the patch '
-                'embedding) fp32',
+                "embedding, the heads' 1x1 prediction convs) fp32",
     },
     'coreml': {
         'fp32': 'fp32 weights and arithmetic',
@@ -507,11 +507,13 @@ NO_WEIGHTS = {  # why a format has no such weights
 
 def quantize_onnx(src, dst, calibration=None):
     """int8 with standard ONNX ops, in two passes of onnxruntime's quantizer:
-    1. static, the heads' convs (their 3x3 convs at 1/4 resolution are about half the work at the
-       paper's width). QDQ: int8 weights, one scale per output channel; uint8 inputs, one scale per
-       tensor, fixed by the min / max seen on `calibration` (frames float32 (N, 3, H, W) in 0-255).
-       The patch embedding stays fp32 (~1% of the work): every later error starts there (in a trial
-       at 448x576, quantizing it gave most of the int8 file's error).
+    1. static, the heads' 3x3 convs (at 1/4 resolution, about half the work at the paper's width).
+       QDQ: int8 weights, one scale per output channel; uint8 inputs, one scale per tensor, fixed by
+       the min / max seen on `calibration` (frames float32 (N, 3, H, W) in 0-255). Two convs stay
+       fp32: the patch embedding (~1% of the work), where every later error starts (in a trial at
+       448x576, quantizing it gave most of the int8 file's error); and the heads' 1x1 prediction
+       convs (~0.1%): QDQ would round their outputs, the predictions themselves, to 8 bits within
+       the calibration frames' range, clipping a frame beyond it (a farther wall's depth).
     2. dynamic, each MatMul with a constant weight (the Linear layers; the attention products have
        none). MatMulInteger on int8 weights, one scale per output channel; its input is quantized to
        uint8 at run time (DynamicQuantizeLinear). In a trial it ran faster than static MatMuls.
@@ -533,10 +535,10 @@ def quantize_onnx(src, dst, calibration=None):
     convs = dst + '.conv'
     with quiet(''):
         if calibration is not None:
-            patch_embed = [n.name for n in onnx.load(src).graph.node
-                           if n.op_type == 'Conv' and n.input[1].endswith('patch_embed.proj.weight')]
+            fp32 = [n.name for n in onnx.load(src).graph.node  # the patch embedding, the 1x1 prediction convs
+                    if n.op_type == 'Conv' and n.input[1].endswith(('patch_embed.proj.weight', '.pred.weight'))]
             quantize_static(src, convs, Frames(), quant_format=QuantFormat.QDQ, op_types_to_quantize=['Conv'],
-                            nodes_to_exclude=patch_embed, per_channel=True, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=fp32, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8)
         quantize_dynamic(src if calibration is None else convs, dst, op_types_to_quantize=['MatMul', 'Gemm'],
                          per_channel=True, weight_type=QuantType.QInt8)

@@ -4,6 +4,7 @@ training (train.py), export (export.py).
 
 Each part builds its own small fixtures in the real formats; nothing is downloaded."""
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -1059,6 +1060,23 @@ def test_metrics_two_batches_equal_one_batch(task):
     assert whole.score() == _metrics_approx(halves.score())
 
 
+def test_metrics_update_meters_scores_each_image_on_its_content_and_skips_what_it_leaves_unscored():
+    """update_meters feeds each image of a padded batch cut to its content (meta 'size'), and leaves out
+    the tasks its meta lists as unscored (PASCAL: human parts without a person, edges outside test_new):
+    the meters hold what feeding the kept crops alone gives."""
+    tasks = {'human_parts': 7, 'edge': 1}
+    out, batch = _metrics_batch(tasks, B=2, H=24, W=28, seed=5)
+    out = {t: o.detach() for t, o in out.items()}
+    batch['meta'] = [{'size': (20, 28), 'unscored': ('edge',)}, {'size': (24, 16), 'unscored': ('human_parts',)}]
+    meters, alone = make_meters(tasks, 'pascal'), make_meters(tasks, 'pascal')
+    data.update_meters(meters, out, batch)
+    alone['human_parts'].update(out['human_parts'][:1, :, :20], batch['human_parts'][:1, :20])
+    alone['edge'].update(out['edge'][1:, :, :, :16], batch['edge'][1:, :, :, :16])
+    for t in tasks:
+        for a, b in zip(meters[t].state(), alone[t].state()):
+            assert torch.equal(a, b), t
+
+
 def _metrics_approx(scores, **tolerance):
     """A meter's scores for ==, its floats and the floats of its per-class IoU approximately."""
     return {k: pytest.approx(v, **tolerance) for k, v in scores.items()}
@@ -1187,6 +1205,32 @@ def test_metrics_edge_radius_and_strict_thresholds():
     assert meter.counts[k, 1] == 0 and meter.counts[k - 1, 1] > 0  # predicted pixels at t = 0.2, at t = 0.19
 
 
+@pytest.mark.parametrize('normal', [0, 45, 135])
+def test_metrics_edge_nms_keeps_a_soft_ridge_only_at_its_maximum_along_its_normal(normal):
+    """A blurred straight line whose normal points at a known angle (x right, y down; on the pixel
+    lattice, where Dollar's orientation atan(Oyy sign(-Oxy) / Oxx) is exact): inside the faded border
+    the NMS keeps exactly the pixels on the line, at their value, and drops every other one. With the
+    x and y gradients swapped, or the normal's y step negated, the 135-degree line comes out 3 px wide.
+    (A horizontal line is left out: there Oxy is exactly 0, and SEISM's formula itself reads its normal
+    as horizontal.)"""
+    ys, xs = np.mgrid[0:40, 0:40]
+    a = np.deg2rad(normal)
+    d = (xs - 20) * np.cos(a) + (ys - 20) * np.sin(a)  # signed distance to the line along its normal
+    E = np.exp(-d ** 2 / (2 * 1.5 ** 2))
+    out, inner = _edge_nms(E), (slice(5, -5), slice(5, -5))
+    on_line = np.abs(d[inner]) < 1e-9
+    assert on_line.sum() >= 28 and np.array_equal(out[inner] > 0, on_line), normal
+    assert np.array_equal(out[inner][on_line], E[inner][on_line])
+
+
+def test_metrics_edge_nms_fades_a_5px_border():
+    """edgesNmsMex's border: column (row) k and its mirror k from the far side scaled by k / 5 for k < 5,
+    corners by both: a constant map (every pixel its own maximum) comes out as that ramp."""
+    E = np.full((14, 17), 0.6)
+    ramp = lambda n: np.minimum(np.minimum(np.arange(n), np.arange(n)[::-1]), 5) / 5  # noqa: E731
+    np.testing.assert_allclose(_edge_nms(E), 0.6 * np.outer(ramp(14), ramp(17)), rtol=1e-12)
+
+
 def _metrics_flat_prediction(H=40, W=56, seed=0):
     """Edge probabilities of an untrained model (nearly flat: 6 levels in its 8-bit map), whose NMS
     keeps its plateaus, more than half of the image."""
@@ -1258,7 +1302,9 @@ def test_metrics_maximum_matching_is_exact():
 def test_metrics_make_meters_and_main_metric_keys():
     meters = make_meters(TASKS['pascal'], 'pascal')
     assert meters['edge'].max_dist == 0.0075 and meters['human_parts'].num_classes == 7
-    assert make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011 and make_meters(TASKS['nyud'], 'nyud')['semseg'].num_classes == 40
+    nyud = make_meters(TASKS['nyud'], 'nyud')
+    assert nyud['edge'].max_dist == make_meters(TASKS['nyud'], 'synthetic')['edge'].max_dist == 0.011
+    assert nyud['semseg'].num_classes == 40
     out, batch = _metrics_batch(TASKS['pascal'], B=1, H=16, W=16)
     for t, m in meters.items():
         m.update(out[t].detach(), batch[t])
@@ -1642,6 +1688,58 @@ def test_data_pascal_parts_are_read_as_the_reference_indexes_the_struct(tmp_path
                 want[mask.astype(bool)] = data.HUMAN_PART_GROUPS[str(name[0])]
     got, has_human = data.human_parts_from_anno(path, (_DATA_PH, _DATA_PW))
     assert has_human and np.array_equal(got, want) and {1, 3, 6} <= set(np.unique(got).tolist())
+
+
+# PASCAL-Part's 24 person parts in their part-id order (1..24), and the 6 groups the multi-task
+# readers train and score (InvPT / ATRC data/pascal_context.py, HUMAN_PART[6]), group id = position + 1
+_DATA_PERSON_PARTS = ('head', 'leye', 'reye', 'lear', 'rear', 'lebrow', 'rebrow', 'nose', 'mouth', 'hair', 'torso',
+                      'neck', 'llarm', 'luarm', 'lhand', 'rlarm', 'ruarm', 'rhand', 'llleg', 'luleg', 'lfoot', 'rlleg',
+                      'ruleg', 'rfoot')
+_DATA_PART_GROUPS = (('head', 'hair head lear lebrow leye mouth nose rear rebrow reye'), ('torso', 'neck torso'),
+                     ('upper arms', 'luarm ruarm'), ('lower arms and hands', 'lhand llarm rhand rlarm'),
+                     ('upper legs', 'luleg ruleg'), ('lower legs and feet', 'lfoot llleg rfoot rlleg'))
+
+
+def test_data_pascal_every_person_part_reads_as_its_group(tmp_path):
+    """A person carrying all 24 PASCAL-Part person parts, one pixel each: each pixel reads as its
+    part's group of the official mapping (7 classes with the background, named as the meter names
+    them); a second person's parts drawn over the first's win, as the reference draws them in order;
+    another object's parts and the pixels of no part are background; a part name that is not a
+    person's is refused."""
+    group_of = {p: g for g, (_, parts) in enumerate(_DATA_PART_GROUPS, 1) for p in parts.split()}
+    assert sorted(group_of) == sorted(_DATA_PERSON_PARTS) and len(_DATA_PERSON_PARTS) == 24
+    assert data.HUMAN_PARTS == ('background',) + tuple(name for name, _ in _DATA_PART_GROUPS)
+    assert data.CLASS_NAMES['pascal']['human_parts'] == data.HUMAN_PARTS and TASKS['pascal']['human_parts'] == 7
+    shape = (5, 6)
+    pixel = {p: np.arange(30).reshape(shape) == k for k, p in enumerate(_DATA_PERSON_PARTS)}
+    over = np.zeros(shape, bool)
+    over[0, 0] = True  # the first person's head, then the second person's right foot
+    cat = np.zeros(shape, bool)
+    cat[4, 5] = True
+    objects = [('person', 15, [(p, pixel[p]) for p in _DATA_PERSON_PARTS]), ('person', 15, [('rfoot', over)]),
+               ('cat', 8, [('head', cat)])]
+    path = str(tmp_path / 'parts.mat')
+    scipy.io.savemat(path, {'anno': _data_anno(objects, shape)})
+    got, has_human = data.human_parts_from_anno(path, shape)
+    assert has_human and got.dtype == np.uint8
+    want = np.zeros(shape, np.uint8)
+    for p in _DATA_PERSON_PARTS[1:]:
+        want[pixel[p]] = group_of[p]
+    want[0, 0] = group_of['rfoot']
+    assert np.array_equal(got, want), (got, want)
+    assert {data.HUMAN_PARTS[got[pixel[p]][0]] for p in ('lhand', 'rlarm')} == {'lower arms and hands'}
+    scipy.io.savemat(path, {'anno': _data_anno([('person', 15, [('lwing', pixel['head'])])], shape)})
+    with pytest.raises(data.DataError, match="unknown person part 'lwing'"):
+        data.human_parts_from_anno(path, shape)
+
+
+def test_data_pascal_semseg_classes_are_vocs_in_id_order():
+    """PASCAL-Context's semseg ids are VOC's (InvPT / ATRC data/pascal_context.py, VOC_CATEGORY_NAMES):
+    the names the meter and the exports give each id, and the person's id that the parts decoder reads."""
+    voc = ('background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike '
+           'person pottedplant sheep sofa train tvmonitor').split()
+    assert list(data.CLASS_NAMES['pascal']['semseg']) == voc and TASKS['pascal']['semseg'] == len(voc)
+    assert voc[data.PERSON_CLASS] == 'person'
 
 
 def test_data_pascal_reader_decodes(tmp_path):
@@ -2193,37 +2291,51 @@ def test_train_evaluation_is_fp32_whatever_the_training_precision(_train_run, tm
     assert scores['bf16'] == scores['off'] and set(seen) == {(False, 'ieee', 'ieee')}
 
 
+def _train_step_gradients(batch, accum=1, clip=1e9):
+    """One train_step of the tiny nyud model on `batch` -> (loss, per-task losses, the gradients the step
+    applied, read as it starts: read back from the updated weights, they would be rounded to the weights'
+    precision, 1.2e-7 for a LayerNorm weight of 1). The heads' BatchNorm is in eval mode: in train mode
+    each micro-batch is normalised with its own statistics (as each process under DDP without
+    SyncBatchNorm), which no accumulation can undo."""
+    cpu = torch.device('cpu')
+    model = _tiny(TASKS['nyud'], drop_path=0.0).train()
+    for head in model.heads.values():
+        head.bn.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    applied = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
+        torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
+    run = train.Run({'accum_steps': accum, 'clip': clip}, model, model, optimizer,
+                    torch.amp.GradScaler('cpu', enabled=False), MultiTaskLoss(model.tasks), cpu)
+    total, per_task, skipped = train.train_step(run, batch)
+    assert skipped is None
+    return total, per_task, applied
+
+
 def test_train_accumulated_micro_batches_equal_one_batch():
     """--accum-steps 2 on a batch of 4 gives the step of one batch of 4: same loss, same gradients.
-    The heads' BatchNorm is put in eval mode: in train mode each micro-batch is normalised with its
-    own statistics (as each process under DDP without SyncBatchNorm), which no accumulation can undo.
     The targets have no void pixel, so that every micro-batch weighs its pixels alike."""
-    cpu = torch.device('cpu')
-    batch = train.random_batch(TASKS['nyud'], 4, _MODEL_SIZE, cpu)
-    steps = []
-    for accum in (1, 2):
-        model = _tiny(TASKS['nyud'], drop_path=0.0).train()
-        for head in model.heads.values():
-            head.bn.eval()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        # the gradients the step applies, read as it starts (read back from the updated weights, they
-        # would be rounded to the weights' precision: 1.2e-7 for a LayerNorm weight of 1)
-        applied = []
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.extend(
-            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()))
-        scaler = torch.amp.GradScaler('cpu', enabled=False)
-        run = train.Run({'accum_steps': accum, 'clip': 1e9}, model, model, optimizer, scaler, MultiTaskLoss(model.tasks),
-                        cpu)
-        total, per_task, skipped = train.train_step(run, batch)
-        assert skipped is None
-        steps.append((total, per_task, applied))
-    (total1, tasks1, grads1), (total2, tasks2, grads2) = steps
+    batch = train.random_batch(TASKS['nyud'], 4, _MODEL_SIZE, torch.device('cpu'))
+    (total1, tasks1, grads1), (total2, tasks2, grads2) = (_train_step_gradients(batch, accum) for accum in (1, 2))
     torch.testing.assert_close(total2, total1, rtol=1e-5, atol=0)
     for t in tasks1:
         torch.testing.assert_close(tasks2[t], tasks1[t], rtol=1e-5, atol=0)
     assert sum(g.abs().sum() for g in grads1) > 0
     for g1, g2 in zip(grads1, grads2):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_train_step_clips_the_gradient_norm_to_clip():
+    """--clip c: a step whose gradients have a global norm above c applies them scaled to norm c, in
+    the same direction; below c they are applied as they are."""
+    batch = train.random_batch(TASKS['nyud'], 1, _MODEL_SIZE, torch.device('cpu'))
+    free = _train_step_gradients(batch)[2]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in free])).item()
+    clipped = _train_step_gradients(batch, clip=norm / 4)[2]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped])).item() == \
+        pytest.approx(norm / 4, rel=1e-5)
+    for g, f in zip(clipped, free):
+        torch.testing.assert_close(g, f / 4, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize('task, values, best_step', [('depth', (0.5, 0.3, 0.4), 2), ('semseg', (10.0, 30.0, 20.0), 2),
@@ -2245,6 +2357,19 @@ def test_train_best_checkpoint_holds_the_best_main_metric_of_the_first_task(task
     assert read_checkpoint(str(tmp_path / 'best.safetensors'))['step'] == best_step
 
 
+def test_train_best_checkpoint_of_a_multi_task_run_follows_its_first_task(tmp_path):
+    """A semseg + depth run keeps as best the evaluation of the highest semseg mIoU, whatever depth does
+    (here its RMSE is lowest at another step)."""
+    model = _tiny({'semseg': 40, 'depth': 1})
+    run = train.Run({'out_dir': str(tmp_path), 'dataset': 'nyud', 'tasks': ['semseg', 'depth']}, model, model,
+                    torch.optim.Adam(model.parameters()), torch.amp.GradScaler('cpu', enabled=False),
+                    MultiTaskLoss(model.tasks), torch.device('cpu'))
+    for step, (miou, rmse) in enumerate(((30.0, 0.5), (10.0, 0.4), (20.0, 0.2)), 1):
+        train.keep_best(run, step, {'semseg': {'mIoU': miou}, 'depth': {'rmse': rmse}}, [train.rng_state()])
+    assert run.best == {'metric': 'semseg mIoU', 'value': 30.0, 'step': 1}
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['best'] == run.best
+
+
 def test_train_learning_rate_schedule_at_known_steps():
     """Poly decay (1 - step / max_iters)^0.9 per iteration, times a linear warm-up when there is one."""
     cfg = {'lr': 1e-3, 'max_iters': 100, 'warmup': 0}
@@ -2252,6 +2377,83 @@ def test_train_learning_rate_schedule_at_known_steps():
     cfg['warmup'] = 10
     assert [train.lr_at(s, cfg) for s in (0, 4, 9, 50)] == pytest.approx(
         [1e-4, 5e-4 * 0.96 ** 0.9, 1e-3 * 0.91 ** 0.9, 1e-3 * 0.5 ** 0.9])  # x (step + 1) / 10 for 10 steps
+
+
+def test_train_warmup_weight_decay_and_loss_settings_reach_what_they_set(tmp_path):
+    """The flags of a fresh run, resolved as train.py resolves them, reach what uses them: the warm-up
+    the schedule (hand values), the weight decay and lr Adam's groups, the loss weights and the edge
+    positive weight the loss."""
+    args = _train_tiny_args(tmp_path / 'data', tmp_path / 'run', '--weight-decay', '0.01', '--warmup', '4',
+                            '--max-iters', '10', '--edge-pos-weight', '0.8', '--loss-weights', 'depth=3')
+    cfg = train.resolve_config(train.parse_args(args))
+    assert [train.lr_at(s, cfg) for s in (0, 3, 4)] == pytest.approx([1e-3 / 4, 1e-3 * 0.7 ** 0.9, 1e-3 * 0.6 ** 0.9])
+    run = train.build(cfg, device=torch.device('cpu'), world=1, rank=0, amp_dtype=None, use_scaler=False)
+    assert [(g['weight_decay'], g['lr']) for g in run.optimizer.param_groups] == [(0.01, 1e-3)]
+    assert run.loss_fn.weights == {'semseg': 1.0, 'depth': 3.0, 'normals': 10.0, 'edge': 50.0}
+    assert run.loss_fn.pos_weights == {'semseg': None, 'depth': None, 'normals': None, 'edge': 0.8}
+
+
+def _train_other_value(action, old, tmp_path):
+    """A value of a setting's flag (its argparse action) other than `old`, by the flag's kind -> (the
+    words to pass, the value config.json must then hold). A flag of a new kind stops the test here."""
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if not old else '--no-' + flag[2:]], not old
+    if action.choices:
+        new = next(c for c in action.choices if c != old)
+        return [flag, new], new
+    if action.type is train.task_weight:  # one task's weight changed, the others kept
+        task = next(iter(old))
+        return [flag, f'{task}={old[task] + 1}'], {**old, task: old[task] + 1}
+    if action.nargs in ('+', '*', 2):
+        new = ([v + 1 for v in old] if action.type is int else old[:1] if len(old) > 1 else [str(tmp_path / 'x')])
+        return [flag, *map(str, new)], new
+    kinds = {int: lambda: (old or 0) + 1, float: lambda: old / 2 if old else 0.5, None: lambda: str(tmp_path / 'x')}
+    new = kinds[action.type]()
+    return [flag, str(new)], new
+
+
+def test_train_flags_win_over_the_checkpoint_on_resume_and_model_settings_are_refused(_train_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """--resume with each setting's flag, found in the parser (a new flag is covered too), set to another
+    value than the checkpoint's: a training setting takes the flag's value and nothing else changes; a
+    model setting (MODEL_KEYS: those the model is built from) is refused in one line naming the flag.
+    The resumed Adam keeps its moments but takes the run's weight decay, not the checkpoint's."""
+    last = str(_train_run / 'run' / 'last.pt')
+    ckpt = read_checkpoint(last)
+    saved = ckpt['config']
+    actions = [a for a in train.make_parser()._actions if a.dest in train.SETTINGS]
+    assert sorted(a.dest for a in actions) == sorted(train.SETTINGS)  # every setting has a flag
+    # the model settings: every one the model is built from, but activation checkpointing, which only
+    # recomputes (test_model_grad_checkpoint_gives_the_same_step)
+    read = set()
+
+    class Recorded(dict):
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+    with torch.device('meta'):
+        TaskExpert.from_config(Recorded(saved))
+    assert set(train.MODEL_KEYS) == read - {'grad_checkpoint'} and 'grad_checkpoint' in read
+    for action in actions:
+        words, value = _train_other_value(action, saved[action.dest], tmp_path)
+        resolve = functools.partial(train.resolve_config, train.parse_args(['--resume', last, *words]), saved)
+        if action.dest in train.MODEL_KEYS:
+            code, msg = _train_error_call(resolve, capsys)
+            assert msg.startswith(f'train.py: error: {words[0]} ') and msg.endswith(
+                'model settings cannot change when loading a checkpoint'), msg
+            continue
+        cfg = resolve()
+        assert cfg[action.dest] == value, (words, cfg[action.dest])
+        assert {k: v for k, v in cfg.items() if k != action.dest} == {k: v for k, v in saved.items() if
+                                                                        k != action.dest}, words
+    resolved = []  # the whole command: its run gets the flag's weight decay
+    monkeypatch.setattr(train, 'run_mode', lambda args, cfg, *rest: resolved.append(cfg))
+    train.main(['--resume', last, '--weight-decay', '0.25'])
+    run = train.build(resolved[0], device=torch.device('cpu'), world=1, rank=0, amp_dtype=None, use_scaler=False,
+                      resume=(last, ckpt))
+    assert [g['weight_decay'] for g in run.optimizer.param_groups] == [0.25]
+    assert torch.equal(run.optimizer.state_dict()['state'][0]['exp_avg'], ckpt['optimizer']['state'][0]['exp_avg'])
 
 
 def test_train_startup_warnings(monkeypatch):
@@ -3336,22 +3538,61 @@ def _export_describe(model, dataset, probabilities=False):
                            os.devnull, 0)
 
 
-def _export_rooms(n, size=_EXPORT_SIZE):
-    """n synthetic rooms as camera frames float32 (n, 3, H, W) in 0-255: calibration frames."""
-    return export.check_images(2 * n, size, seed=2)[::2]  # the even ones are rooms
+def _export_assert_metadata_describes(file, model, dataset, size):
+    """An exported file's metadata against the model it holds and the class tables: its tasks in the
+    model's order; each class map's class names, one per output channel of the model, as the meters name
+    them (data.CLASS_NAMES), listed by id in the output's description; the input size, that of the
+    file's input; the normalisation its text states, taskexpert.normalise; the padding colour, the
+    model's zero input (what training pads with)."""
+    if file.endswith('.onnx'):
+        proto = onnx.load(file)
+        meta = {p.key: p.value for p in proto.metadata_props}
+        described = {o.name: o.doc_string for o in proto.graph.output}
+        input_hw = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[2:]]
+    else:
+        spec = export.import_coremltools().models.MLModel(file, skip_model_load=True).get_spec()
+        meta = dict(spec.description.metadata.userDefined)
+        described = {o.name: o.shortDescription for o in spec.description.output}
+        image = spec.description.input[0].type.imageType
+        input_hw = [image.height, image.width]
+    assert meta['tasks'].split(',') == list(model.tasks) and meta['dataset'] == dataset
+    classes = json.loads(meta['classes'])
+    assert list(classes) == [t for t in model.tasks if TASK_TABLE[t].kind == 'classes'] and classes
+    for task, names in classes.items():
+        assert names == list(data.CLASS_NAMES[taskexpert.TASK_SET[dataset]][task]) and len(names) == model.tasks[task]
+        assert described[task].endswith(f'{len(names)} classes, ' + ', '.join(f'{i} {n}' for i, n in enumerate(names)))
+    assert meta['input_size'] == f'{size[0]}x{size[1]}' and input_hw == list(size)
+    stated = re.search(r'\(x / 255 - mean\) / std per channel, ImageNet mean \(([^)]*)\), std \(([^)]*)\)',
+                       meta['normalisation'])
+    mean, std = (torch.tensor([float(v) for v in stated[k].split(',')]).view(3, 1, 1) for k in (1, 2))
+    frame = torch.arange(256.0).repeat(3, 1, 1)  # every 8-bit value, in each channel
+    torch.testing.assert_close(normalise(frame), (frame / 255 - mean) / std, rtol=0, atol=1e-6)
+    assert normalise(torch.tensor(json.loads(meta['padding'])).view(3, 1, 1)).abs().max() < 1e-6
+
+
+def _export_calibration(rooms, tasks):
+    """export.py's ONNX int8 calibration frames of a val split (export.val_frames: 32 spread over it)."""
+    args = types.SimpleNamespace(val_images=0, calib_images=32, data_root=rooms)
+    return export.val_frames(args, {'dataset': 'nyud'}, _EXPORT_SIZE, tasks, True)[2]
 
 
 @pytest.fixture(scope='module')
-def _export_onnx_files(tmp_path_factory):
-    """The nyud tiny model exported to ONNX with fp32 weights, then int8 quantized from that file, as
-    export.py does when asked for both -> (model, {weights: path})."""
+def _export_rooms(tmp_path_factory):
+    """A val split of 40 synthetic rooms at the export size (the NYUD layout), to calibrate ONNX int8 on."""
+    return data.make_synthetic(str(tmp_path_factory.mktemp('rooms')), 1, 40, size=_EXPORT_SIZE)
+
+
+@pytest.fixture(scope='module')
+def _export_onnx_files(tmp_path_factory, _export_rooms):
+    """The nyud tiny model exported to ONNX with fp32 weights, then int8 quantized from that file and
+    calibrated on val rooms, as export.py does when asked for both -> (model, {weights: path})."""
     model = _export_tiny(TASKS['nyud'])
     app = export.AppModel(model)
     folder = tmp_path_factory.mktemp('onnx')
     paths = {w: str(folder / f'model_{w}.onnx') for w in ('fp32', 'int8')}
     export.export_onnx(app, _EXPORT_SIZE, paths['fp32'], 'fp32', *_export_describe(model, 'nyud'))
     export.export_onnx(app, _EXPORT_SIZE, paths['int8'], 'int8', *_export_describe(model, 'nyud'), fp32=paths['fp32'],
-                       calibration=_export_rooms(32))
+                       calibration=_export_calibration(_export_rooms, model.tasks))
     return model, paths
 
 
@@ -3365,29 +3606,72 @@ def test_export_onnx_matches_pytorch_at_another_batch(_export_onnx_files, weight
     assert [o.name for o in proto.graph.output] == list(TASKS['nyud']) and len(lines) == 5
     assert all(o.doc_string for o in proto.graph.output)
     props = {p.key: p.value for p in proto.metadata_props}
-    assert props['tasks'] == ','.join(TASKS['nyud']) and props['input_size'] == '64x96'
+    _export_assert_metadata_describes(paths[weights], model, 'nyud', _EXPORT_SIZE)
     assert props['weights'] == export.WEIGHTS['onnx'][weights]
     assert proto.graph.input[0].name == 'image'
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
     assert {o.domain: o.version for o in proto.opset_import}[''] == 20  # the pinned opset
-    # int8: each Linear and conv weight stored once, in int8 (no fp32 copy left), the other parameters
-    # in fp32; the Linears as MatMulInteger (dynamic), the convs between QDQ pairs (static); standard
-    # ONNX ops only; no stored value subnormal, and the check ran again with subnormals flushed
+    # int8: each Linear and 3x3 conv weight stored once, in int8 (no fp32 copy left), the other
+    # parameters in fp32; the Linears as MatMulInteger (dynamic), the heads' 3x3 convs between QDQ pairs
+    # (static); standard ONNX ops only; no stored value subnormal, and the check ran again with
+    # subnormals flushed
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    convs = [m for m in model.heads.modules() if isinstance(m, nn.Conv2d)]  # the patch embedding stays fp32
+    convs = [head.conv for head in model.heads.values()]  # the 3x3 convs (the 1x1 ones stay fp32)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count('MatMulInteger') == (len(linears) if weights == 'int8' else 0)
     made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
-    conv_inputs = [made_by.get(i) for n in proto.graph.node if n.op_type == 'Conv' and 'heads' in n.input[1]
-                   for i in n.input[:2]]  # (a quantized weight's name ends in _DequantizeLinear_Output)
-    assert len(conv_inputs) == 2 * len(convs)
-    assert set(conv_inputs) == ({'DequantizeLinear'} if weights == 'int8' else {None, 'Gelu', 'Resize'})
+    read_by = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            read_by.setdefault(i, set()).add(n.op_type)
+    heads = [n for n in proto.graph.node if n.op_type == 'Conv' and '.heads.' in n.input[1]]
+    # (a quantized weight's name ends in _DequantizeLinear_Output)
+    three = [n for n in heads if '.conv.weight' in n.input[1]]
+    one = [n for n in heads if n.input[1].endswith('.pred.weight')]
+    assert len(three) == len(one) == len(convs) and len(heads) == 2 * len(convs)
+    assert {made_by.get(i) for n in three for i in n.input[:2]} == ({'DequantizeLinear'} if weights == 'int8' else
+                                                                    {None, 'Resize'})
+    # the 1x1 prediction convs read the GELU with fp32 weights, and their outputs, the predictions, are
+    # upsampled as they are, not rounded to 8 bits in a calibrated range; the patch embedding is fp32 too
+    assert {made_by.get(i) for n in one for i in n.input[:2]} == {None, 'Gelu'}
+    assert set().union(*(read_by[n.output[0]] for n in one)) <= {'Resize', 'Shape'}
+    patch = [n for n in proto.graph.node if n.op_type == 'Conv' and n.input[1].endswith('patch_embed.proj.weight')]
+    assert len(patch) == 1 and made_by.get(patch[0].input[1]) is None
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
     stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     expected = fp32_bytes - (3 * sum(m.weight.numel() for m in linears + convs) if weights == 'int8' else 0)
     assert 0.99 * expected < stored < 1.02 * expected  # (the unused final LayerNorm is not stored)
     assert export.onnx_subnormals(paths[weights]) == {} and 'with subnormals flushed to zero' in lines[-1]
+
+
+@pytest.mark.heavy
+def test_export_onnx_int8_is_calibrated_on_the_frames_an_app_feeds(_export_onnx_files, _export_rooms, tmp_path):
+    """ONNX int8 is calibrated on val images as a camera gives them (0-255, as stored), 32 spread over the
+    split; on a model whose activations are O(1), as a trained one's, the ranges calibrated on them cover
+    every value that the int8 check's rooms give each quantized activation, to within one 8-bit step.
+    (Frames left normalised,
+    about -2..2, are a black image to the model: their ranges leave up to a tenth of an activation's
+    values out.)"""
+    model, paths = _export_onnx_files
+    val = data.NYUD(_export_rooms, 'val')
+    spread = np.linspace(0, len(val) - 1, 32).round().astype(int)
+    stored = [np.asarray(Image.open(val.path('image', val.ids[i]))).transpose(2, 0, 1) for i in spread]
+    assert np.array_equal(_export_calibration(_export_rooms, model.tasks), np.stack(stored).astype(np.float32))
+    proto = onnx.load(paths['int8'])
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    ranges = {}  # activation -> the range its uint8 holds, widened by one step either side
+    for n in proto.graph.node:
+        if n.op_type == 'QuantizeLinear' and n.input[0] not in stored:
+            scale, zero = stored[n.input[1]], int(stored[n.input[2]])
+            ranges[n.input[0]] = (-1 - zero) * scale, (256 - zero) * scale
+    assert len(ranges) == 2 * len(model.heads)  # each 3x3 conv's input and output (uint8, one scale each)
+    probe = onnx.load(paths['fp32'])  # the fp32 file, those activations as outputs
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ranges)
+    onnx.save(probe, tmp_path / 'probe.onnx')
+    values = export.load_onnx(str(tmp_path / 'probe.onnx'))(export.check_images(3, _EXPORT_SIZE, seed=1, noise=False))
+    for name, (lo, hi) in ranges.items():
+        assert lo <= values[name].min() and values[name].max() <= hi, (name, lo, hi, values[name])
 
 
 @pytest.mark.heavy
@@ -3401,6 +3685,7 @@ def test_export_onnx_probabilities_and_options(tmp_path):
     names = [o.name for o in onnx.load(path).graph.output]
     assert names == app.output_names and len(lines) == len(names) + 1  # + the flushed run's
     assert 'semseg_prob' in names and 'human_parts_prob' in names and 'sal' in names
+    _export_assert_metadata_describes(path, model, 'pascal', _EXPORT_SIZE)  # VOC's classes and the part groups
 
 
 @pytest.mark.heavy
@@ -3472,7 +3757,7 @@ def test_export_coreml_program_matches_pytorch(_export_coreml_packages, weights)
     types = {n: o.type.multiArrayType.dataType for n, o in outputs.items()}
     array = spec.description.output[0].type.multiArrayType
     assert types['semseg'] == array.INT32 and types['depth'] == types['normals'] == types['edge'] == array.FLOAT32
-    assert spec.description.metadata.userDefined['input_size'] == '64x96'
+    _export_assert_metadata_describes(paths[weights], model, 'nyud', _EXPORT_SIZE)
     assert spec.description.metadata.userDefined['weights'] == export.WEIGHTS['coreml'][weights]
     # the compressed weights are in the program, expanded by the constexpr op of their iOS version
     ops = {op.op_type for op in export.load_mil_program(paths[weights]).operations}
@@ -3636,6 +3921,74 @@ def test_export_depth_is_never_negative_in_any_output(_export_onnx_files, _expor
     photo = Image.open(tmp_path / 'a.png')
     for depth in (np.load(tmp_path / 'out' / 'a.png.npz')['depth'], predict(below, photo)['depth']):
         assert depth.shape == (1, 30, 50) and (depth == 0).all()
+
+
+def _export_moves(got, ref, raw, name, tol):
+    """Ways to move output `name` of an exported model's outputs `got` at one pixel, each -> (a label, the
+    moved outputs, whether the move is within the tolerance row `tol`): just over the limit and just
+    under it (x 1.05, x 0.95), at pixels that exercise each part of the output's rule (compare)."""
+    kind, r, moves = export.output_kind(name), ref[name], []
+
+    def moved(where, value, label, within):
+        out = {k: v.copy() for k, v in got.items()}
+        out[name][where] = value
+        moves.append((label, out, within))
+    if kind == 'classes':  # flips to another class, by the PyTorch logit gap over its near-tie limit
+        logits = raw[name]
+        top = np.take_along_axis(logits, r[:, None].astype(np.int64), 1)
+        gap = top - logits  # (B, C, H, W); 0 at the class itself
+        ratio = gap / (tol['logit'] * np.maximum(1, np.abs(top)))
+        # over: the gap least above its limit; under: the largest gap below its limit (where |logit| > 1
+        # widens the limit, if anywhere)
+        for within, pick in ((False, np.where(ratio > 1, ratio, np.inf).argmin()),
+                             (True, np.where((ratio > 0) & (ratio < 1), gap, -np.inf).argmax())):
+            b, c, y, x = np.unravel_index(pick, ratio.shape)
+            if 0 < ratio[b, c, y, x] < np.inf and (ratio[b, c, y, x] < 1) == within:  # (a row may have no near-tie)
+                moved((b, y, x), c, f'flip at logit gap {ratio[b, c, y, x]:.3g} x the limit', within)
+        return moves
+    for factor in (1.05, 0.95):
+        if kind == 'normals':  # the error of a raw vector shorter than the median is scaled down by its length
+            length = np.linalg.norm(raw[name], axis=1)
+            for b, y, x in (np.unravel_index(i, length.shape) for i in (length.argmax(), length.argmin())):
+                limit = tol['normals'] * max(1, np.median(length) / length[b, y, x])
+                moved((b, 0, y, x), r[b, 0, y, x] + factor * limit, f'x {factor}, raw length {length[b, y, x]:.2f}',
+                      factor < 1)
+        else:  # binary or depth, at the pixel of its largest value (depths below 1 m: an absolute limit)
+            b, c, y, x = np.unravel_index(np.abs(r).argmax(), r.shape)
+            limit = tol['depth' if kind == 'depth' else 'prob'] * max(1, abs(r[b, c, y, x]))
+            moved((b, c, y, x), r[b, c, y, x] - factor * limit, f'x {factor}', factor < 1)
+    return moves
+
+
+@pytest.mark.heavy
+def test_export_each_output_tolerance_catches_an_error_in_that_output_alone(_export_onnx_files, monkeypatch):
+    """The fp32 file's outputs on the check's frames, one output moved at one pixel at a time: just over
+    its limit (for every row of TOLERANCE, the limit of that output's kind) the comparison fails naming
+    that output and no other; just under it, it passes. Depths are checked below 1 m (absolute) and, all
+    moved 3 m further, above it (relative). The whole check, check_onnx, names the output too."""
+    model, paths = _export_onnx_files
+    images = export.check_images(3, _EXPORT_SIZE, seed=1)  # the fp32 check's frames
+    got, (ref, raw) = export.load_onnx(paths['fp32'])(images), export.reference(model, images, False)
+    far = {**got, 'depth': got['depth'] + 3}, {**ref, 'depth': ref['depth'] + 3}
+    exercised = set()
+    for row, tol in export.TOLERANCE.items():
+        for outputs, refs in ((got, ref), far):
+            for name in ref if outputs is got else ['depth']:
+                for label, moved, within in _export_moves(outputs, refs, raw, name, tol):
+                    exercised.add((name, within))
+                    if within:
+                        export.compare(moved, refs, raw, tol)
+                        continue
+                    with pytest.raises(export.CheckFailed) as e:
+                        export.compare(moved, refs, raw, tol)
+                    flagged = [line for line in str(e.value).splitlines() if line.endswith('<- OUT OF TOLERANCE')]
+                    assert len(flagged) == 1 and flagged[0].strip().startswith(f'{name}: '), (row, name, label, flagged)
+    assert exercised == {(name, within) for name in ref for within in (True, False)}
+    load = export.load_onnx
+    monkeypatch.setattr(export, 'load_onnx', lambda *a, **k: lambda im: _export_moves(
+        load(*a, **k)(im), ref, raw, 'normals', export.TOLERANCE['fp32'])[0][1])
+    with pytest.raises(export.CheckFailed, match=r'normals: max \|error\| .* OUT OF TOLERANCE'):
+        export.check_onnx(paths['fp32'], model, False, _EXPORT_SIZE, 'fp32')
 
 
 def test_export_compare_allows_ties_only():

@@ -622,11 +622,14 @@ def load_imagenet(model, path):
 
 
 def restore(model, optimizer, scaler, resume, rank):
-    """The state of resume = (path, checkpoint): the weights, Adam's state, the GradScaler's and this
-    process's RNG states."""
+    """The state of resume = (path, checkpoint): the weights, Adam's state (its moments; its settings
+    stay the run's, e.g. --weight-decay), the GradScaler's and this process's RNG states."""
     path, ckpt = resume
     loaded(lambda p: load_weights(model, ckpt['model'], p), path)
-    optimizer.load_state_dict(ckpt['optimizer'])
+    settings = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt['optimizer'])  # (which also loads the checkpoint's group settings)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if ckpt['scaler']:  # empty when saved without fp16: an fp16 resume starts from a fresh scale
         scaler.load_state_dict(ckpt['scaler'])
     set_rng_state(ckpt['rng'][rank % len(ckpt['rng'])])
